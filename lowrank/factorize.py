@@ -1,0 +1,176 @@
+"""Factorization: W ≈ A·B by truncated SVD (exact or seeded randomized) for every planned matrix.
+
+Factor convention, used everywhere in lowrank: a weight ``<module>.weight`` of shape
+(out, in, *kernel) is viewed as an out × (in·prod(kernel)) matrix W and replaced in the state dict
+by ``<module>.A`` (out × r) and ``<module>.B`` (r × in·prod(kernel)); √Σ is split into both.
+``<module>.bias`` is unchanged, and a layer computes y = A(Bx) + bias.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .checkpoint import Checkpoint
+from .plan import RankPlan
+from .spectrum import layer_seed, matrix_view, randomized_svd
+
+FORMAT_VERSION = 1
+FACTOR_LAYOUT = (
+    "W ~= A @ B with W the (out, in*prod(kernel)) view of <module>.weight; "
+    "<module>.A is (out, r), <module>.B is (r, in*prod(kernel)); <module>.bias unchanged"
+)
+
+
+@dataclass(frozen=True)
+class FactorizeSettings:
+    # "auto": exact SVD when min(m, n) <= exact_max_dim, else randomized (torch.svd_lowrank).
+    method: str = "auto"
+    exact_max_dim: int = 2048
+    oversample: int = 10  # randomized: extra sketch columns beyond the rank
+    niter: int = 4  # randomized: power iterations (more = closer to exact, slower)
+    seed: int = 0
+
+
+@dataclass
+class LayerResult:
+    shape: list[int]
+    rank: int | None
+    method: str | None = None
+    energy: float | None = None  # fraction of ‖W‖_F² kept by A·B
+    rel_error: float | None = None  # ‖W − A·B‖_F / ‖W‖_F
+    reason: str | None = None  # why it stayed dense
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None or k == "rank"}
+
+
+@dataclass
+class LowRankCheckpoint:
+    """The factorize stage's artifact: the output state dict and what happened to each layer."""
+
+    tensors: dict[str, torch.Tensor]
+    layers: dict[str, LayerResult]
+    params_before: int
+    settings: FactorizeSettings
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def params_after(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    def lowrank_config(self) -> dict:
+        """The ``lowrank_config.json`` of an output directory (deterministic: no paths, no times)."""
+        from . import __version__
+
+        factored = {n: r for n, r in self.layers.items() if r.rank is not None}
+        return {
+            "format": "lowrank",
+            "format_version": FORMAT_VERSION,
+            "lowrank_version": __version__,
+            "factor_layout": FACTOR_LAYOUT,
+            "params": {"before": self.params_before, "after": self.params_after,
+                       "ratio": round(self.params_after / self.params_before, 6)},
+            "factorize": asdict(self.settings),
+            # PEFT-style anchored module patterns -> rank.
+            "rank_pattern": {f"^{module_name(n)}$": r.rank for n, r in factored.items()},
+            "layers": {n: dict(module=module_name(n), **r.to_json()) for n, r in self.layers.items()},
+            **self.metadata,
+        }
+
+
+def module_name(tensor_name: str) -> str:
+    """``encoder.layer.0.query.weight`` -> ``encoder.layer.0.query`` (``weight`` -> ``""``)."""
+    return tensor_name.removesuffix("weight").removesuffix(".")
+
+
+def factor_names(tensor_name: str) -> tuple[str, str]:
+    prefix = module_name(tensor_name)
+    return (f"{prefix}.A", f"{prefix}.B") if prefix else ("A", "B")
+
+
+def choose_method(rows: int, cols: int, settings: FactorizeSettings) -> str:
+    if settings.method != "auto":
+        return settings.method
+    return "exact" if min(rows, cols) <= settings.exact_max_dim else "randomized"
+
+
+def factorize_matrix(w: torch.Tensor, rank: int, method: str = "exact", seed: int = 0,
+                     oversample: int = 10, niter: int = 4):
+    """Best rank-``rank`` factors of a 2-D ``w`` (Eckart–Young), A = U_r√S_r, B = √S_r·Vh_r.
+
+    Returns:
+        ``(A, B, energy_kept, rel_error)``; A is (m, r), B is (r, n), in ``w``'s float dtype.
+    """
+    work = w if w.dtype in (torch.float32, torch.float64) else w.float()
+    if method == "exact":
+        U, S, Vh = torch.linalg.svd(work, full_matrices=False)
+        U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]
+    elif method == "randomized":
+        U, S, Vh = randomized_svd(work, rank, oversample, niter, seed)
+    else:
+        raise ValueError(f"unknown factorization method {method!r} (exact, randomized, auto)")
+    root = S.sqrt()
+    A = (U * root).contiguous()
+    B = (root[:, None] * Vh).contiguous()
+    total = work.double().pow(2).sum()
+    if total == 0:
+        return A, B, 1.0, 0.0
+    energy = float(S.double().pow(2).sum() / total)
+    rel_error = float(torch.linalg.matrix_norm((work - A @ B).double()) / total.sqrt())
+    return A, B, min(energy, 1.0), rel_error
+
+
+def factorize(
+    ckpt: Checkpoint,
+    plan: RankPlan,
+    settings: FactorizeSettings = FactorizeSettings(),
+    on_layer: Callable[[str], None] | None = None,
+) -> LowRankCheckpoint:
+    """Replace each planned matrix of ``ckpt`` by its factors; copy every other tensor.
+
+    Tensors are read one at a time, so only the (smaller) output is held in memory.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, LayerResult] = {}
+    for info in ckpt.infos():
+        name = info.name
+        layer = plan.layers.get(name)
+        tensor = ckpt.get(name)
+        if layer is None or layer.rank is None:
+            tensors[name] = tensor
+            if layer is not None:
+                layers[name] = LayerResult(list(info.shape), None, reason=layer.reason)
+            continue
+        w = matrix_view(tensor)
+        method = choose_method(*w.shape, settings)
+        A, B, energy, err = factorize_matrix(
+            w, layer.rank, method, layer_seed(settings.seed, name), settings.oversample,
+            settings.niter,
+        )
+        a_name, b_name = factor_names(name)
+        tensors[a_name], tensors[b_name] = A.to(info.dtype), B.to(info.dtype)
+        layers[name] = LayerResult(list(info.shape), layer.rank, method, energy, err)
+        if on_layer:
+            on_layer(name)
+    return LowRankCheckpoint(tensors, layers, ckpt.num_params(), settings)
+
+
+def reconstruct_dense(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """The dense state dict a low-rank one stands for: ``<module>.weight = (A @ B).reshape``.
+
+    Args:
+        tensors: a low-rank state dict (e.g. ``safetensors.torch.load_file(OUT/model.safetensors)``).
+        config: the parsed ``lowrank_config.json`` of the same output.
+    """
+    dense = dict(tensors)
+    for name, layer in config["layers"].items():
+        if layer.get("rank") is None:
+            continue
+        a_name, b_name = factor_names(name)
+        A, B = dense.pop(a_name), dense.pop(b_name)
+        dense[name] = (A.double() @ B.double()).to(A.dtype).reshape(layer["shape"])
+    return dense
+

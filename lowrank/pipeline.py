@@ -1,0 +1,381 @@
+"""Pipeline runner: named stages, a content-addressed cache, and ``manifest.json``.
+
+A pipeline file (TOML) lists ``stages`` in order and one table of settings per stage; see
+``pipelines/default.toml``. Each stage turns upstream artifacts into one artifact. Its cache key
+hashes the lowrank version, the stage's settings (with the *content* of any ``*_file`` setting),
+the checkpoint's content and the keys of the stages it reads, so a rerun skips finished stages
+and a changed setting reruns from that stage on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import (Checkpoint, atomic_directory, check_output_path, copy_model_files,
+                         open_checkpoint, save_tensors, write_json)
+from .errors import InputError
+from .factorize import FactorizeSettings, LayerResult, LowRankCheckpoint, factorize
+from .plan import POLICIES, LayerPlan, PlanSettings, RankPlan, apply_plan, make_plan, read_plan_file
+from .spectrum import AnalyzeSettings, Spectra, analyze
+
+# The built-in default; pipelines/default.toml in the repository documents the same pipeline
+# (a test keeps the two equal).
+DEFAULT_STAGES = ["analyze", "plan", "factorize"]
+DEFAULT_SETTINGS = {
+    "analyze": {"exact_max_dim": 2048},
+    "plan": {"param_ratio": 0.6, "guard": 0.8, "multiple": 1},
+    "factorize": {"method": "auto", "seed": 0},
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Progress: stages report work through the context; the CLI plugs a rich progress bar in.
+
+Advance = Callable[[str], None]
+
+
+def _no_progress(description: str, total: int) -> contextlib.AbstractContextManager[Advance]:
+    return contextlib.nullcontext(lambda name: None)
+
+
+@dataclass
+class Context:
+    checkpoint: Checkpoint
+    track: Callable[[str, int], contextlib.AbstractContextManager[Advance]] = _no_progress
+
+
+# --------------------------------------------------------------------------------------------
+# Stage registry
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    needs: tuple[str, ...]
+    settings_type: type
+    run: Callable[..., Any]  # (ctx, settings, *upstream artifacts) -> artifact
+    save: Callable[[Any, Path], None]  # artifact -> cache directory
+    load: Callable[[Path], Any]  # cache directory -> artifact
+    emit: Callable[[Any, Path], None] = lambda artifact, out: None  # into OUTPUT
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def register_stage(stage: Stage) -> Stage:
+    STAGES[stage.name] = stage
+    return stage
+
+
+def _save_json(name: str, to_json: Callable[[Any], dict]):
+    return lambda artifact, d: write_json(d / name, to_json(artifact))
+
+
+def _load_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# analyze ------------------------------------------------------------------------------------
+def _run_analyze(ctx: Context, settings: AnalyzeSettings) -> Spectra:
+    matrices = [i for i in ctx.checkpoint.infos() if i.dtype.is_floating_point and len(i.shape) >= 2]
+    with ctx.track("analyze", len(matrices)) as advance:
+        return analyze(ctx.checkpoint, settings, advance)
+
+
+register_stage(Stage(
+    "analyze", (), AnalyzeSettings, _run_analyze,
+    save=_save_json("spectra.json", Spectra.to_json),
+    load=lambda d: Spectra.from_json(_load_json(d / "spectra.json")),
+))
+
+
+# plan ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlanStageSettings(PlanSettings):
+    plan_file: str | None = None  # re-apply this (edited) plan instead of a policy
+
+    def __post_init__(self):
+        if self.plan_file is None:
+            super().__post_init__()
+        elif any(getattr(self, p) is not None for p in POLICIES):
+            raise InputError("a plan file and a rank policy exclude each other; give one")
+
+
+def _run_plan(ctx: Context, settings: PlanStageSettings, spectra: Spectra) -> RankPlan:
+    if settings.plan_file:
+        return apply_plan(read_plan_file(Path(settings.plan_file)), spectra, settings.plan_file)
+    policy = {f.name: getattr(settings, f.name) for f in fields(PlanSettings)}
+    return make_plan(spectra, PlanSettings(**policy))
+
+
+def _plan_from_json(data: dict) -> RankPlan:
+    layers = {n: LayerPlan(e["shape"], e["rank"], e.get("reason"), e.get("energy"))
+              for n, e in data["layers"].items()}
+    return RankPlan(layers, data["params"]["before"], data["policy"], data["version"])
+
+
+register_stage(Stage(
+    "plan", ("analyze",), PlanStageSettings, _run_plan,
+    save=_save_json("plan.json", RankPlan.to_json),
+    load=lambda d: _plan_from_json(_load_json(d / "plan.json")),
+    emit=_save_json("plan.json", RankPlan.to_json),
+))
+
+
+# factorize ----------------------------------------------------------------------------------
+def _run_factorize(ctx: Context, settings: FactorizeSettings, plan: RankPlan) -> LowRankCheckpoint:
+    with ctx.track("factorize", len(plan.factored())) as advance:
+        return factorize(ctx.checkpoint, plan, settings, advance)
+
+
+def _save_lowrank(artifact: LowRankCheckpoint, d: Path) -> None:
+    from . import __version__
+
+    save_tensors(d / "model.safetensors", artifact.tensors, {"lowrank_version": __version__})
+    write_json(d / "lowrank_config.json", artifact.lowrank_config())
+
+
+def _load_lowrank(d: Path) -> LowRankCheckpoint:
+    from safetensors.torch import load_file
+
+    config = _load_json(d / "lowrank_config.json")
+    layers = {n: LayerResult(**{k: v for k, v in e.items() if k != "module"})
+              for n, e in config["layers"].items()}
+    return LowRankCheckpoint(load_file(str(d / "model.safetensors")), layers,
+                             config["params"]["before"], FactorizeSettings(**config["factorize"]))
+
+
+register_stage(Stage(
+    "factorize", ("plan",), FactorizeSettings, _run_factorize,
+    save=_save_lowrank, load=_load_lowrank,
+    emit=_save_lowrank,
+))
+
+
+# --------------------------------------------------------------------------------------------
+# Pipeline files
+
+
+@dataclass
+class PipelineSpec:
+    stages: list[str]
+    settings: dict[str, dict] = field(default_factory=dict)
+    model: str | None = None
+    output: str | None = None
+    source: str = "<built-in>"
+
+
+def read_pipeline(path: str | Path) -> PipelineSpec:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: no such pipeline file") from e
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise InputError(f"{path}: not a valid pipeline file ({str(e).splitlines()[0]})") from e
+    stages = data.pop("stages", None)
+    if not isinstance(stages, list) or not stages:
+        raise InputError(f"{path}: needs a non-empty `stages = [...]` list")
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise InputError(f"{path}: unknown stage(s) {', '.join(map(str, unknown))} "
+                         f"(known: {', '.join(STAGES)})")
+    model, output = data.pop("model", None), data.pop("output", None)
+    stray = [k for k, v in data.items() if k not in stages]
+    if stray:
+        raise InputError(f"{path}: settings for stage(s) not in `stages`: {', '.join(stray)}")
+    return PipelineSpec(stages, data, model, output, str(path))
+
+
+def default_pipeline() -> PipelineSpec:
+    import copy
+
+    return PipelineSpec(list(DEFAULT_STAGES), copy.deepcopy(DEFAULT_SETTINGS), source="default")
+
+
+def make_settings(spec: PipelineSpec, stage: Stage):
+    raw = dict(spec.settings.get(stage.name, {}))
+    known = {f.name for f in fields(stage.settings_type)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise InputError(f"{spec.source}: [{stage.name}] has unknown setting(s) "
+                         f"{', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    for k, v in raw.items():
+        if isinstance(v, list):
+            raw[k] = tuple(v)
+    try:
+        return stage.settings_type(**raw)
+    except TypeError as e:
+        raise InputError(f"{spec.source}: [{stage.name}]: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Hashing and cache
+
+
+def file_sha256(path: Path, memo: dict | None = None) -> str:
+    """sha256 of a file, memoized by (path, size, mtime, inode) so big checkpoints hash once."""
+    st = path.stat()
+    memo_key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    if memo is not None and memo_key in memo:
+        return memo[memo_key]
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if memo is not None:
+        memo[memo_key] = digest
+    return digest
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    if "LOWRANK_CACHE_DIR" in os.environ:
+        return Path(os.environ["LOWRANK_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lowrank"
+
+
+class Cache:
+    """Artifacts under ``root/<stage>/<key>/``; a directory appears only once complete."""
+
+    def __init__(self, root: Path | None):
+        self.root = root
+        self.memo_file = root / "file-hashes.json" if root else None
+        self.memo = {}
+        if self.memo_file and self.memo_file.is_file():
+            with contextlib.suppress(OSError, json.JSONDecodeError):
+                self.memo = json.loads(self.memo_file.read_text())
+
+    def get(self, stage: Stage, key: str):
+        if self.root is None:
+            return None
+        d = self.root / stage.name / key
+        if not d.is_dir():
+            return None
+        try:
+            return stage.load(d)
+        except Exception:  # a corrupt cache entry is recomputed, never trusted
+            shutil.rmtree(d, ignore_errors=True)
+            return None
+
+    def put(self, stage: Stage, key: str, artifact) -> None:
+        if self.root is None:
+            return
+        with atomic_directory(self.root / stage.name / key) as tmp:
+            stage.save(artifact, tmp)
+
+    def save_memo(self) -> None:
+        if self.memo_file:
+            self.memo_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.memo_file.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(self.memo))
+            tmp.replace(self.memo_file)
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class RunResult:
+    output: Path
+    checkpoint: Checkpoint
+    artifacts: dict[str, Any]
+    manifest: dict
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    found = {"lowrank": __version__, "python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("torch", "safetensors", "transformers", "onnx", "onnxruntime", "numpy"):
+        try:
+            found[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def run_pipeline(
+    spec: PipelineSpec,
+    model: str | Path,
+    output: str | Path,
+    *,
+    cache_dir: Path | None = None,
+    overwrite: bool = False,
+    track: Callable[[str, int], contextlib.AbstractContextManager[Advance]] = _no_progress,
+) -> RunResult:
+    """Run ``spec``'s stages on checkpoint ``model`` and write the output directory atomically.
+
+    Args:
+        spec: stages and settings (:func:`read_pipeline` or :func:`default_pipeline`).
+        model: checkpoint path (see :func:`lowrank.checkpoint.open_checkpoint`).
+        output: output directory; must not be, contain or lie inside the input.
+        cache_dir: where stage artifacts are cached; None disables caching.
+        overwrite: replace an existing non-empty output directory.
+        track: progress factory ``(description, total) -> context manager of advance(name)``.
+
+    Returns:
+        :class:`RunResult` with each stage's artifact and the manifest written to OUTPUT.
+    """
+    ckpt = open_checkpoint(model)
+    output = Path(output)
+    check_output_path(output, [ckpt.path, *ckpt.files], overwrite)
+    settings = {name: make_settings(spec, STAGES[name]) for name in spec.stages}
+    for name in spec.stages:
+        missing = [n for n in STAGES[name].needs if n not in spec.stages[: spec.stages.index(name)]]
+        if missing:
+            raise InputError(f"{spec.source}: stage {name} needs {', '.join(missing)} before it")
+
+    cache = Cache(cache_dir)
+    inputs = [{"file": str(f), "bytes": f.stat().st_size, "sha256": file_sha256(f, cache.memo)}
+              for f in ckpt.files]
+    model_digest = _digest([i["sha256"] for i in inputs])
+    ctx = Context(ckpt, track)
+    artifacts, keys, stage_records = {}, {}, []
+    from . import __version__
+
+    for name in spec.stages:
+        stage, stage_settings = STAGES[name], settings[name]
+        file_digests = {k: file_sha256(Path(v)) for k, v in asdict(stage_settings).items()
+                        if k.endswith("_file") and v}
+        keys[name] = _digest({"stage": name, "lowrank": __version__, "model": model_digest,
+                              "settings": asdict(stage_settings), "files": file_digests,
+                              "upstream": [keys[n] for n in stage.needs]})
+        start = time.perf_counter()
+        artifact = cache.get(stage, keys[name])
+        cached = artifact is not None
+        if not cached:
+            artifact = stage.run(ctx, stage_settings, *[artifacts[n] for n in stage.needs])
+            cache.put(stage, keys[name], artifact)
+        artifacts[name] = artifact
+        stage_records.append({"stage": name, "key": keys[name], "cached": cached,
+                              "seconds": round(time.perf_counter() - start, 3),
+                              "settings": asdict(stage_settings)})
+    cache.save_memo()
+
+    manifest = {"format": "lowrank.manifest", "version": 1, "versions": _versions(),
+                "pipeline": spec.source, "input": {"path": str(ckpt.path), "files": inputs},
+                "stages": stage_records}
+    with atomic_directory(output) as tmp:
+        copy_model_files(ckpt.model_dir, tmp)
+        for name in spec.stages:
+            STAGES[name].emit(artifacts[name], tmp)
+        write_json(tmp / "manifest.json", manifest)
+    return RunResult(output, ckpt, artifacts, manifest)

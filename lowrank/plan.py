@@ -1,0 +1,295 @@
+"""Rank planning: policies -> :class:`RankPlan`, a JSON file users can read, edit and re-apply.
+
+Keys are tensor names (``encoder.layer.0.attention.self.query.weight``); a layer whose rank is
+``null`` stays dense, with the reason recorded.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import InputError, LowrankError
+from .spectrum import Spectra, Spectrum
+
+POLICIES = ("energy", "rank", "rank_fraction", "param_ratio")
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """Exactly one policy field is set. Ranks are per matrix (out × in·kernel view)."""
+
+    energy: float | None = None  # keep this fraction of each matrix's spectral energy
+    rank: int | None = None  # the same rank for every matrix
+    rank_fraction: float | None = None  # rank = ceil(fraction × min(m, n))
+    param_ratio: float | None = None  # keep this fraction of the whole checkpoint's parameters
+    # Keep a matrix dense when its rank reaches guard × mn/(m+n): near break-even, factoring
+    # saves little and costs a second matmul (slower on CPUs, see DESIGN.md).
+    guard: float = 0.8
+    multiple: int = 1  # round ranks up to a multiple of this (SIMD/tile-friendly shapes)
+    min_numel: int = 4096  # smaller matrices stay dense: nothing worth saving
+    include: tuple[str, ...] = ()  # glob patterns on tensor names; empty = all
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        chosen = [p for p in POLICIES if getattr(self, p) is not None]
+        if len(chosen) != 1:
+            raise InputError(
+                "choose exactly one rank policy: --energy, --rank, --rank-fraction or --param-ratio"
+                + (f" (got {', '.join(chosen)})" if chosen else "")
+            )
+        for name in ("energy", "rank_fraction", "param_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise InputError(f"{name.replace('_', '-')} must be in (0, 1], got {value}")
+        if self.rank is not None and self.rank < 1:
+            raise InputError(f"rank must be >= 1, got {self.rank}")
+        if not 0 < self.guard <= 1:
+            raise InputError(f"guard must be in (0, 1], got {self.guard}")
+        if self.multiple < 1:
+            raise InputError(f"multiple must be >= 1, got {self.multiple}")
+
+    @property
+    def policy(self) -> str:
+        return next(p for p in POLICIES if getattr(self, p) is not None)
+
+
+@dataclass
+class LayerPlan:
+    shape: list[int]
+    rank: int | None  # None: keep dense
+    reason: str | None = None  # why it stays dense
+    energy: float | None = None  # expected fraction of spectral energy kept at ``rank``
+
+    def params(self) -> int:
+        m, n = self.shape[0], math.prod(self.shape[1:])
+        return m * n if self.rank is None else self.rank * (m + n)
+
+
+@dataclass
+class RankPlan:
+    layers: dict[str, LayerPlan]
+    total_params: int  # the whole checkpoint, dense
+    policy: dict = field(default_factory=dict)
+    format_version: int = 1
+
+    @property
+    def params_after(self) -> int:
+        matrices_before = sum(math.prod(p.shape) for p in self.layers.values())
+        return self.total_params - matrices_before + sum(p.params() for p in self.layers.values())
+
+    def factored(self) -> dict[str, LayerPlan]:
+        return {k: v for k, v in self.layers.items() if v.rank is not None}
+
+    def to_json(self) -> dict:
+        layers = {}
+        for name, p in self.layers.items():
+            entry = {"shape": p.shape, "rank": p.rank}
+            if p.reason:
+                entry["reason"] = p.reason
+            if p.energy is not None:
+                entry["energy"] = round(p.energy, 6)
+            layers[name] = entry
+        after = self.params_after
+        return {
+            "format": "lowrank.plan",
+            "version": self.format_version,
+            "policy": self.policy,
+            "params": {"before": self.total_params, "after": after,
+                       "ratio": round(after / self.total_params, 6)},
+            "layers": layers,
+        }
+
+
+def _candidate_reason(name: str, s: Spectrum, settings: PlanSettings) -> str | None:
+    """Why a matrix cannot be factored at all, or None if it is a candidate."""
+    if settings.include and not any(fnmatch.fnmatchcase(name, p) for p in settings.include):
+        return "not included"
+    if any(fnmatch.fnmatchcase(name, p) for p in settings.exclude):
+        return "excluded"
+    if name != "weight" and not name.endswith(".weight"):
+        return "not a module weight (recurrent and other weights have no low-rank module yet)"
+    if not s.finite:
+        return "contains NaN/Inf; kept as is"
+    if s.rows * s.cols < settings.min_numel or min(s.rows, s.cols) < 2:
+        return f"tiny (< {settings.min_numel} elements)"
+    return None
+
+
+def _round_rank(rank: int, s: Spectrum, multiple: int) -> int:
+    return min(max(multiple, math.ceil(rank / multiple) * multiple), min(s.rows, s.cols))
+
+
+def _guarded(rank: int | None, s: Spectrum, settings: PlanSettings, why: str) -> LayerPlan:
+    shape = list(s.shape)
+    limit = settings.guard * s.break_even
+    if rank is None:
+        return LayerPlan(shape, None, f"{why} needs rank >= {math.floor(limit)} "
+                                      f"(guard {settings.guard} x break-even {s.break_even:.0f})")
+    if rank >= limit:
+        return LayerPlan(shape, None, f"rank {rank} >= guard {settings.guard} x break-even "
+                                      f"{s.break_even:.0f}: factoring would not pay")
+    return LayerPlan(shape, rank, energy=s.energy_at(rank))
+
+
+def make_plan(spectra: Spectra, settings: PlanSettings) -> RankPlan:
+    """Choose a rank (or dense) for every matrix of ``spectra`` under ``settings``' policy.
+
+    Example:
+        >>> plan = make_plan(spectra, PlanSettings(param_ratio=0.6))  # doctest: +SKIP
+        >>> plan.params_after / plan.total_params  # doctest: +SKIP
+        0.5996
+    """
+    layers: dict[str, LayerPlan] = {}
+    candidates: dict[str, Spectrum] = {}
+    for name, s in spectra.matrices.items():
+        reason = _candidate_reason(name, s, settings)
+        if reason:
+            layers[name] = LayerPlan(list(s.shape), None, reason)
+        else:
+            candidates[name] = s
+    if settings.param_ratio is not None:
+        layers.update(_allocate_budget(spectra, candidates, layers, settings))
+    else:
+        for name, s in candidates.items():
+            if settings.energy is not None:
+                rank, why = s.rank_for_energy(settings.energy), f"{settings.energy:.0%} energy"
+            elif settings.rank is not None:
+                rank, why = min(settings.rank, s.rows, s.cols), "rank"
+            else:
+                rank, why = math.ceil(settings.rank_fraction * min(s.rows, s.cols)), "rank"
+            if rank is not None:
+                rank = _round_rank(rank, s, settings.multiple)
+            layers[name] = _guarded(rank, s, settings, why)
+    ordered = {name: layers[name] for name in spectra.matrices}
+    policy = {k: v for k, v in asdict(settings).items() if v is not None and v != ()}
+    return RankPlan(ordered, spectra.total_params, policy)
+
+
+def _ranks_at(threshold: float, candidates: dict[str, Spectrum], settings: PlanSettings):
+    """Each candidate keeps the singular values whose normalized energy per parameter
+    (σ² / ‖W‖² / (m + n)) is at least ``threshold``; None = dense (past the guard)."""
+    ranks = {}
+    for name, s in candidates.items():
+        cost, total = s.rows + s.cols, s.total_energy or 1.0
+        r = sum(1 for v in s.singular_values if v * v / total / cost >= threshold)
+        r = _round_rank(max(r, 1), s, settings.multiple)
+        ranks[name] = None if r >= settings.guard * s.break_even else r
+    return ranks
+
+
+def _params(ranks: dict, candidates: dict[str, Spectrum]) -> int:
+    return sum(
+        s.rows * s.cols if ranks[n] is None else ranks[n] * (s.rows + s.cols)
+        for n, s in candidates.items()
+    )
+
+
+def _allocate_budget(spectra, candidates, fixed_layers, settings) -> dict[str, LayerPlan]:
+    """Meet ``param_ratio`` of the whole checkpoint, losing the least normalized spectral energy
+    per parameter saved: bisect a global threshold, then spend the leftover budget greedily."""
+    fixed = spectra.total_params - sum(s.rows * s.cols for s in candidates.values())
+    budget = settings.param_ratio * spectra.total_params - fixed
+    smallest = _params(_ranks_at(math.inf, candidates, settings), candidates)
+    if budget < smallest:
+        raise LowrankError(
+            f"param-ratio {settings.param_ratio} is out of reach: even rank {settings.multiple} "
+            f"everywhere keeps {(fixed + smallest) / spectra.total_params:.1%} of the parameters "
+            f"(exclude fewer layers or lower the guard)"
+        )
+    lo, hi = 1e-30, 1.0  # threshold hi keeps the fewest values, lo keeps them all
+    for _ in range(200):
+        mid = math.sqrt(lo * hi)
+        if _params(_ranks_at(mid, candidates, settings), candidates) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    ranks = _ranks_at(hi, candidates, settings)
+    _fill_leftover(ranks, candidates, settings, budget - _params(ranks, candidates))
+    return {n: _guarded(ranks[n], s, settings, "budget") if ranks[n] is not None
+            else LayerPlan(list(s.shape), None,
+                           "budget allows dense: its rank would pass the break-even guard")
+            for n, s in candidates.items()}
+
+
+def _fill_leftover(ranks: dict, candidates: dict[str, Spectrum], settings, leftover: float):
+    """Rank steps are discrete, so bisection stops short of the budget; spend the rest on the
+    next singular values with the most energy per parameter."""
+    step = settings.multiple
+    while True:
+        best, best_value = None, -1.0
+        for name, s in candidates.items():
+            r = ranks[name]
+            if r is None or r + step >= settings.guard * s.break_even:
+                continue
+            cost = step * (s.rows + s.cols)
+            if cost > leftover or r + step > len(s.singular_values):
+                continue
+            gain = sum(v * v for v in s.singular_values[r:r + step]) / (s.total_energy or 1.0)
+            if gain / cost > best_value:
+                best, best_value = name, gain / cost
+        if best is None:
+            return
+        ranks[best] += step
+        leftover -= step * (candidates[best].rows + candidates[best].cols)
+
+
+# --------------------------------------------------------------------------------------------
+# Plan files
+
+
+def save_plan(plan: RankPlan, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def read_plan_file(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: no such plan file") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not a plan file ({str(e).splitlines()[0]})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
+        raise InputError(f"{path}: not a plan file (no \"layers\" object)")
+    return data
+
+
+def apply_plan(data: dict, spectra: Spectra, source: str = "plan") -> RankPlan:
+    """Re-apply an (edited) plan file to a checkpoint's spectra, validating every entry.
+
+    Matrices the plan does not list stay dense. Names that match no matrix, ranks that are not
+    integers in [1, min(m, n)] and shapes that differ from the checkpoint are errors.
+    """
+    unknown = [n for n in data["layers"] if n not in spectra.matrices]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        raise InputError(f"{source}: {len(unknown)} layer(s) match no matrix in the checkpoint: {shown}")
+    layers = {}
+    for name, s in spectra.matrices.items():
+        entry = data["layers"].get(name)
+        if entry is None:
+            layers[name] = LayerPlan(list(s.shape), None, "not in plan")
+            continue
+        if not isinstance(entry, dict):
+            raise InputError(f"{source}: layer {name}: expected an object with a \"rank\"")
+        shape = entry.get("shape")
+        if shape is not None and list(shape) != list(s.shape):
+            raise InputError(f"{source}: layer {name}: shape {shape} but the checkpoint has "
+                             f"{list(s.shape)} (was the plan made for another model?)")
+        rank = entry.get("rank")
+        if rank is None:
+            layers[name] = LayerPlan(list(s.shape), None, entry.get("reason") or "dense in plan")
+            continue
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(s.rows, s.cols):
+            raise InputError(f"{source}: layer {name}: rank {rank!r} must be an integer in "
+                             f"[1, {min(s.rows, s.cols)}] or null (dense)")
+        if not s.finite:
+            raise InputError(f"{source}: layer {name}: holds NaN/Inf and cannot be factored")
+        layers[name] = LayerPlan(list(s.shape), rank, energy=s.energy_at(rank))
+    policy = dict(data.get("policy") or {}, applied_from=source)
+    return RankPlan(layers, spectra.total_params, policy)

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from lowrank.checkpoint import open_checkpoint
+from lowrank.factorize import FactorizeSettings, factorize, factorize_matrix, reconstruct_dense
+from lowrank.plan import PlanSettings, make_plan
+from lowrank.spectrum import analyze
+
+from .conftest import low_rank_matrix
+
+
+def test_error_falls_as_rank_grows():
+    w = torch.randn(120, 80)
+    errors = [factorize_matrix(w, r)[3] for r in (4, 16, 32, 64, 80)]
+    assert all(a > b for a, b in zip(errors, errors[1:]))
+    assert errors[-1] < 1e-5  # full rank reconstructs W
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_factors_shapes_and_energy_relation(method):
+    w = torch.randn(64, 40)
+    A, B, energy, err = factorize_matrix(w, 8, method)
+    assert A.shape == (64, 8) and B.shape == (8, 40)
+    if method == "exact":  # Eckart–Young: ‖W − W_r‖² = (1 − energy)‖W‖²
+        assert err == pytest.approx((1 - energy) ** 0.5, rel=1e-4)
+
+
+def test_exact_and_randomized_agree_on_known_low_rank():
+    w = low_rank_matrix(500, 300, rank=12, noise=1e-4)
+    _, _, _, err_exact = factorize_matrix(w, 12, "exact")
+    A, B, _, err_rand = factorize_matrix(w, 12, "randomized", seed=3)
+    assert err_exact < 1e-3 and err_rand < 1e-3
+    Ae, Be, _, _ = factorize_matrix(w, 12, "exact")
+    torch.testing.assert_close(A @ B, Ae @ Be, atol=1e-3, rtol=1e-3)
+
+
+def test_randomized_is_deterministic_for_a_seed():
+    w = torch.randn(200, 150)
+    a1 = factorize_matrix(w, 20, "randomized", seed=7)[0]
+    a2 = factorize_matrix(w, 20, "randomized", seed=7)[0]
+    a3 = factorize_matrix(w, 20, "randomized", seed=8)[0]
+    assert torch.equal(a1, a2) and not torch.equal(a1, a3)
+
+
+def test_factorize_checkpoint_replaces_weights_by_factors(toy_checkpoint):
+    ckpt = open_checkpoint(toy_checkpoint)
+    plan = make_plan(analyze(ckpt), PlanSettings(rank=8, min_numel=0))
+    result = factorize(ckpt, plan, FactorizeSettings())
+    assert "fc1.weight" not in result.tensors
+    assert result.tensors["fc1.A"].shape == (96, 8) and result.tensors["fc1.B"].shape == (8, 64)
+    assert result.tensors["conv.A"].shape == (64, 8) and result.tensors["conv.B"].shape == (8, 144)
+    assert torch.equal(result.tensors["fc1.bias"], ckpt.get("fc1.bias"))
+    dense = reconstruct_dense(result.tensors, result.lowrank_config())
+    assert dense["conv.weight"].shape == (64, 48, 3) and set(dense) == set(ckpt.names())
+    assert result.params_after == plan.params_after
