@@ -283,14 +283,22 @@ def _print_summary(s: dict) -> None:
 @policy_options
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False),
               help="Re-apply an (edited) plan JSON instead of a policy.")
+@click.option("--calibration", "calibration_file", is_flag=False, flag_value="", default=None,
+              metavar="[FILE]", help="Data-aware compression on this text (one sample per "
+              "line); without FILE, the calibration text shipped with lowrank.")
+@click.option("--calibration-samples", type=int, help="Calibration lines to use (default 256).")
+@click.option("--max-length", type=int, help="Tokens per calibration sample (default 128).")
+@click.option("--data-method", type=click.Choice(["whiten", "scale"]),
+              help="Data-aware method: whiten (output-optimal, default) or scale (ASVD-style).")
 @click.option("--method", type=click.Choice(["auto", "exact", "randomized"]),
               help="SVD: exact, randomized (torch.svd_lowrank), or auto by size (default).")
 @click.option("--seed", type=int, help="Randomized SVD seed.")
 @click.option("--oversample", type=int, help="Randomized SVD oversampling (default 10).")
 @click.option("--niter", type=int, help="Randomized SVD power iterations (default 4).")
 @_run_options
-def compress(model, output, plan_file, method, seed, oversample, niter,
-             cache_dir, no_cache, overwrite, json_out, **opts):
+def compress(model, output, plan_file, calibration_file, calibration_samples, max_length,
+             data_method, method, seed, oversample, niter, cache_dir, no_cache, overwrite,
+             json_out, **opts):
     """Compress MODEL into the low-rank checkpoint directory OUTPUT.
 
     MODEL is an HF directory, a .safetensors file or index, a .pt/.bin state dict, or
@@ -302,6 +310,14 @@ def compress(model, output, plan_file, method, seed, oversample, niter,
     spec.settings["plan"].update(plan_overrides(dict(opts, plan_file=plan_file)))
     spec.settings["factorize"].update({k: v for k, v in dict(
         method=method, seed=seed, oversample=oversample, niter=niter).items() if v is not None})
+    calibration = {k: v for k, v in dict(samples=calibration_samples, max_length=max_length,
+                                         method=data_method).items() if v is not None}
+    if calibration_file is not None:
+        calibration["calibration_file"] = calibration_file or None  # "" = the bundled text
+        spec.stages.insert(0, "calibrate")
+        spec.settings["calibrate"] = calibration
+    elif calibration:
+        raise click.UsageError("--calibration-samples/--max-length/--data-method need --calibration")
     _run(spec, model, output, cache_dir, no_cache, overwrite, json_out)
 
 

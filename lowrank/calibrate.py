@@ -1,0 +1,199 @@
+"""Calibration: activation statistics of a model on sample text, through forward hooks.
+
+For every Linear the input Gram matrix G = Σ x xᵀ over real (non-padding) tokens, in float64,
+streamed over batches, plus Σ|x| for activation-scaling; for every Embedding the count of each
+row looked up. These drive data-aware factorization (:mod:`lowrank.factorize`): truncating
+W G^½ instead of W keeps the layer's *outputs* on this data as well as rank r allows.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint
+from .errors import InputError
+
+DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
+
+
+@dataclass(frozen=True)
+class CalibrateSettings:
+    # Text, one sample per line; None = the small text shipped with lowrank.
+    calibration_file: str | None = None
+    samples: int = 256  # lines used (the first N)
+    max_length: int = 128  # tokens per sample; longer samples are truncated
+    batch_size: int = 16
+    # How the statistics weight the SVD (lowrank.data_aware): "whiten" (optimal output error)
+    # or "scale" (ASVD-style, input channels scaled by mean|x|^scale_alpha).
+    method: str = "whiten"
+    scale_alpha: float = 0.5
+    token_smoothing: float = 1.0  # added to every embedding row's count: unseen rows still count
+
+    def __post_init__(self):
+        from .data_aware import METHODS
+
+        if self.method not in METHODS:
+            raise InputError(f"calibration method must be one of {', '.join(METHODS)}, "
+                             f"got {self.method!r}")
+        if self.samples < 1 or self.max_length < 1 or self.batch_size < 1:
+            raise InputError("calibration samples, max_length and batch_size must be >= 1")
+
+
+@dataclass
+class ActivationStats:
+    """The calibrate stage's artifact, keyed by weight name (``<module>.weight``)."""
+
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ x xᵀ, float64 (in × in)
+    abs_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ |x|, float64 (in,)
+    token_counts: dict[str, torch.Tensor] = field(default_factory=dict)  # rows looked up (num,)
+    tokens: int = 0  # real tokens seen
+    samples: int = 0
+    settings: CalibrateSettings = CalibrateSettings()
+
+    def weighting(self, name: str, cols: int):
+        """The data-aware weighting of tensor ``name`` (None: no data seen, use plain SVD)."""
+        from .data_aware import make_weighting
+
+        s = self.settings
+        return make_weighting(name, self, s.method, s.scale_alpha, s.token_smoothing, cols)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for kind, d in (("gram", self.grams), ("abs", self.abs_sums), ("count", self.token_counts)):
+            out.update({f"{kind}:{name}": t.contiguous() for name, t in d.items()})
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], tokens: int, samples: int,
+                     settings: CalibrateSettings):
+        stats = cls(tokens=tokens, samples=samples, settings=settings)
+        target = {"gram": stats.grams, "abs": stats.abs_sums, "count": stats.token_counts}
+        for key, t in tensors.items():
+            kind, name = key.split(":", 1)
+            target[kind][name] = t
+        return stats
+
+
+def read_calibration_text(path: str | Path | None, samples: int) -> list[str]:
+    """Non-empty lines of ``path`` (the bundled text when None), at most ``samples`` of them."""
+    path = Path(path) if path else DEFAULT_CALIBRATION
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: calibration file not found") from e
+    except OSError as e:
+        raise InputError(f"{path}: cannot read calibration file ({e.strerror})") from e
+    if b"\x00" in raw:
+        raise InputError(f"{path}: calibration file is binary; expected text, one sample per line")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: calibration file is not UTF-8 text") from e
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise InputError(f"{path}: calibration file is empty")
+    if len(lines) < samples:
+        warnings.warn(f"{path}: {len(lines)} calibration samples, fewer than the {samples} asked "
+                      f"for; using all of them", stacklevel=2)
+    return lines[:samples]
+
+
+def runnable_model(ckpt: Checkpoint):
+    """(dense model, tokenizer) of a checkpoint, or a clear error saying what is needed."""
+    from .loading import load_dense
+
+    if ckpt.model_dir is None:
+        raise InputError(
+            f"{ckpt.path}: data-aware compression runs the model, and this checkpoint has no "
+            f"architecture: give an HF model directory (config.json + tokenizer)"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ckpt.model_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{ckpt.model_dir}: no usable tokenizer ({str(e).splitlines()[0]})") from e
+    return load_dense(ckpt.model_dir).eval(), tokenizer
+
+
+class _Recorder:
+    """Forward hooks that accumulate statistics for named Linear and Embedding modules."""
+
+    def __init__(self, model: nn.Module, stats: ActivationStats):
+        self.stats, self.mask, self.handles = stats, None, []
+        for fqn, module in model.named_modules():
+            name = f"{fqn}.weight" if fqn else "weight"
+            if isinstance(module, nn.Linear):
+                self.handles.append(module.register_forward_pre_hook(self._linear(name)))
+            elif isinstance(module, nn.Embedding):
+                self.handles.append(module.register_forward_pre_hook(self._embedding(name, module)))
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        # Padding tokens are not data: drop them when the leading dims are (batch, seq).
+        if self.mask is not None and x.shape[:-1] == self.mask.shape:
+            return x[self.mask]
+        return x.reshape(-1, x.shape[-1])
+
+    def _linear(self, name):
+        def hook(module, args):
+            x = self._rows(args[0].detach()).double()
+            s = self.stats
+            if name in s.grams:
+                s.grams[name] += x.T @ x
+                s.abs_sums[name] += x.abs().sum(0)
+            else:
+                s.grams[name], s.abs_sums[name] = x.T @ x, x.abs().sum(0)
+        return hook
+
+    def _embedding(self, name, module):
+        def hook(mod, args):
+            ids = args[0].detach()
+            ids = ids[self.mask] if self.mask is not None and ids.shape == self.mask.shape else ids
+            counts = torch.bincount(ids.reshape(-1), minlength=module.num_embeddings).double()
+            s = self.stats.token_counts
+            s[name] = s[name] + counts if name in s else counts
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def collect_stats(model: nn.Module, tokenizer, texts: list[str], settings: CalibrateSettings,
+                  on_batch=None) -> ActivationStats:
+    """Run ``model`` over ``texts`` in batches and accumulate :class:`ActivationStats`."""
+    stats = ActivationStats(samples=len(texts), settings=settings)
+    recorder = _Recorder(model, stats)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(texts), settings.batch_size):
+                batch = tokenizer(texts[start:start + settings.batch_size], padding=True,
+                                  truncation=True, max_length=settings.max_length,
+                                  return_tensors="pt")
+                recorder.mask = batch["attention_mask"].bool()
+                stats.tokens += int(recorder.mask.sum())
+                model(**batch)
+                if on_batch:
+                    on_batch(f"{min(start + settings.batch_size, len(texts))} samples")
+    finally:
+        recorder.remove()
+    return stats
+
+
+def calibrate(ckpt: Checkpoint, settings: CalibrateSettings = CalibrateSettings(),
+              on_batch=None) -> ActivationStats:
+    """Activation statistics of ``ckpt``'s dense model on the calibration text.
+
+    Example:
+        >>> stats = calibrate(open_checkpoint("all-MiniLM-L6-v2/"))  # doctest: +SKIP
+        >>> stats.grams["encoder.layer.0.attention.self.query.weight"].shape  # doctest: +SKIP
+        torch.Size([384, 384])
+    """
+    texts = read_calibration_text(settings.calibration_file, settings.samples)
+    model, tokenizer = runnable_model(ckpt)
+    return collect_stats(model, tokenizer, texts, settings, on_batch)

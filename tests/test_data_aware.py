@@ -1,0 +1,91 @@
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lowrank.calibrate import ActivationStats, CalibrateSettings, read_calibration_text
+from lowrank.cli import main
+from lowrank.data_aware import make_weighting
+from lowrank.errors import InputError
+from lowrank.factorize import factorize_matrix
+
+
+def correlated_inputs(n_in=64, tokens=4000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n_in, n_in, generator=g) * torch.logspace(0, -3, n_in)  # strongly anisotropic
+    return (torch.randn(tokens, n_in, generator=g) @ mix.T).double()
+
+
+def stats_for(name, x, method="whiten"):
+    return ActivationStats(grams={name: x.T @ x}, abs_sums={name: x.abs().sum(0)},
+                           tokens=x.shape[0], settings=CalibrateSettings(method=method))
+
+
+def output_error(w, A, B, x):
+    return torch.linalg.matrix_norm(x @ (w - A.double() @ B.double()).T).item()
+
+
+@pytest.mark.parametrize("method", ["whiten", "scale"])
+def test_data_aware_beats_plain_svd_on_output_error(method):
+    x = correlated_inputs()
+    w = torch.randn(48, 64, dtype=torch.float64)
+    stats = stats_for("fc.weight", x, method)
+    for rank in (4, 8, 16):
+        A0, B0, _, _ = factorize_matrix(w, rank)
+        A1, B1, _, _ = factorize_matrix(w, rank, weighting=stats.weighting("fc.weight", 64))
+        assert output_error(w, A1, B1, x) < output_error(w, A0, B0, x)
+
+
+def test_whitening_equals_cholesky_whitened_svd_llm_solution():
+    x = correlated_inputs(n_in=32) + 0.1 * torch.randn(4000, 32, dtype=torch.float64)
+    w = torch.randn(24, 32, dtype=torch.float64)
+    G = x.T @ x
+    A, B, _, _ = factorize_matrix(w, 6, weighting=make_weighting("w", stats_for("w", x)))
+    L = torch.linalg.cholesky(G)  # SVD-LLM: truncate W·L, map back with L⁻¹
+    U, S, Vh = torch.linalg.svd(w @ L)
+    reference = (U[:, :6] * S[:6]) @ Vh[:6] @ torch.linalg.inv(L)
+    torch.testing.assert_close(A.double() @ B.double(), reference, atol=1e-8, rtol=1e-6)
+
+
+def test_rank_deficient_gram_is_handled():
+    x = correlated_inputs(n_in=32, tokens=10)  # 10 tokens: G has rank 10 of 32
+    w = torch.randn(16, 32, dtype=torch.float64)
+    A, B, energy, _ = factorize_matrix(w, 10, weighting=make_weighting("w", stats_for("w", x)))
+    assert torch.isfinite(A).all() and torch.isfinite(B).all()
+    assert energy == pytest.approx(1.0, abs=1e-9)  # rank 10 keeps all output energy on 10 tokens
+    assert output_error(w, A, B, x) < 1e-6 * torch.linalg.matrix_norm(x @ w.T).item()
+
+
+def test_embedding_rows_weighted_by_frequency_are_reconstructed_better():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(500, 32, generator=g, dtype=torch.float64)
+    counts = torch.zeros(500, dtype=torch.float64)
+    counts[:20] = 1000.0  # 20 frequent tokens
+    stats = ActivationStats(token_counts={"emb.weight": counts})
+    A, B, _, _ = factorize_matrix(w, 20, weighting=stats.weighting("emb.weight", 32))
+    A0, B0, _, _ = factorize_matrix(w, 20)
+    frequent_err = (w[:20] - A[:20] @ B).norm() / w[:20].norm()
+    plain_err = (w[:20] - A0[:20] @ B0).norm() / w[:20].norm()
+    assert frequent_err < 0.2 * plain_err
+
+
+def test_calibration_text_errors_and_warning(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        read_calibration_text(tmp_path / "nope.txt", 10)
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(InputError, match="empty"):
+        read_calibration_text(tmp_path / "empty.txt", 10)
+    (tmp_path / "bin.txt").write_bytes(b"abc\x00\x01\x02")
+    with pytest.raises(InputError, match="binary"):
+        read_calibration_text(tmp_path / "bin.txt", 10)
+    (tmp_path / "few.txt").write_text("one\ntwo\n")
+    with pytest.warns(UserWarning, match="2 calibration samples, fewer than the 10"):
+        assert read_calibration_text(tmp_path / "few.txt", 10) == ["one", "two"]
+    assert len(read_calibration_text(None, 50)) == 50  # the bundled default text
+
+
+def test_data_aware_on_checkpoint_without_architecture_is_a_clear_error(tmp_path, toy_checkpoint):
+    result = CliRunner().invoke(main, ["compress", str(toy_checkpoint), str(tmp_path / "o"),
+                                       "--calibration"])
+    assert result.exit_code == 3
+    assert "no architecture: give an HF model directory" in result.stderr
+    assert not (tmp_path / "o").exists()
