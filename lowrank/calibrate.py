@@ -105,7 +105,7 @@ def read_calibration_text(path: str | Path | None, samples: int) -> list[str]:
 
 def runnable_model(ckpt: Checkpoint):
     """(dense model, tokenizer) of a checkpoint, or a clear error saying what is needed."""
-    from .loading import load_dense
+    from .loading import dense_model
 
     if ckpt.model_dir is None:
         raise InputError(
@@ -118,7 +118,7 @@ def runnable_model(ckpt: Checkpoint):
         tokenizer = AutoTokenizer.from_pretrained(ckpt.model_dir, local_files_only=True)
     except (OSError, ValueError) as e:
         raise InputError(f"{ckpt.model_dir}: no usable tokenizer ({str(e).splitlines()[0]})") from e
-    return load_dense(ckpt.model_dir).eval(), tokenizer
+    return dense_model(ckpt).eval(), tokenizer
 
 
 class _Recorder:

@@ -144,11 +144,10 @@ def main():
 def analyze(model, json_out, exact_max_dim):
     """Singular-value spectrum of every weight matrix of MODEL."""
     from .checkpoint import open_checkpoint
-    from .spectrum import AnalyzeSettings, analyze as run_analyze
+    from .spectrum import AnalyzeSettings, analyze as run_analyze, matrix_infos
 
     ckpt = open_checkpoint(resolve_model(model))
-    matrices = [i for i in ckpt.infos() if i.dtype.is_floating_point and len(i.shape) >= 2]
-    with _rich_track("analyze", len(matrices)) as advance:
+    with _rich_track("analyze", len(matrix_infos(ckpt))) as advance:
         spectra = run_analyze(ckpt, AnalyzeSettings(exact_max_dim=exact_max_dim), advance)
     rows = [s.summary() for s in spectra.matrices.values()]
     if json_out:
@@ -185,17 +184,18 @@ def analyze(model, json_out, exact_max_dim):
 def plan(model, plan_out, json_out, **opts):
     """Write a per-matrix rank plan for MODEL (edit it, then `compress --plan`)."""
     from .checkpoint import open_checkpoint
-    from .pipeline import default_pipeline
-    from .plan import PlanSettings, make_plan, save_plan
-    from .spectrum import AnalyzeSettings, analyze as run_analyze
+    from .pipeline import STAGES, default_pipeline, make_settings
+    from .plan import make_plan, save_plan
+    from .spectrum import AnalyzeSettings, analyze as run_analyze, matrix_infos
 
-    settings = dict(default_pipeline().settings["plan"], **plan_overrides(opts))
-    settings = PlanSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+    spec = default_pipeline()
+    spec.settings["plan"].update(plan_overrides(opts))
+    settings = make_settings(spec, STAGES["plan"])
     ckpt = open_checkpoint(resolve_model(model))
     model_path = Path(model).resolve()
     if Path(plan_out).resolve() in [model_path, *(f.resolve() for f in ckpt.files)]:
         raise InputError(f"{plan_out}: would overwrite the input")
-    with _rich_track("analyze", len(ckpt.infos())) as advance:
+    with _rich_track("analyze", len(matrix_infos(ckpt))) as advance:
         spectra = run_analyze(ckpt, AnalyzeSettings(), advance)
     rank_plan = make_plan(spectra, settings)
     save_plan(rank_plan, Path(plan_out))

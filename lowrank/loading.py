@@ -89,9 +89,14 @@ def load_dense(model_dir: str | Path, dtype: torch.dtype | None = None) -> nn.Mo
     """The dense HF model of a checkpoint directory, for comparisons (offline, no download)."""
     from .checkpoint import open_checkpoint
 
-    ckpt = open_checkpoint(model_dir)
+    model = dense_model(open_checkpoint(model_dir))
+    return model.to(dtype) if dtype else model
+
+
+def dense_model(ckpt) -> nn.Module:
+    """The dense HF model of an open :class:`~lowrank.checkpoint.Checkpoint`."""
     if ckpt.model_dir is None:
-        raise InputError(f"{model_dir}: not an HF model directory (no config.json)")
+        raise InputError(f"{ckpt.path}: not an HF model directory (no config.json)")
     model = build_hf_model(ckpt.model_dir)
     model.load_state_dict({n: ckpt.get(n) for n in ckpt.names()}, strict=False)
-    return model.to(dtype) if dtype else model
+    return model

@@ -29,7 +29,7 @@ from .checkpoint import (Checkpoint, atomic_directory, check_output_path, copy_m
 from .errors import InputError
 from .factorize import FactorizeSettings, LayerResult, LowRankCheckpoint, factorize
 from .plan import POLICIES, LayerPlan, PlanSettings, RankPlan, apply_plan, make_plan, read_plan_file
-from .spectrum import AnalyzeSettings, Spectra, analyze
+from .spectrum import AnalyzeSettings, Spectra, analyze, matrix_infos
 
 # The built-in default; pipelines/default.toml in the repository documents the same pipeline
 # (a test keeps the two equal).
@@ -115,8 +115,7 @@ register_stage(Stage("calibrate", (), CalibrateSettings, _run_calibrate, _save_s
 
 # analyze ------------------------------------------------------------------------------------
 def _run_analyze(ctx: Context, settings: AnalyzeSettings, calibrate=None) -> Spectra:
-    matrices = [i for i in ctx.checkpoint.infos() if i.dtype.is_floating_point and len(i.shape) >= 2]
-    with ctx.track("analyze", len(matrices)) as advance:
+    with ctx.track("analyze", len(matrix_infos(ctx.checkpoint))) as advance:
         return analyze(ctx.checkpoint, settings, advance, stats=calibrate)
 
 

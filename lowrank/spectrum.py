@@ -137,6 +137,11 @@ def is_matrix(dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
     return dtype.is_floating_point and len(shape) >= 2 and min(shape) > 0
 
 
+def matrix_infos(ckpt: Checkpoint) -> list:
+    """The tensors :func:`analyze` covers (also the length of its progress)."""
+    return [i for i in ckpt.infos() if is_matrix(i.dtype, i.shape)]
+
+
 def layer_seed(seed: int, name: str) -> int:
     """A per-tensor seed, so results don't depend on the order (or process) tensors run in."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
@@ -194,9 +199,7 @@ def analyze(
         :class:`Spectra`, JSON-serializable with :meth:`Spectra.to_json`.
     """
     spectra = Spectra(settings, total_params=ckpt.num_params())
-    for info in ckpt.infos():
-        if not is_matrix(info.dtype, info.shape):
-            continue
+    for info in matrix_infos(ckpt):
         cols = math.prod(info.shape[1:])
         weighting = stats.weighting(info.name, cols) if stats is not None else None
         spectra.matrices[info.name] = analyze_matrix(info.name, ckpt.get(info.name), settings,
