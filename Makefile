@@ -1,4 +1,5 @@
-# Two entry points: `make demo` (compress the bundled MiniLM, print the summary) and `make test`.
+# Two entry points: `make demo` (compress the bundled MiniLM with the bundled calibration text,
+# evaluate on held-out text, export ONNX, print the report) and `make test`.
 # Both create .venv on first use. torch is pinned (pyproject.toml) so pip takes the CPU build.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/lowrank compress minilm out/minilm-lowrank --overwrite
+	$(VENV)/bin/lowrank compress minilm out/minilm-lowrank --overwrite --calibration --evaluate \
+		--export onnx
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

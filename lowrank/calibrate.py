@@ -8,6 +8,7 @@ W G^½ instead of W keeps the layer's *outputs* on this data as well as rank r a
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +80,7 @@ class ActivationStats:
         return stats
 
 
-def read_calibration_text(path: str | Path | None, samples: int) -> list[str]:
+def read_calibration_text(path: str | Path | None, samples: int, warn: bool = True) -> list[str]:
     """Non-empty lines of ``path`` (the bundled text when None), at most ``samples`` of them."""
     path = Path(path) if path else DEFAULT_CALIBRATION
     try:
@@ -97,37 +98,102 @@ def read_calibration_text(path: str | Path | None, samples: int) -> list[str]:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise InputError(f"{path}: calibration file is empty")
-    if len(lines) < samples:
+    if warn and len(lines) < samples:
         warnings.warn(f"{path}: {len(lines)} calibration samples, fewer than the {samples} asked "
                       f"for; using all of them", stacklevel=2)
     return lines[:samples]
 
 
-def runnable_model(ckpt: Checkpoint):
-    """(dense model, tokenizer) of a checkpoint, or a clear error saying what is needed."""
+TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+Samples = list[str] | dict[str, torch.Tensor]  # text lines, or model inputs stacked on dim 0
+
+
+def read_calibration_tensors(path: str | Path, samples: int, warn: bool = True) -> dict:
+    """Model inputs for non-text models: a safetensors/.pt file of {input name: tensor}, the
+    first dimension indexing samples (e.g. ``pixel_values`` of shape (N, 3, 224, 224))."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: calibration file not found")
+    try:
+        data = (load_file(str(path)) if path.suffix == ".safetensors"
+                else torch.load(path, map_location="cpu", weights_only=True))
+    except pickle.UnpicklingError as e:  # weights_only refused it: never unpickled further
+        raise InputError(f"{path}: not a readable tensor file (refused to unpickle anything but "
+                         f"plain tensors)") from e
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as e:
+        raise InputError(f"{path}: not a readable tensor file ({str(e).splitlines()[0]})") from e
+    if not isinstance(data, dict) or not data or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) and v.dim() >= 1
+            for k, v in data.items()):
+        raise InputError(f"{path}: expected a non-empty dict of input name -> tensor")
+    counts = {v.shape[0] for v in data.values()}
+    if len(counts) != 1 or 0 in counts:
+        raise InputError(f"{path}: every input tensor needs the same, non-zero first (sample) "
+                         f"dimension; got {sorted(counts)}")
+    n = counts.pop()
+    if warn and n < samples:
+        warnings.warn(f"{path}: {n} calibration samples, fewer than the {samples} asked "
+                      f"for; using all of them", stacklevel=2)
+    return {k: v[:samples] for k, v in data.items()}
+
+
+def read_calibration(path: str | Path | None, samples: int, warn: bool = True) -> Samples:
+    """Text lines (the bundled text when None), or input tensors for a tensor file."""
+    if path and Path(path).suffix in TENSOR_SUFFIXES:
+        return read_calibration_tensors(path, samples, warn)
+    return read_calibration_text(path, samples, warn)
+
+
+def num_samples(data: Samples) -> int:
+    return len(data) if isinstance(data, list) else next(iter(data.values())).shape[0]
+
+
+def model_batches(data: Samples, tokenizer, batch_size: int, max_length: int):
+    """(model keyword inputs, real-token mask or None) per batch of ``data``."""
+    for start in range(0, num_samples(data), batch_size):
+        if isinstance(data, dict):
+            yield {k: v[start:start + batch_size] for k, v in data.items()}, None
+        else:
+            batch = tokenizer(data[start:start + batch_size], padding=True, truncation=True,
+                              max_length=max_length, return_tensors="pt")
+            yield dict(batch), batch["attention_mask"].bool()
+
+
+def runnable_model(ckpt: Checkpoint, need_tokenizer: bool = True):
+    """(dense model, tokenizer or None) of a checkpoint, or a clear error saying what is needed."""
     from .loading import dense_model
 
     if ckpt.model_dir is None:
         raise InputError(
-            f"{ckpt.path}: data-aware compression runs the model, and this checkpoint has no "
-            f"architecture: give an HF model directory (config.json + tokenizer)"
+            f"{ckpt.path}: calibration, sensitivity, recovery and evaluation run the model, and "
+            f"this checkpoint has no architecture: give an HF model directory (config.json + "
+            f"tokenizer)"
         )
     from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(ckpt.model_dir, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{ckpt.model_dir}: no usable tokenizer ({str(e).splitlines()[0]})") from e
+    tokenizer = None
+    if need_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(ckpt.model_dir, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{ckpt.model_dir}: no usable tokenizer ({str(e).splitlines()[0]}); "
+                             f"for a non-text model give --calibration a .safetensors/.pt file "
+                             f"of input tensors") from e
     return dense_model(ckpt).eval(), tokenizer
 
 
 class _Recorder:
     """Forward hooks that accumulate statistics for named Linear and Embedding modules."""
 
-    def __init__(self, model: nn.Module, stats: ActivationStats):
+    def __init__(self, model: nn.Module, stats: ActivationStats, only: set[str] | None = None):
         self.stats, self.mask, self.handles = stats, None, []
         for fqn, module in model.named_modules():
             name = f"{fqn}.weight" if fqn else "weight"
+            if only is not None and name not in only:
+                continue
             if isinstance(module, nn.Linear):
                 self.handles.append(module.register_forward_pre_hook(self._linear(name)))
             elif isinstance(module, nn.Embedding):
@@ -164,22 +230,24 @@ class _Recorder:
             h.remove()
 
 
-def collect_stats(model: nn.Module, tokenizer, texts: list[str], settings: CalibrateSettings,
-                  on_batch=None) -> ActivationStats:
-    """Run ``model`` over ``texts`` in batches and accumulate :class:`ActivationStats`."""
-    stats = ActivationStats(samples=len(texts), settings=settings)
-    recorder = _Recorder(model, stats)
+def collect_stats(model: nn.Module, tokenizer, data: Samples, settings: CalibrateSettings,
+                  on_batch=None, only: set[str] | None = None) -> ActivationStats:
+    """Run ``model`` over ``data`` (text lines or input tensors) in batches and accumulate
+    :class:`ActivationStats` (for the weights named in ``only``, or all)."""
+    stats = ActivationStats(samples=num_samples(data), settings=settings)
+    recorder = _Recorder(model, stats, only)
+    done = 0
     try:
         with torch.inference_mode():
-            for start in range(0, len(texts), settings.batch_size):
-                batch = tokenizer(texts[start:start + settings.batch_size], padding=True,
-                                  truncation=True, max_length=settings.max_length,
-                                  return_tensors="pt")
-                recorder.mask = batch["attention_mask"].bool()
-                stats.tokens += int(recorder.mask.sum())
-                model(**batch)
+            for inputs, mask in model_batches(data, tokenizer, settings.batch_size,
+                                              settings.max_length):
+                recorder.mask = mask
+                first = next(iter(inputs.values()))
+                stats.tokens += int(mask.sum()) if mask is not None else first.shape[0]
+                model(**inputs)
+                done += first.shape[0]
                 if on_batch:
-                    on_batch(f"{min(start + settings.batch_size, len(texts))} samples")
+                    on_batch(f"{done} samples")
     finally:
         recorder.remove()
     return stats
@@ -187,13 +255,13 @@ def collect_stats(model: nn.Module, tokenizer, texts: list[str], settings: Calib
 
 def calibrate(ckpt: Checkpoint, settings: CalibrateSettings = CalibrateSettings(),
               on_batch=None) -> ActivationStats:
-    """Activation statistics of ``ckpt``'s dense model on the calibration text.
+    """Activation statistics of ``ckpt``'s dense model on the calibration text (or tensors).
 
     Example:
         >>> stats = calibrate(open_checkpoint("all-MiniLM-L6-v2/"))  # doctest: +SKIP
         >>> stats.grams["encoder.layer.0.attention.self.query.weight"].shape  # doctest: +SKIP
         torch.Size([384, 384])
     """
-    texts = read_calibration_text(settings.calibration_file, settings.samples)
-    model, tokenizer = runnable_model(ckpt)
-    return collect_stats(model, tokenizer, texts, settings, on_batch)
+    data = read_calibration(settings.calibration_file, settings.samples)
+    model, tokenizer = runnable_model(ckpt, need_tokenizer=isinstance(data, list))
+    return collect_stats(model, tokenizer, data, settings, on_batch)

@@ -299,6 +299,16 @@ def atomic_directory(output: Path) -> Iterator[Path]:
         raise
 
 
+def read_json_file(path: Path, kind: str) -> object:
+    """Parsed JSON of ``path``; a missing or unreadable file is an InputError naming ``kind``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: no such {kind}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not a readable {kind} ({str(e).splitlines()[0]})") from e
+
+
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 

@@ -85,10 +85,52 @@ def policy_options(f):
         click.option("--guard", type=float,
                      help="Keep dense when rank >= guard x break-even mn/(m+n) (default 0.8)."),
         click.option("--min-numel", type=int, help="Matrices smaller than this stay dense."),
+        click.option("--latency-tokens", type=int, multiple=True,
+                     help="Keep a Linear dense unless its factors run faster than dense on this "
+                     "CPU at this many tokens (batch x sequence; repeatable; e.g. 16 and 2048). "
+                     "Measured once per machine and layer shape, cached."),
     ]
     for d in reversed(decorators):
         f = d(f)
     return f
+
+
+def calibration_options(f):
+    """Data-aware options shared by `plan` and `compress`."""
+    decorators = [
+        click.option("--calibration", "calibration_file", is_flag=False, flag_value="",
+                     default=None, metavar="[FILE]",
+                     help="Data-aware compression on this text (one sample per line); without "
+                     "FILE, the calibration text shipped with lowrank."),
+        click.option("--calibration-samples", type=int, help="Calibration lines to use (default 256)."),
+        click.option("--max-length", type=int, help="Tokens per calibration sample (default 128)."),
+        click.option("--data-method", type=click.Choice(["whiten", "scale"]),
+                     help="Data-aware method: whiten (output-optimal, default) or scale (ASVD-style)."),
+        click.option("--sensitivity", is_flag=True,
+                     help="Probe each layer's end-to-end sensitivity at a few ranks and weight "
+                     "the --param-ratio allocation by it (cached; needs an HF directory)."),
+    ]
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
+def add_data_stages(spec, calibration_file, calibration_samples, max_length, data_method,
+                    sensitivity) -> None:
+    """Insert the calibrate (before analyze) and sensitivity (after it) stages as flagged."""
+    calibration = _given(samples=calibration_samples, max_length=max_length, method=data_method)
+    if calibration_file is not None:
+        calibration["calibration_file"] = calibration_file or None  # "" = the bundled text
+        spec.stages.insert(spec.stages.index("analyze"), "calibrate")
+        spec.settings["calibrate"] = calibration
+    elif calibration:
+        raise click.UsageError("--calibration-samples/--max-length/--data-method need --calibration")
+    if sensitivity:
+        spec.stages.insert(spec.stages.index("analyze") + 1, "sensitivity")
+
+
+def _given(**values) -> dict:
+    return {k: v for k, v in values.items() if v is not None}
 
 
 POLICY_FLAGS = ("energy", "rank", "rank_fraction", "param_ratio")
@@ -115,6 +157,10 @@ class LowrankGroup(click.Group):
         except LowrankError as e:
             if debug:
                 raise
+            from .gate import describe
+
+            for result in getattr(e, "results", []):  # a failed gate: every check, one line each
+                err.print(escape(describe(result)), highlight=False)
             err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
@@ -180,24 +226,28 @@ def analyze(model, json_out, exact_max_dim):
 @click.option("-o", "--output", "plan_out", required=True, type=click.Path(dir_okay=False),
               help="Where to write the plan JSON.")
 @policy_options
+@calibration_options
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Stage cache (default $LOWRANK_CACHE_DIR or ~/.cache/lowrank).")
 @json_option
-def plan(model, plan_out, json_out, **opts):
+def plan(model, plan_out, calibration_file, calibration_samples, max_length, data_method,
+         sensitivity, cache_dir, json_out, **opts):
     """Write a per-matrix rank plan for MODEL (edit it, then `compress --plan`)."""
     from .checkpoint import open_checkpoint
-    from .pipeline import STAGES, default_pipeline, make_settings
-    from .plan import make_plan, save_plan
-    from .spectrum import AnalyzeSettings, analyze as run_analyze, matrix_infos
+    from .pipeline import DEFAULT_SETTINGS, PipelineSpec, default_cache_dir, execute
+    from .plan import save_plan
 
-    spec = default_pipeline()
+    spec = PipelineSpec(["analyze", "plan"], {"plan": dict(DEFAULT_SETTINGS["plan"])})
     spec.settings["plan"].update(plan_overrides(opts))
-    settings = make_settings(spec, STAGES["plan"])
-    ckpt = open_checkpoint(resolve_model(model))
-    model_path = Path(model).resolve()
-    if Path(plan_out).resolve() in [model_path, *(f.resolve() for f in ckpt.files)]:
+    add_data_stages(spec, calibration_file, calibration_samples, max_length, data_method,
+                    sensitivity)
+    model = resolve_model(model)
+    ckpt = open_checkpoint(model)
+    if Path(plan_out).resolve() in [Path(model).resolve(), *(f.resolve() for f in ckpt.files)]:
         raise InputError(f"{plan_out}: would overwrite the input")
-    with _rich_track("analyze", len(matrix_infos(ckpt))) as advance:
-        spectra = run_analyze(ckpt, AnalyzeSettings(), advance)
-    rank_plan = make_plan(spectra, settings)
+    _, artifacts, _ = execute(spec, model, track=_rich_track,
+                              cache_dir=Path(cache_dir) if cache_dir else default_cache_dir())
+    rank_plan = artifacts["plan"]
     save_plan(rank_plan, Path(plan_out))
     data = rank_plan.to_json()
     if json_out:
@@ -239,12 +289,10 @@ def _run_options(f):
 
 def _run(spec, model, output, cache_dir, no_cache, overwrite, json_out):
     from .pipeline import default_cache_dir, run_pipeline
-    from .summary import summarize
-
     cache = None if no_cache else Path(cache_dir) if cache_dir else default_cache_dir()
     result = run_pipeline(spec, resolve_model(model), output, cache_dir=cache,
                           overwrite=overwrite, track=_rich_track)
-    summary = summarize(result)
+    summary = result.report
     if json_out:
         _emit_json(summary, json_out)
         if json_out == "-":
@@ -274,6 +322,19 @@ def _print_summary(s: dict) -> None:
               f"{dense} matrices kept dense   stages: "
               + ", ".join(f"{st['stage']} {st['seconds']:.1f}s{' (cached)' if st['cached'] else ''}"
                           for st in s["stages"]))
+    if "recovery" in s:
+        r = s["recovery"]
+        out.print(f"[bold]recovery[/] {r['method']}, {r['settings']['steps']} steps: held-out "
+                  f"distillation loss {r['heldout_loss_before']:.4f} -> {r['heldout_loss_after']:.4f}")
+    if "fidelity" in s:
+        f = s["fidelity"]
+        if f["kind"] == "encoder":
+            out.print(f"[bold]fidelity[/] on {f['samples']} held-out texts: cosine to dense "
+                      f"{f['cosine']:.4f} (min {f['cosine_min']:.3f}), kNN@{f['k']} overlap "
+                      f"{f['knn%d_overlap' % f['k']]:.3f}")
+        else:
+            out.print(f"[bold]fidelity[/] on {f['samples']} held-out texts: perplexity "
+                      f"{f['perplexity_dense']:.2f} -> {f['perplexity']:.2f}")
     out.print(f"written to {s['output']}")
 
 
@@ -283,13 +344,29 @@ def _print_summary(s: dict) -> None:
 @policy_options
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False),
               help="Re-apply an (edited) plan JSON instead of a policy.")
-@click.option("--calibration", "calibration_file", is_flag=False, flag_value="", default=None,
-              metavar="[FILE]", help="Data-aware compression on this text (one sample per "
-              "line); without FILE, the calibration text shipped with lowrank.")
-@click.option("--calibration-samples", type=int, help="Calibration lines to use (default 256).")
-@click.option("--max-length", type=int, help="Tokens per calibration sample (default 128).")
-@click.option("--data-method", type=click.Choice(["whiten", "scale"]),
-              help="Data-aware method: whiten (output-optimal, default) or scale (ASVD-style).")
+@calibration_options
+@click.option("--sequential", is_flag=True, help="Recollect each block's calibration statistics "
+              "with upstream layers already factored (needs --calibration).")
+@click.option("--recover", "recover_method", type=click.Choice(["lora", "orthogonal", "factors"]),
+              help="Recover accuracy by distillation from the dense model (needs an HF "
+              "directory): LoRA or orthogonal adapters on the factors, or the factors themselves.")
+@click.option("--recover-steps", type=int, help="Training steps (default 300).")
+@click.option("--recover-lr", type=float, help="Learning rate (default 3e-3 for adapters, 3e-4 for factors).")
+@click.option("--recover-rank", type=int, help="LoRA rank (default 32).")
+@click.option("--recover-alpha", type=float, help="LoRA alpha (default 32).")
+@click.option("--recover-batch-size", type=int, help="Samples per step (default 32).")
+@click.option("--recover-seed", type=int, help="Training seed (default 0).")
+@click.option("--recover-text", type=click.Path(dir_okay=False),
+              help="Training text, one sample per line (default: the bundled calibration text).")
+@click.option("--evaluate", "eval_file", is_flag=False, flag_value="", default=None,
+              metavar="[FILE]", help="Compare with the dense model on held-out text (without "
+              "FILE, the evaluation text shipped with lowrank); written to report.json.")
+@click.option("--export", "export_format", type=click.Choice(["onnx"]),
+              help="Also write OUTPUT/onnx/model.onnx, validated against PyTorch.")
+@click.option("--int8", is_flag=True, help="Also write OUTPUT/onnx-int8/model.onnx (dynamic "
+              "int8 quantization of the export; needs --export onnx).")
+@click.option("--bench", "run_bench", is_flag=True, help="Measure dense vs compressed ONNX "
+              "latency (batch 1, 16 x sequence 16, 128) into the report (needs --export onnx).")
 @click.option("--method", type=click.Choice(["auto", "exact", "randomized"]),
               help="SVD: exact, randomized (torch.svd_lowrank), or auto by size (default).")
 @click.option("--seed", type=int, help="Randomized SVD seed.")
@@ -297,8 +374,11 @@ def _print_summary(s: dict) -> None:
 @click.option("--niter", type=int, help="Randomized SVD power iterations (default 4).")
 @_run_options
 def compress(model, output, plan_file, calibration_file, calibration_samples, max_length,
-             data_method, method, seed, oversample, niter, cache_dir, no_cache, overwrite,
-             json_out, **opts):
+             data_method, sensitivity, sequential, recover_method, recover_steps, recover_lr, recover_rank, recover_alpha,
+             recover_batch_size, recover_seed, recover_text, eval_file, export_format, int8,
+             run_bench, method,
+             seed, oversample,
+             niter, cache_dir, no_cache, overwrite, json_out, **opts):
     """Compress MODEL into the low-rank checkpoint directory OUTPUT.
 
     MODEL is an HF directory, a .safetensors file or index, a .pt/.bin state dict, or
@@ -308,16 +388,33 @@ def compress(model, output, plan_file, calibration_file, calibration_samples, ma
 
     spec = default_pipeline()
     spec.settings["plan"].update(plan_overrides(dict(opts, plan_file=plan_file)))
-    spec.settings["factorize"].update({k: v for k, v in dict(
-        method=method, seed=seed, oversample=oversample, niter=niter).items() if v is not None})
-    calibration = {k: v for k, v in dict(samples=calibration_samples, max_length=max_length,
-                                         method=data_method).items() if v is not None}
-    if calibration_file is not None:
-        calibration["calibration_file"] = calibration_file or None  # "" = the bundled text
-        spec.stages.insert(0, "calibrate")
-        spec.settings["calibrate"] = calibration
-    elif calibration:
-        raise click.UsageError("--calibration-samples/--max-length/--data-method need --calibration")
+    spec.settings["factorize"].update(_given(method=method, seed=seed, oversample=oversample,
+                                             niter=niter))
+    add_data_stages(spec, calibration_file, calibration_samples, max_length, data_method,
+                    sensitivity)
+    if sequential:
+        if calibration_file is None:
+            raise click.UsageError("--sequential needs --calibration")
+        spec.settings["factorize"]["sequential"] = True
+    recover = _given(steps=recover_steps, lr=recover_lr, rank=recover_rank, alpha=recover_alpha,
+                     batch_size=recover_batch_size, seed=recover_seed,
+                     calibration_file=recover_text)
+    if recover_method:
+        spec.stages.append("recover")
+        spec.settings["recover"] = {"method": recover_method, **recover}
+    elif recover:
+        raise click.UsageError("--recover-* options need --recover")
+    if (int8 or run_bench) and not export_format:
+        raise click.UsageError("--int8 and --bench need --export onnx")
+    if export_format:
+        spec.stages.append("export")
+    if int8:
+        spec.stages.append("int8")
+    if eval_file is not None:  # after int8: evaluates the int8 model too
+        spec.stages.append("evaluate")
+        spec.settings["evaluate"] = _given(eval_file=eval_file or None)
+    if run_bench:
+        spec.stages.append("bench")
     _run(spec, model, output, cache_dir, no_cache, overwrite, json_out)
 
 
@@ -335,3 +432,122 @@ def run(pipeline_file, model, output, cache_dir, no_cache, overwrite, json_out):
     if not model or not output:
         raise click.UsageError("give --model and --output, or set them in the pipeline file")
     _run(spec, model, output, cache_dir, no_cache, overwrite, json_out)
+
+
+# ------------------------------------------------------------------------------------------
+@main.command("export")
+@click.argument("model")
+@click.argument("outdir", type=click.Path(file_okay=False))
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Validation atol.")
+@click.option("--rtol", type=float, default=1e-3, show_default=True, help="Validation rtol.")
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUTDIR.")
+@json_option
+def export_command(model, outdir, atol, rtol, opset, overwrite, json_out):
+    """Export MODEL (an HF directory or a lowrank output) to OUTDIR/model.onnx and validate it
+    against PyTorch on three random inputs; exit 4 when they differ beyond atol/rtol."""
+    from .checkpoint import atomic_directory, check_output_path, write_json
+    from .export import ExportSettings, export_onnx, load_for_export
+
+    source = Path(resolve_model(model))
+    outdir = Path(outdir)
+    check_output_path(outdir, [source], overwrite)
+    network = load_for_export(source)
+    with atomic_directory(outdir) as tmp, _rich_track("export", 1) as advance:
+        result = export_onnx(network, tmp / "model.onnx", ExportSettings(opset, atol, rtol))
+        advance("validated")
+        data = {k: v for k, v in result.to_json().items() if k != "path"}
+        data["path"] = str(outdir / "model.onnx")
+        write_json(tmp / "export.json", data)
+    if json_out:
+        _emit_json(data, json_out)
+        if json_out == "-":
+            return
+    for v in data["validation"]:
+        out.print(f"input {v['shape'][0]}x{v['shape'][1]}: max abs diff {v['max_abs_diff']:.2e}, "
+                  f"{v['within_tolerance']:.2%} within atol={atol}/rtol={rtol}")
+    out.print(f"{data['factors']['factors']} factors in the graph; {_fmt_bytes(data['bytes'])} "
+              f"written to {data['path']}")
+
+
+# ------------------------------------------------------------------------------------------
+@main.command("bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--batch", "batches", type=int, multiple=True, help="Batch sizes (default 1, 16).")
+@click.option("--seq", "sequences", type=int, multiple=True, help="Sequence lengths (default 16, 128).")
+@click.option("--runs", type=int, default=30, show_default=True, help="Timed runs per round.")
+@click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs per process.")
+@click.option("--rounds", type=int, default=3, show_default=True,
+              help="Processes per model and point, alternating between models.")
+@click.option("--threads", type=int, default=2, show_default=True, help="intra-op threads.")
+@json_option
+def bench_command(models, batches, sequences, runs, warmup, rounds, threads, json_out):
+    """Latency of one or more ONNX MODELS on onnxruntime CPU; the first is the baseline."""
+    from .bench import BenchSettings, bench
+    from .report import LATENCY_HEAD, latency_rows
+
+    settings = BenchSettings(tuple(batches) or (1, 16), tuple(sequences) or (16, 128), runs,
+                             warmup, rounds, threads)
+    names = {}
+    for path in models:
+        name = Path(path).parent.name + "/" + Path(path).name if len(models) > 1 else Path(path).name
+        names[name if name not in names else path] = Path(path)
+    grid = len(settings.batches) * len(settings.sequences)
+    with _rich_track("bench", grid) as advance:
+        result = bench(names, settings, advance)
+    if json_out:
+        _emit_json(result, json_out)
+        if json_out == "-":
+            return
+    table = Table(title=f"Latency: {result['machine']['cpu']}, {threads} threads")
+    for col in LATENCY_HEAD:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for row in latency_rows({"latency": result}):
+        table.add_row(*row)
+    out.print(table)
+
+
+# ------------------------------------------------------------------------------------------
+@main.command("gate")
+@click.argument("report_path", metavar="REPORT", type=click.Path(dir_okay=False))
+@click.option("--min-cosine", type=float, help="Held-out cosine to dense at least this.")
+@click.option("--min-knn", type=float, help="kNN@10 overlap at least this.")
+@click.option("--max-param-ratio", type=float, help="Kept fraction of parameters at most this.")
+@click.option("--min-speedup", type=float, help="ONNX speedup over dense at every measured point.")
+@click.option("--max-perplexity-ratio", type=float, help="Perplexity at most this x dense.")
+@click.option("--max-int8-size-ratio", type=float, help="int8 file at most this x the fp32 file.")
+@click.option("--goal", "goals", multiple=True, metavar="METRIC:TYPE:VALUE",
+              help="Any goal, e.g. latency_p50_ms:percent-min-improvement:20 (repeatable).")
+@click.option("--allow-missing", is_flag=True, help="Skip goals whose metric was not measured.")
+@json_option
+def gate_command(report_path, min_cosine, min_knn, max_param_ratio, min_speedup,
+                 max_perplexity_ratio, max_int8_size_ratio, goals, allow_missing, json_out):
+    """Check REPORT (a report.json) against goals: exit 0 when all pass, 5 when one fails,
+    3 when the report is missing or corrupt or a metric was not measured."""
+    from .gate import Goal, check, describe, raise_if_failed, read_report
+
+    parsed = [Goal(m, "threshold", v) for m, v in (
+        ("cosine", min_cosine), ("knn10", min_knn), ("param_ratio", max_param_ratio),
+        ("speedup", min_speedup), ("int8_size_ratio", max_int8_size_ratio)) if v is not None]
+    if max_perplexity_ratio is not None:
+        parsed.append(Goal("perplexity", "percent-max-degradation",
+                           100 * (max_perplexity_ratio - 1)))
+    for text in goals:
+        metric, _, rest = text.partition(":")
+        kind, _, value = rest.rpartition(":")
+        try:
+            parsed.append(Goal(metric, kind, float(value)))
+        except ValueError as e:
+            raise click.UsageError(f"--goal {text}: expected METRIC:TYPE:VALUE") from e
+    if not parsed:
+        raise click.UsageError("give at least one goal (--min-cosine, --goal, ...)")
+    report = read_report(Path(report_path))
+    results = check(report, parsed, allow_missing)
+    if json_out:
+        _emit_json(results, json_out)
+    if json_out != "-":
+        for result in results:
+            out.print(escape(describe(result)), highlight=False)
+    raise_if_failed(results)
+    if json_out != "-":
+        out.print(f"gate passed: {len(results)} checks")

@@ -25,3 +25,7 @@ class GateFailed(LowrankError):
     """A quality/size/latency gate was missed: the model got worse, the tool did not fail (exit 5)."""
 
     exit_code = 5
+
+    def __init__(self, message: str, results: list[dict] | None = None):
+        super().__init__(message)
+        self.results = results or []  # one entry per check, for printing

@@ -8,6 +8,7 @@ by ``<module>.A`` (out × r) and ``<module>.B`` (r × in·prod(kernel)); √Σ i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -33,6 +34,9 @@ class FactorizeSettings:
     oversample: int = 10  # randomized: extra sketch columns beyond the rank
     niter: int = 4  # randomized: power iterations (more = closer to exact, slower)
     seed: int = 0
+    # With calibration: recollect each layer group's statistics on the model with upstream
+    # layers already factored (lowrank.sequential); one forward pass per transformer block.
+    sequential: bool = False
 
 
 @dataclass
@@ -56,7 +60,9 @@ class LowRankCheckpoint:
     layers: dict[str, LayerResult]
     params_before: int
     settings: FactorizeSettings
-    metadata: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)  # extra lowrank_config.json keys (recovery)
+    adapters: dict[str, torch.Tensor] = field(default_factory=dict)  # PEFT-layout LoRA tensors
+    adapter_config: dict | None = None
 
     @property
     def params_after(self) -> int:
@@ -148,31 +154,46 @@ def factorize(
     data are factored data-aware (:mod:`lowrank.data_aware`). Tensors are read one at a time,
     so only the (smaller) output is held in memory.
     """
-    tensors: dict[str, torch.Tensor] = {}
-    layers: dict[str, LayerResult] = {}
-    for info in ckpt.infos():
-        name = info.name
-        layer = plan.layers.get(name)
-        tensor = ckpt.get(name)
-        if layer is None or layer.rank is None:
-            tensors[name] = tensor
-            if layer is not None:
-                layers[name] = LayerResult(list(info.shape), None, reason=layer.reason)
-            continue
-        w = matrix_view(tensor)
+    infos = {info.name: info for info in ckpt.infos()}
+
+    def factor(name: str, weighting: Weighting | None):
+        w = matrix_view(ckpt.get(name))
         method = choose_method(*w.shape, settings)
-        weighting = stats.weighting(name, w.shape[1]) if stats is not None else None
+        rank = plan.layers[name].rank
         A, B, energy, err = factorize_matrix(
-            w, layer.rank, method, layer_seed(settings.seed, name), settings.oversample,
+            w, rank, method, layer_seed(settings.seed, name), settings.oversample,
             settings.niter, weighting,
         )
         if weighting is not None:
             method = f"{method}+{weighting.kind}"
-        a_name, b_name = factor_names(name)
-        tensors[a_name], tensors[b_name] = A.to(info.dtype), B.to(info.dtype)
-        layers[name] = LayerResult(list(info.shape), layer.rank, method, energy, err)
+        dtype = infos[name].dtype
         if on_layer:
             on_layer(name)
+        return A.to(dtype), B.to(dtype), LayerResult(list(infos[name].shape), rank, method,
+                                                     energy, err)
+
+    planned = {n: layer.rank for n, layer in plan.layers.items()
+               if layer.rank is not None and n in infos}
+    if stats is not None and settings.sequential:
+        from .sequential import sequential_factors
+
+        done = sequential_factors(ckpt, planned, stats, factor)
+    else:
+        done = {}
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, LayerResult] = {}
+    for name, info in infos.items():
+        layer = plan.layers.get(name)
+        if name not in planned:
+            tensors[name] = ckpt.get(name)
+            if layer is not None:
+                layers[name] = LayerResult(list(info.shape), None, reason=layer.reason)
+            continue
+        if name not in done:
+            cols = math.prod(info.shape[1:])
+            done[name] = factor(name, stats.weighting(name, cols) if stats is not None else None)
+        a_name, b_name = factor_names(name)
+        tensors[a_name], tensors[b_name], layers[name] = done.pop(name)
     return LowRankCheckpoint(tensors, layers, ckpt.num_params(), settings)
 
 

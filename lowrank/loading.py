@@ -70,18 +70,25 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             raise InputError(f"{path}: no config.json, so no architecture to build; pass "
                              f"model=<the dense nn.Module> to lowrank.load")
         model = build_hf_model(path)
-    ranks = {module_name(n): layer["rank"] for n, layer in config["layers"].items()
-             if layer.get("rank") is not None}
-    swap_lowrank_(model, ranks)
+    return instantiate(state, config["layers"], model, str(path))
+
+
+def instantiate(state: dict[str, torch.Tensor], layers: dict, model: nn.Module,
+                source: str = "checkpoint") -> nn.Module:
+    """Swap low-rank modules into the dense ``model`` for ``layers`` (tensor name -> entry with
+    ``rank``) and load the low-rank ``state``."""
+    ranks = {module_name(n): (e["rank"] if isinstance(e, dict) else e.rank)
+             for n, e in layers.items()}
+    swap_lowrank_(model, {n: r for n, r in ranks.items() if r is not None})
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing:
-        raise LowrankError(f"{path}: the checkpoint lacks {len(missing)} tensor(s) the model "
+        raise LowrankError(f"{source}: the checkpoint lacks {len(missing)} tensor(s) the model "
                            f"needs, e.g. {missing[0]!r} (was it made for another architecture?)")
     # Unexpected keys are tolerated as transformers does (e.g. non-persistent position_ids
     # saved by older versions), unless they are factors that found no module.
     stray = [k for k in unexpected if k.endswith((".A", ".B"))]
     if stray:
-        raise LowrankError(f"{path}: factor {stray[0]!r} has no low-rank module to go into")
+        raise LowrankError(f"{source}: factor {stray[0]!r} has no low-rank module to go into")
     return model.eval()
 
 

@@ -16,19 +16,33 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .calibrate import ActivationStats, CalibrateSettings, calibrate
+from .calibrate import (ActivationStats, CalibrateSettings, calibrate, model_batches,
+                        read_calibration, runnable_model)
 from .checkpoint import (Checkpoint, atomic_directory, check_output_path, copy_model_files,
                          open_checkpoint, save_tensors, write_json)
 from .errors import InputError
+from .evaluate import (EvaluateSettings, embed, embed_onnx, evaluate_model, evaluation_texts,
+                       fidelity)
+from .bench import BenchSettings, bench
+from .export import ExportSettings, export_onnx
+from .gate import GateSettings, Goal, check, raise_if_failed
 from .factorize import FactorizeSettings, LayerResult, LowRankCheckpoint, factorize
+from .latency import LatencyTable, machine_key
+from .loading import build_hf_model, dense_model, instantiate
+from .quantize import Int8Settings, quantize_int8
+from .report import build_report, write_report
 from .plan import POLICIES, LayerPlan, PlanSettings, RankPlan, apply_plan, make_plan, read_plan_file
+from .recover import (RecoverSettings, adapter_config, adapter_state, distill, merge_adapters_,
+                      save_adapters)
+from .sensitivity import SensitivitySettings, layer_weights, probe
 from .spectrum import AnalyzeSettings, Spectra, analyze, matrix_infos
 
 # The built-in default; pipelines/default.toml in the repository documents the same pipeline
@@ -55,6 +69,7 @@ def _no_progress(description: str, total: int) -> contextlib.AbstractContextMana
 class Context:
     checkpoint: Checkpoint
     track: Callable[[str, int], contextlib.AbstractContextManager[Advance]] = _no_progress
+    cache_dir: Path | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,6 +86,8 @@ class Stage:
     load: Callable[[Path], Any]  # cache directory -> artifact
     emit: Callable[[Any, Path], None] = lambda artifact, out: None  # into OUTPUT
     uses: tuple[str, ...] = ()  # optional stages: passed as keywords when in the pipeline
+    # Extra cache-key input for results that depend on the machine (latency measurements).
+    machine: Callable[[Any], str | None] = lambda settings: None
 
 
 STAGES: dict[str, Stage] = {}
@@ -127,6 +144,23 @@ register_stage(Stage(
 ))
 
 
+# sensitivity --------------------------------------------------------------------------------
+def _run_sensitivity(ctx: Context, settings: SensitivitySettings, spectra: Spectra,
+                     calibrate=None) -> dict:
+    total = sum(1 for s in spectra.matrices.values() if s.rows * s.cols >= settings.min_numel)
+    with ctx.track("sensitivity", total) as advance:
+        return probe(ctx.checkpoint, spectra, settings, calibrate, advance)
+
+
+register_stage(Stage(
+    "sensitivity", ("analyze",), SensitivitySettings, _run_sensitivity,
+    save=_save_json("sensitivity.json", lambda a: a),
+    load=lambda d: _load_json(d / "sensitivity.json"),
+    emit=_save_json("sensitivity.json", lambda a: a),
+    uses=("calibrate",),
+))
+
+
 # plan ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PlanStageSettings(PlanSettings):
@@ -139,11 +173,22 @@ class PlanStageSettings(PlanSettings):
             raise InputError("a plan file and a rank policy exclude each other; give one")
 
 
-def _run_plan(ctx: Context, settings: PlanStageSettings, spectra: Spectra) -> RankPlan:
+def _run_plan(ctx: Context, settings: PlanStageSettings, spectra: Spectra,
+              sensitivity=None) -> RankPlan:
     if settings.plan_file:
         return apply_plan(read_plan_file(Path(settings.plan_file)), spectra, settings.plan_file)
     policy = {f.name: getattr(settings, f.name) for f in fields(PlanSettings)}
-    return make_plan(spectra, PlanSettings(**policy))
+    weights = layer_weights(sensitivity, spectra) if sensitivity else None
+    latency, matmuls = None, None
+    if settings.latency_tokens:
+        latency = LatencyTable.for_machine(ctx.cache_dir, settings.latency_threads)
+        matmuls = linear_weight_names(ctx.checkpoint)
+    plan = make_plan(spectra, PlanSettings(**policy), weights, latency, matmuls)
+    if latency is not None:
+        latency.save()
+    if weights:
+        plan.policy["sensitivity_weights"] = {n: round(w, 4) for n, w in weights.items()}
+    return plan
 
 
 def _plan_from_json(data: dict) -> RankPlan:
@@ -157,7 +202,22 @@ register_stage(Stage(
     save=_save_json("plan.json", RankPlan.to_json),
     load=lambda d: _plan_from_json(_load_json(d / "plan.json")),
     emit=_save_json("plan.json", RankPlan.to_json),
+    uses=("sensitivity",),
+    machine=lambda settings: (machine_key(settings.latency_threads)
+                              if settings.latency_tokens else None),
 ))
+
+
+def linear_weight_names(ckpt: Checkpoint) -> set[str] | None:
+    """Weights of nn.Linear modules (from the architecture, built on the meta device), or None
+    when the checkpoint has none (raw state dicts)."""
+    if ckpt.model_dir is None:
+        return None
+    import torch
+
+    with torch.device("meta"):
+        model = build_hf_model(ckpt.model_dir)
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 # factorize ----------------------------------------------------------------------------------
@@ -172,6 +232,8 @@ def _save_lowrank(artifact: LowRankCheckpoint, d: Path) -> None:
 
     save_tensors(d / "model.safetensors", artifact.tensors, {"lowrank_version": __version__})
     write_json(d / "lowrank_config.json", artifact.lowrank_config())
+    if artifact.adapter_config is not None:
+        save_adapters(artifact.adapters, artifact.adapter_config, d / "adapters")
 
 
 def _load_lowrank(d: Path) -> LowRankCheckpoint:
@@ -180,8 +242,13 @@ def _load_lowrank(d: Path) -> LowRankCheckpoint:
     config = _load_json(d / "lowrank_config.json")
     layers = {n: LayerResult(**{k: v for k, v in e.items() if k != "module"})
               for n, e in config["layers"].items()}
-    return LowRankCheckpoint(load_file(str(d / "model.safetensors")), layers,
-                             config["params"]["before"], FactorizeSettings(**config["factorize"]))
+    artifact = LowRankCheckpoint(load_file(str(d / "model.safetensors")), layers,
+                                 config["params"]["before"], FactorizeSettings(**config["factorize"]),
+                                 {k: config[k] for k in ("recovery",) if k in config})
+    if (d / "adapters").is_dir():
+        artifact.adapters = load_file(str(d / "adapters" / "adapter_model.safetensors"))
+        artifact.adapter_config = _load_json(d / "adapters" / "adapter_config.json")
+    return artifact
 
 
 register_stage(Stage(
@@ -189,6 +256,188 @@ register_stage(Stage(
     save=_save_lowrank, load=_load_lowrank,
     emit=_save_lowrank,
     uses=("calibrate",),
+))
+
+
+# recover ------------------------------------------------------------------------------------
+def _run_recover(ctx: Context, settings: RecoverSettings,
+                 factorize: LowRankCheckpoint) -> LowRankCheckpoint:
+    data = read_calibration(settings.calibration_file, settings.samples)
+    teacher, tokenizer = runnable_model(ctx.checkpoint, need_tokenizer=isinstance(data, list))
+    student = instantiate(dict(factorize.tensors), factorize.layers,
+                          build_hf_model(ctx.checkpoint.model_dir))
+    with ctx.track("recover", settings.steps) as advance:
+        log = distill(student, teacher, tokenizer, data, settings, advance)
+    adapters = adapter_state(student)
+    config = adapter_config(student, settings, str(ctx.checkpoint.path)) if adapters else None
+    state = merge_adapters_(student).state_dict()
+    tensors = {k: state[k].detach().to(t.dtype).contiguous() if k in state else t
+               for k, t in factorize.tensors.items()}
+    return LowRankCheckpoint(tensors, factorize.layers, factorize.params_before,
+                             factorize.settings, {"recovery": log.to_json()}, adapters, config)
+
+
+register_stage(Stage(
+    "recover", ("factorize",), RecoverSettings, _run_recover,
+    save=_save_lowrank, load=_load_lowrank, emit=_save_lowrank,
+))
+
+
+# evaluate -----------------------------------------------------------------------------------
+def _run_evaluate(ctx: Context, settings: EvaluateSettings, factorize: LowRankCheckpoint,
+                  calibrate=None, recover=None, int8=None) -> dict:
+    final = recover or factorize
+    dense, tokenizer = runnable_model(ctx.checkpoint)
+    compressed = instantiate(dict(final.tensors), final.layers,
+                             build_hf_model(ctx.checkpoint.model_dir))
+    seen: set[str] = set()  # never evaluate on text the model was calibrated or trained on
+    if calibrate is not None:
+        data = read_calibration(calibrate.settings.calibration_file, calibrate.settings.samples,
+                                warn=False)
+        seen.update(data if isinstance(data, list) else [])
+    if recover is not None:
+        rs = RecoverSettings(**final.metadata["recovery"]["settings"])
+        data = read_calibration(rs.calibration_file, rs.samples, warn=False)
+        seen.update(data if isinstance(data, list) else [])
+    texts, dropped = evaluation_texts(settings, seen)
+    with ctx.track("evaluate", 2 if int8 else 1) as advance:
+        scores = evaluate_model(dense, compressed, tokenizer, texts, settings)
+        advance("pytorch")
+        if int8 is not None and scores["kind"] == "encoder":
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "model.onnx"
+                path.write_bytes(int8.files["model.onnx"])
+                reference = embed(dense, tokenizer, texts, settings.batch_size, settings.max_length)
+                quantized = embed_onnx(path, tokenizer, texts, settings.batch_size,
+                                       settings.max_length)
+                scores["int8"] = fidelity(reference, quantized, settings.k)
+            advance("int8")
+    return {**scores, "eval_file": settings.eval_file or "<bundled evaluation text>",
+            "dropped_overlapping_lines": dropped}
+
+
+register_stage(Stage(
+    "evaluate", ("factorize",), EvaluateSettings, _run_evaluate,
+    save=_save_json("evaluation.json", lambda a: a),
+    load=lambda d: _load_json(d / "evaluation.json"),
+    uses=("calibrate", "recover", "int8"),
+))
+
+
+# export -------------------------------------------------------------------------------------
+@dataclass
+class ExportArtifact:
+    files: dict[str, bytes]  # model.onnx (+ model.onnx_data for models over 2 GB)
+    result: dict  # ExportResult.to_json() without the path
+
+
+def _run_export(ctx: Context, settings: ExportSettings, factorize: LowRankCheckpoint,
+                recover=None) -> ExportArtifact:
+    final = recover or factorize
+    if ctx.checkpoint.model_dir is None:
+        raise InputError(f"{ctx.checkpoint.path}: ONNX export needs an architecture: give an HF "
+                         f"model directory (config.json)")
+    model = instantiate(dict(final.tensors), final.layers, build_hf_model(ctx.checkpoint.model_dir))
+    with tempfile.TemporaryDirectory(prefix="lowrank-onnx-") as tmp, \
+            ctx.track("export", 1) as advance:
+        result = export_onnx(model, Path(tmp) / "model.onnx", settings)
+        advance("validated")
+        files = {f.name: f.read_bytes() for f in Path(tmp).iterdir()}
+    return ExportArtifact(files, {k: v for k, v in result.to_json().items() if k != "path"})
+
+
+def _save_export(artifact: ExportArtifact, d: Path) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    for name, data in artifact.files.items():
+        (d / name).write_bytes(data)
+    write_json(d / "export.json", artifact.result)
+
+
+def _load_export(d: Path) -> ExportArtifact:
+    return ExportArtifact({f.name: f.read_bytes() for f in d.iterdir() if f.name != "export.json"},
+                          _load_json(d / "export.json"))
+
+
+register_stage(Stage(
+    "export", ("factorize",), ExportSettings, _run_export,
+    save=_save_export,
+    load=_load_export,
+    emit=lambda artifact, out: _save_export(artifact, out / "onnx"),
+    uses=("recover",),
+))
+
+
+# int8 ---------------------------------------------------------------------------------------
+def _int8_feeds(ctx: Context, settings: Int8Settings, calibrate) -> list[dict] | None:
+    """Static int8: the calibration text (the calibrate stage's, or the bundled) as numpy feeds."""
+    if settings.format != "static":
+        return None
+    source = calibrate.settings.calibration_file if calibrate is not None else None
+    data = read_calibration(source, settings.samples, warn=False)
+    _, tokenizer = runnable_model(ctx.checkpoint, need_tokenizer=isinstance(data, list))
+    return [{k: v.numpy() for k, v in inputs.items()}
+            for inputs, _ in model_batches(data, tokenizer, 8, 128)]
+
+
+def _run_int8(ctx: Context, settings: Int8Settings, export: ExportArtifact,
+              calibrate=None) -> ExportArtifact:
+    with tempfile.TemporaryDirectory(prefix="lowrank-int8-") as tmp, \
+            ctx.track("int8", 1) as advance:
+        source = Path(tmp) / "model.onnx"
+        for name, data in export.files.items():
+            (Path(tmp) / name).write_bytes(data)
+        target = Path(tmp) / "int8.onnx"
+        info = quantize_int8(source, target, settings, _int8_feeds(ctx, settings, calibrate))
+        advance("quantized")
+        return ExportArtifact({"model.onnx": target.read_bytes()}, info)
+
+
+register_stage(Stage(
+    "int8", ("export",), Int8Settings, _run_int8,
+    save=_save_export, load=_load_export,
+    emit=lambda artifact, out: _save_export(artifact, out / "onnx-int8"),
+    uses=("calibrate",),
+))
+
+
+# bench --------------------------------------------------------------------------------------
+def _run_bench(ctx: Context, settings: BenchSettings, export: ExportArtifact,
+               int8=None) -> dict:
+    """Dense vs compressed ONNX (and their int8 versions when the pipeline quantizes)."""
+    dense = dense_model(ctx.checkpoint)
+    grid = len(settings.batches) * len(settings.sequences)
+    with tempfile.TemporaryDirectory(prefix="lowrank-bench-") as tmp:
+        tmp = Path(tmp)
+        models = {"dense": tmp / "dense.onnx", "compressed": tmp / "compressed.onnx"}
+        export_onnx(dense, models["dense"], ExportSettings())
+        models["compressed"].write_bytes(export.files["model.onnx"])
+        if int8 is not None:
+            models["dense-int8"], models["compressed-int8"] = tmp / "dense-int8.onnx", tmp / "c8.onnx"
+            same = Int8Settings(**{k: int8.result[k] for k in ("format", "per_channel",
+                                                               "reduce_range")})
+            quantize_int8(models["dense"], models["dense-int8"], same,
+                          _int8_feeds(ctx, same, None))
+            models["compressed-int8"].write_bytes(int8.files["model.onnx"])
+        sizes = {name: path.stat().st_size for name, path in models.items()}
+        with ctx.track("bench", grid) as advance:
+            result = bench(models, settings, advance)
+    result["models"] = {name: {"bytes": size} for name, size in sizes.items()}
+    return result
+
+
+register_stage(Stage(
+    "bench", ("export",), BenchSettings, _run_bench,
+    save=_save_json("bench.json", lambda a: a), load=lambda d: _load_json(d / "bench.json"),
+    uses=("int8",),
+))
+
+
+# gate ---------------------------------------------------------------------------------------
+# Checked by run_pipeline on the finished report; the stage only validates the goals early.
+register_stage(Stage(
+    "gate", (), GateSettings, lambda ctx, settings: settings.parsed(),
+    save=lambda goals, d: write_json(d / "goals.json", [asdict(g) for g in goals]),
+    load=lambda d: [Goal(**g) for g in _load_json(d / "goals.json")],
 ))
 
 
@@ -324,6 +573,7 @@ class RunResult:
     checkpoint: Checkpoint
     artifacts: dict[str, Any]
     manifest: dict
+    report: dict  # report.json
 
 
 def _versions() -> dict:
@@ -338,6 +588,63 @@ def _versions() -> dict:
         except PackageNotFoundError:
             pass
     return found
+
+
+def execute(
+    spec: PipelineSpec,
+    model: str | Path,
+    *,
+    cache_dir: Path | None = None,
+    track: Callable[[str, int], contextlib.AbstractContextManager[Advance]] = _no_progress,
+) -> tuple[Checkpoint, dict[str, Any], dict]:
+    """Run ``spec``'s stages on checkpoint ``model`` without writing an output directory.
+
+    Returns:
+        ``(checkpoint, artifacts by stage name, manifest)``.
+    """
+    ckpt = open_checkpoint(model)
+    settings = {name: make_settings(spec, STAGES[name]) for name in spec.stages}
+    for i, name in enumerate(spec.stages):
+        before = spec.stages[:i]
+        missing = [n for n in STAGES[name].needs if n not in before]
+        late = [n for n in STAGES[name].uses if n in spec.stages[i:]]
+        if missing or late:
+            raise InputError(f"{spec.source}: stage {name} needs {', '.join(missing + late)} "
+                             f"before it")
+
+    cache = Cache(cache_dir)
+    inputs = [{"file": str(f), "bytes": f.stat().st_size, "sha256": file_sha256(f, cache.memo)}
+              for f in ckpt.files]
+    model_digest = _digest([i["sha256"] for i in inputs])
+    ctx = Context(ckpt, track, cache_dir)
+    artifacts, keys, stage_records = {}, {}, []
+    from . import __version__
+
+    for name in spec.stages:
+        stage, stage_settings = STAGES[name], settings[name]
+        used = [n for n in stage.uses if n in artifacts]
+        file_digests = {k: file_sha256(Path(v)) for k, v in asdict(stage_settings).items()
+                        if k.endswith("_file") and v}
+        keys[name] = _digest({"stage": name, "lowrank": __version__, "model": model_digest,
+                              "settings": asdict(stage_settings), "files": file_digests,
+                              "machine": stage.machine(stage_settings),
+                              "upstream": [keys[n] for n in (*stage.needs, *used)]})
+        start = time.perf_counter()
+        artifact = cache.get(stage, keys[name])
+        cached = artifact is not None
+        if not cached:
+            artifact = stage.run(ctx, stage_settings, *[artifacts[n] for n in stage.needs],
+                                 **{n: artifacts[n] for n in used})
+            cache.put(stage, keys[name], artifact)
+        artifacts[name] = artifact
+        stage_records.append({"stage": name, "key": keys[name], "cached": cached,
+                              "seconds": round(time.perf_counter() - start, 3),
+                              "settings": asdict(stage_settings)})
+    cache.save_memo()
+    manifest = {"format": "lowrank.manifest", "version": 1, "versions": _versions(),
+                "pipeline": spec.source, "input": {"path": str(ckpt.path), "files": inputs},
+                "stages": stage_records}
+    return ckpt, artifacts, manifest
 
 
 def run_pipeline(
@@ -360,55 +667,27 @@ def run_pipeline(
         track: progress factory ``(description, total) -> context manager of advance(name)``.
 
     Returns:
-        :class:`RunResult` with each stage's artifact and the manifest written to OUTPUT.
+        :class:`RunResult` with each stage's artifact, the manifest and the report written to
+        OUTPUT.
     """
-    ckpt = open_checkpoint(model)
     output = Path(output)
-    check_output_path(output, [ckpt.path, *ckpt.files], overwrite)
-    settings = {name: make_settings(spec, STAGES[name]) for name in spec.stages}
-    for i, name in enumerate(spec.stages):
-        before = spec.stages[:i]
-        missing = [n for n in STAGES[name].needs if n not in before]
-        late = [n for n in STAGES[name].uses if n in spec.stages[i:]]
-        if missing or late:
-            raise InputError(f"{spec.source}: stage {name} needs {', '.join(missing + late)} "
-                             f"before it")
-
-    cache = Cache(cache_dir)
-    inputs = [{"file": str(f), "bytes": f.stat().st_size, "sha256": file_sha256(f, cache.memo)}
-              for f in ckpt.files]
-    model_digest = _digest([i["sha256"] for i in inputs])
-    ctx = Context(ckpt, track)
-    artifacts, keys, stage_records = {}, {}, []
-    from . import __version__
-
-    for name in spec.stages:
-        stage, stage_settings = STAGES[name], settings[name]
-        used = [n for n in stage.uses if n in artifacts]
-        file_digests = {k: file_sha256(Path(v)) for k, v in asdict(stage_settings).items()
-                        if k.endswith("_file") and v}
-        keys[name] = _digest({"stage": name, "lowrank": __version__, "model": model_digest,
-                              "settings": asdict(stage_settings), "files": file_digests,
-                              "upstream": [keys[n] for n in (*stage.needs, *used)]})
-        start = time.perf_counter()
-        artifact = cache.get(stage, keys[name])
-        cached = artifact is not None
-        if not cached:
-            artifact = stage.run(ctx, stage_settings, *[artifacts[n] for n in stage.needs],
-                                 **{n: artifacts[n] for n in used})
-            cache.put(stage, keys[name], artifact)
-        artifacts[name] = artifact
-        stage_records.append({"stage": name, "key": keys[name], "cached": cached,
-                              "seconds": round(time.perf_counter() - start, 3),
-                              "settings": asdict(stage_settings)})
-    cache.save_memo()
-
-    manifest = {"format": "lowrank.manifest", "version": 1, "versions": _versions(),
-                "pipeline": spec.source, "input": {"path": str(ckpt.path), "files": inputs},
-                "stages": stage_records}
+    probe = open_checkpoint(model)  # refuse a bad OUTPUT before any work
+    check_output_path(output, [probe.path, *probe.files], overwrite)
+    ckpt, artifacts, manifest = execute(spec, model, cache_dir=cache_dir, track=track)
     with atomic_directory(output) as tmp:
         copy_model_files(ckpt.model_dir, tmp)
         for name in spec.stages:
             STAGES[name].emit(artifacts[name], tmp)
         write_json(tmp / "manifest.json", manifest)
-    return RunResult(output, ckpt, artifacts, manifest)
+        report = build_report(ckpt, artifacts, manifest, tmp, output)
+        if "gate" in artifacts:
+            report["gate"] = check(report, artifacts["gate"], settings_of(spec, "gate").allow_missing)
+        write_report(report, artifacts, tmp)
+    result = RunResult(output, ckpt, artifacts, manifest, report)
+    # OUTPUT is written either way: its report says why a gate failed.
+    raise_if_failed(report.get("gate", []), f"; see {output}/report.md", attach=True)
+    return result
+
+
+def settings_of(spec: PipelineSpec, name: str):
+    return make_settings(spec, STAGES[name])

@@ -33,6 +33,10 @@ class PlanSettings:
     min_numel: int = 4096  # smaller matrices stay dense: nothing worth saving
     include: tuple[str, ...] = ()  # glob patterns on tensor names; empty = all
     exclude: tuple[str, ...] = ()
+    # Keep a Linear dense when its factors are not faster than dense on this CPU at every one
+    # of these token counts (batch × sequence), by a cached microbenchmark (lowrank.latency).
+    latency_tokens: tuple[int, ...] = ()
+    latency_threads: int = 2
 
     def __post_init__(self):
         chosen = [p for p in POLICIES if getattr(self, p) is not None]
@@ -135,47 +139,81 @@ def _guarded(rank: int | None, s: Spectrum, settings: PlanSettings, why: str) ->
     return LayerPlan(shape, rank, energy=s.energy_at(rank))
 
 
-def make_plan(spectra: Spectra, settings: PlanSettings) -> RankPlan:
+def make_plan(spectra: Spectra, settings: PlanSettings,
+              weights: dict[str, float] | None = None, latency=None,
+              matmul_names: set[str] | None = None) -> RankPlan:
     """Choose a rank (or dense) for every matrix of ``spectra`` under ``settings``' policy.
+
+    ``weights`` (tensor name -> factor, default 1) scale each layer's energy in the global
+    ``param_ratio`` allocation; :func:`lowrank.sensitivity.layer_weights` measures them.
+    With ``settings.latency_tokens`` and a :class:`~lowrank.latency.LatencyTable`, every factored
+    matrix in ``matmul_names`` (Linear weights; default: names without "embed") whose factors
+    are not faster than dense on this CPU stays dense, and a budget is re-allocated without it.
 
     Example:
         >>> plan = make_plan(spectra, PlanSettings(param_ratio=0.6))  # doctest: +SKIP
         >>> plan.params_after / plan.total_params  # doctest: +SKIP
         0.5996
     """
-    layers: dict[str, LayerPlan] = {}
-    candidates: dict[str, Spectrum] = {}
-    for name, s in spectra.matrices.items():
-        reason = _candidate_reason(name, s, settings)
-        if reason:
-            layers[name] = LayerPlan(list(s.shape), None, reason)
-        else:
-            candidates[name] = s
-    if settings.param_ratio is not None:
-        layers.update(_allocate_budget(spectra, candidates, layers, settings))
-    else:
-        for name, s in candidates.items():
-            if settings.energy is not None:
-                rank, why = s.rank_for_energy(settings.energy), f"{settings.energy:.0%} energy"
-            elif settings.rank is not None:
-                rank, why = min(settings.rank, s.rows, s.cols), "rank"
-            else:
-                rank, why = math.ceil(settings.rank_fraction * min(s.rows, s.cols)), "rank"
-            if rank is not None:
-                rank = _round_rank(rank, s, settings.multiple)
-            layers[name] = _guarded(rank, s, settings, why)
+    slow: dict[str, str] = {}  # matrices the latency check keeps dense, with the reason
+    for _ in range(10):  # each pass can only add to `slow`; a budget settles in a few
+        layers = _plan_layers(spectra, settings, weights or {}, slow)
+        if not settings.latency_tokens or latency is None:
+            break
+        newly = {}
+        for name, layer in layers.items():
+            if layer.rank is None or name in slow:
+                continue
+            if matmul_names is not None and name not in matmul_names:
+                continue
+            if matmul_names is None and "embed" in name:
+                continue
+            s = spectra.matrices[name]
+            pays, why = latency.pays(s.rows, s.cols, layer.rank, tuple(settings.latency_tokens))
+            if not pays:
+                newly[name] = why
+        if not newly:
+            break
+        slow.update(newly)
     ordered = {name: layers[name] for name in spectra.matrices}
     policy = {k: v for k, v in asdict(settings).items() if v is not None and v != ()}
     return RankPlan(ordered, spectra.total_params, policy)
 
 
-def _ranks_at(threshold: float, candidates: dict[str, Spectrum], settings: PlanSettings):
-    """Each candidate keeps the singular values whose normalized energy per parameter
-    (σ² / ‖W‖² / (m + n)) is at least ``threshold``; None = dense (past the guard)."""
+def _plan_layers(spectra: Spectra, settings: PlanSettings, weights: dict[str, float],
+                 forced_dense: dict[str, str]) -> dict[str, LayerPlan]:
+    layers: dict[str, LayerPlan] = {}
+    candidates: dict[str, Spectrum] = {}
+    for name, s in spectra.matrices.items():
+        reason = forced_dense.get(name) or _candidate_reason(name, s, settings)
+        if reason:
+            layers[name] = LayerPlan(list(s.shape), None, reason)
+        else:
+            candidates[name] = s
+    if settings.param_ratio is not None:
+        layers.update(_allocate_budget(spectra, candidates, layers, settings, weights))
+        return layers
+    for name, s in candidates.items():
+        if settings.energy is not None:
+            rank, why = s.rank_for_energy(settings.energy), f"{settings.energy:.0%} energy"
+        elif settings.rank is not None:
+            rank, why = min(settings.rank, s.rows, s.cols), "rank"
+        else:
+            rank, why = math.ceil(settings.rank_fraction * min(s.rows, s.cols)), "rank"
+        if rank is not None:
+            rank = _round_rank(rank, s, settings.multiple)
+        layers[name] = _guarded(rank, s, settings, why)
+    return layers
+
+
+def _ranks_at(threshold: float, candidates: dict[str, Spectrum], settings: PlanSettings,
+              weights: dict[str, float]):
+    """Each candidate keeps the singular values whose weighted normalized energy per parameter
+    (w · σ² / ‖W‖² / (m + n)) is at least ``threshold``; None = dense (past the guard)."""
     ranks = {}
     for name, s in candidates.items():
-        cost, total = s.rows + s.cols, s.total_energy or 1.0
-        r = sum(1 for v in s.singular_values if v * v / total / cost >= threshold)
+        cost = (s.rows + s.cols) * (s.total_energy or 1.0) / weights.get(name, 1.0)
+        r = sum(1 for v in s.singular_values if v * v / cost >= threshold)
         r = _round_rank(max(r, 1), s, settings.multiple)
         ranks[name] = None if r >= settings.guard * s.break_even else r
     return ranks
@@ -188,34 +226,36 @@ def _params(ranks: dict, candidates: dict[str, Spectrum]) -> int:
     )
 
 
-def _allocate_budget(spectra, candidates, fixed_layers, settings) -> dict[str, LayerPlan]:
+def _allocate_budget(spectra, candidates, fixed_layers, settings, weights) -> dict[str, LayerPlan]:
     """Meet ``param_ratio`` of the whole checkpoint, losing the least normalized spectral energy
     per parameter saved: bisect a global threshold, then spend the leftover budget greedily."""
     fixed = spectra.total_params - sum(s.rows * s.cols for s in candidates.values())
     budget = settings.param_ratio * spectra.total_params - fixed
-    smallest = _params(_ranks_at(math.inf, candidates, settings), candidates)
+    smallest = _params(_ranks_at(math.inf, candidates, settings, weights), candidates)
     if budget < smallest:
         raise LowrankError(
             f"param-ratio {settings.param_ratio} is out of reach: even rank {settings.multiple} "
             f"everywhere keeps {(fixed + smallest) / spectra.total_params:.1%} of the parameters "
             f"(exclude fewer layers or lower the guard)"
         )
-    lo, hi = 1e-30, 1.0  # threshold hi keeps the fewest values, lo keeps them all
+    # Threshold hi keeps the fewest values, lo keeps them all.
+    lo, hi = 1e-30, max(1.0, *weights.values()) if weights else 1.0
     for _ in range(200):
         mid = math.sqrt(lo * hi)
-        if _params(_ranks_at(mid, candidates, settings), candidates) <= budget:
+        if _params(_ranks_at(mid, candidates, settings, weights), candidates) <= budget:
             hi = mid
         else:
             lo = mid
-    ranks = _ranks_at(hi, candidates, settings)
-    _fill_leftover(ranks, candidates, settings, budget - _params(ranks, candidates))
+    ranks = _ranks_at(hi, candidates, settings, weights)
+    _fill_leftover(ranks, candidates, settings, budget - _params(ranks, candidates), weights)
     return {n: _guarded(ranks[n], s, settings, "budget") if ranks[n] is not None
             else LayerPlan(list(s.shape), None,
                            "budget allows dense: its rank would pass the break-even guard")
             for n, s in candidates.items()}
 
 
-def _fill_leftover(ranks: dict, candidates: dict[str, Spectrum], settings, leftover: float):
+def _fill_leftover(ranks: dict, candidates: dict[str, Spectrum], settings, leftover: float,
+                   weights: dict[str, float]):
     """Rank steps are discrete, so bisection stops short of the budget; spend the rest on the
     next singular values with the most energy per parameter."""
     step = settings.multiple
@@ -228,7 +268,8 @@ def _fill_leftover(ranks: dict, candidates: dict[str, Spectrum], settings, lefto
             cost = step * (s.rows + s.cols)
             if cost > leftover or r + step > len(s.singular_values):
                 continue
-            gain = sum(v * v for v in s.singular_values[r:r + step]) / (s.total_energy or 1.0)
+            gain = (weights.get(name, 1.0) * sum(v * v for v in s.singular_values[r:r + step])
+                    / (s.total_energy or 1.0))
             if gain / cost > best_value:
                 best, best_value = name, gain / cost
         if best is None:
@@ -248,12 +289,9 @@ def save_plan(plan: RankPlan, path: Path) -> None:
 
 
 def read_plan_file(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError as e:
-        raise InputError(f"{path}: no such plan file") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not a plan file ({str(e).splitlines()[0]})") from e
+    from .checkpoint import read_json_file
+
+    data = read_json_file(path, "plan file")
     if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
         raise InputError(f"{path}: not a plan file (no \"layers\" object)")
     return data

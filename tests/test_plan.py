@@ -106,3 +106,35 @@ def test_reapplied_plan_errors(spectra):
     wrong_shape["layers"]["a.weight"]["shape"] = [10, 10]
     with pytest.raises(InputError, match="another model"):
         apply_plan(wrong_shape, spectra)
+
+
+class FakeLatency:
+    """Factoring pays for every shape except fc1's (96 x 64): a planner test with no timing."""
+
+    def pays(self, rows, cols, rank, tokens):
+        return (rows, cols) != (96, 64), "factored is not faster on this CPU"
+
+
+def test_latency_check_keeps_slow_layers_dense_and_reallocates(toy_checkpoint):
+    from lowrank import analyze, open_checkpoint
+
+    spectra = analyze(open_checkpoint(toy_checkpoint))
+    fixed = make_plan(spectra, PlanSettings(rank=4, latency_tokens=(16,)), latency=FakeLatency())
+    assert fixed.layers["fc1.weight"].rank is None
+    assert "not faster" in fixed.layers["fc1.weight"].reason
+    assert fixed.layers["conv.weight"].rank == 4
+    budget = make_plan(spectra, PlanSettings(param_ratio=0.7, latency_tokens=(16,)),
+                       latency=FakeLatency())
+    assert budget.layers["fc1.weight"].rank is None
+    assert abs(budget.params_after / spectra.total_params - 0.7) < 0.01  # others gave more
+
+
+def test_latency_table_measures_once_per_machine(tmp_path):
+    from lowrank.latency import LatencyTable
+
+    table = LatencyTable.for_machine(tmp_path, threads=1)
+    dense, factored = table.ms(64, 64, None, 8), table.ms(64, 64, 4, 8)
+    assert dense > 0 and factored > 0 and table.measured == 2
+    table.save()
+    again = LatencyTable.for_machine(tmp_path, threads=1)
+    assert again.ms(64, 64, None, 8) == dense and again.measured == 0

@@ -1,0 +1,185 @@
+"""ONNX export of a dense or low-rank HF model, validated against PyTorch.
+
+The graph computes each factored layer as two MatMuls, x·Bᵀ then ·Aᵀ — never a folded A·B
+(onnxruntime would keep the folded dense weight; see DESIGN.md) — and :func:`check_factors`
+proves it by finding every factor among the saved initializers. Encoders follow Optimum's names:
+inputs ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model takes it), output
+``last_hidden_state``; causal LMs output ``logits``; dynamic axes ``batch_size`` and
+``sequence_length``. Models over 2 GB are saved with external data (``model.onnx_data``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import InputError, ValidationError
+
+TWO_GB = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    opset: int = 17
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    # Validation inputs: (batch, sequence) pairs of random token ids.
+    shapes: tuple[tuple[int, int], ...] = ((1, 8), (2, 16), (4, 33))
+    seed: int = 0
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    inputs: list[str]
+    outputs: list[str]
+    validation: list[dict] = field(default_factory=list)  # per input shape
+    factors: dict = field(default_factory=dict)  # check_factors' result
+    bytes: int = 0
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+class _Wrapper(nn.Module):
+    """Named tensor inputs in, one named tensor out (what onnxruntime users feed and read)."""
+
+    def __init__(self, model: nn.Module, inputs: list[str], output: str):
+        super().__init__()
+        self.model, self.inputs, self.output = model, inputs, output
+
+    def forward(self, *args):
+        return getattr(self.model(**dict(zip(self.inputs, args))), self.output)
+
+
+def model_io(model: nn.Module) -> tuple[list[str], str]:
+    params = inspect.signature(model.forward).parameters
+    inputs = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in params]
+    from .evaluate import is_causal_lm
+
+    return inputs, "logits" if is_causal_lm(model) else "last_hidden_state"
+
+
+def _example(inputs: list[str], batch: int, seq: int, vocab: int, generator) -> list[torch.Tensor]:
+    tensors = []
+    for name in inputs:
+        if name == "input_ids":
+            tensors.append(torch.randint(0, vocab, (batch, seq), generator=generator))
+        elif name == "attention_mask":
+            mask = torch.ones(batch, seq, dtype=torch.long)
+            mask[1:, seq // 2:] = 0  # padded rows exercise the mask
+            tensors.append(mask)
+        else:
+            tensors.append(torch.zeros(batch, seq, dtype=torch.long))
+    return tensors
+
+
+def export_onnx(model: nn.Module, path: Path, settings: ExportSettings = ExportSettings()) -> ExportResult:
+    """Write ``model`` to ``path`` (ONNX), validate it with onnxruntime, check the factors.
+
+    Raises:
+        ValidationError: onnxruntime's outputs differ from PyTorch's beyond atol/rtol on any
+            validation input, or a factor is missing from the graph.
+    """
+    import onnx
+
+    model = model.eval()
+    inputs, output = model_io(model)
+    wrapper = _Wrapper(model, inputs, output).eval()  # export restores this mode: keep eval
+    vocab = model.config.vocab_size if hasattr(model, "config") else 100
+    generator = torch.Generator().manual_seed(settings.seed)
+    example = tuple(_example(inputs, 2, 8, vocab, generator))
+    axes = {n: {0: "batch_size", 1: "sequence_length"} for n in (*inputs, output)}
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter, not user-facing
+        torch.onnx.export(wrapper, example, str(path), input_names=inputs, output_names=[output],
+                          dynamic_axes=axes, opset_version=settings.opset, dynamo=False,
+                          # keep initializer names, so check_factors can find every factor
+                          do_constant_folding=False)
+    if n_bytes > TWO_GB:  # protobuf's limit: move the weights next to the graph
+        proto = onnx.load(str(path))
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + "_data")
+    result = ExportResult(path, inputs, [output])
+    result.factors = check_factors(model, path)
+    result.validation = validate(wrapper, path, inputs, vocab, settings)
+    result.bytes = sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
+    failed = [v for v in result.validation if not v["ok"]]
+    if failed:
+        v = failed[0]
+        raise ValidationError(
+            f"{path}: onnxruntime differs from PyTorch on input {v['shape']}: max abs diff "
+            f"{v['max_abs_diff']:.3g}, {v['within_tolerance']:.4%} of elements within "
+            f"atol={settings.atol}/rtol={settings.rtol}")
+    return result
+
+
+def check_factors(model: nn.Module, path: Path) -> dict:
+    """Every low-rank factor used by the graph must be an initializer of its own, so onnxruntime
+    multiplies by B then A. The export keeps parameter names (no exporter constant folding), so
+    a module whose factors are both absent was pruned as unused by the output (e.g. BERT's
+    pooler for ``last_hidden_state``); one factor without the other means A·B was folded."""
+    import onnx
+
+    from .recover import lowrank_modules
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    names = {i.name.removeprefix("model.") for i in graph.initializer}
+    found, unused = 0, []
+    for name, module in lowrank_modules(model).items():
+        present = [f"{name}.{f}" in names for f in ("A", "B")]
+        if all(present):
+            found += 2
+        elif not any(present):
+            unused.append(name)
+        else:
+            raise ValidationError(f"{path}: only one factor of {name} is in the graph (was A·B "
+                                  f"folded into one weight?)")
+    if found == 0 and unused:
+        raise ValidationError(f"{path}: no low-rank factor is in the graph")
+    return {"factors": found, "unused_modules": unused}
+
+
+def validate(wrapper: nn.Module, path: Path, inputs: list[str], vocab: int,
+             settings: ExportSettings) -> list[dict]:
+    """Max abs diff and share of elements within tolerance, per random input shape."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 0, 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+    results = []
+    for batch, seq in settings.shapes:
+        feed = _example(inputs, batch, seq, vocab, generator)
+        with torch.no_grad():
+            expected = wrapper(*feed).float().numpy()
+        got = session.run(None, {n: t.numpy() for n, t in zip(inputs, feed)})[0]
+        close = np.isclose(got, expected, atol=settings.atol, rtol=settings.rtol)
+        diff = float(np.abs(got - expected).max()) if got.size else 0.0
+        results.append({"shape": [batch, seq], "max_abs_diff": diff,
+                        "within_tolerance": float(close.mean()), "ok": bool(close.all())})
+    return results
+
+
+def load_for_export(path: Path) -> nn.Module:
+    """A lowrank output directory (low-rank layers in place) or a dense HF model directory."""
+    from .loading import load, load_dense
+
+    path = Path(path)
+    if (path / "lowrank_config.json").is_file():
+        return load(path)
+    if (path / "config.json").is_file():
+        return load_dense(path)
+    raise InputError(f"{path}: export needs an HF model directory or a lowrank output "
+                     f"(config.json not found)")

@@ -1,0 +1,205 @@
+"""Recovery by distillation, the evaluate stage, sequential statistics and the sensitivity probe,
+on small randomly initialized HF models (quality claims are in benchmarks/quality.py)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+import lowrank
+from lowrank.calibrate import read_calibration_text
+from lowrank.loading import load_dense
+from lowrank.recover import (BlockRotation, RecoverSettings, adapter_state, distill,
+                             lowrank_modules, merge_adapters_)
+
+
+def compress(model_dir, tmp_path, stages=(), name="out", **settings):
+    spec = lowrank.default_pipeline()
+    spec.stages = ["calibrate", *spec.stages, *stages]
+    spec.settings["calibrate"] = {"samples": 64}
+    spec.settings["plan"] = {"rank": 8}
+    for stage, values in settings.items():
+        spec.settings.setdefault(stage, {}).update(values)
+    return lowrank.run_pipeline(spec, model_dir, tmp_path / name, cache_dir=tmp_path / "cache")
+
+
+@pytest.fixture(scope="module")
+def factored(tiny_bert_dir, tmp_path_factory):
+    return compress(tiny_bert_dir, tmp_path_factory.mktemp("factored"))
+
+
+@pytest.mark.parametrize("method", ["lora", "orthogonal", "factors"])
+def test_recovery_lowers_the_loss_and_merging_keeps_ranks(tiny_bert_dir, factored, method):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    teacher = load_dense(tiny_bert_dir)
+    student = lowrank.load(factored.output)
+    texts = read_calibration_text(None, 256)
+    log = distill(student, teacher, tokenizer, texts,
+                  RecoverSettings(method=method, steps=40, batch_size=16, lr=1e-2 if method != "factors" else 3e-3))
+    assert log.heldout_after < 0.9 * log.heldout_before
+    batch = tokenizer(texts[:8], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        adapted = student(**batch).last_hidden_state
+    if method == "orthogonal":
+        for module in lowrank_modules(student).values():
+            rotation = module.parametrizations.B[0]
+            assert isinstance(rotation, BlockRotation)
+            r = rotation.rotation()
+            assert torch.allclose(r.T @ r, torch.eye(r.shape[0]), atol=1e-5)
+    merge_adapters_(student)
+    with torch.no_grad():
+        merged = student(**batch).last_hidden_state
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-4)  # merging is exact
+    for module in lowrank_modules(student).values():
+        assert isinstance(module.A, torch.nn.Parameter) and module.A.shape[1] == 8
+        assert module.B.shape[0] == 8  # the planned rank, unchanged
+
+
+def test_lora_adapters_use_peft_layout(tiny_bert_dir, factored):
+    student = lowrank.load(factored.output)
+    settings = RecoverSettings(method="lora", rank=4, alpha=8, steps=2, samples=64)
+    distill(student, load_dense(tiny_bert_dir), AutoTokenizer.from_pretrained(tiny_bert_dir),
+            read_calibration_text(None, 64), settings)
+    state = adapter_state(student)
+    key = "base_model.model.encoder.layer.0.attention.self.query.B"
+    assert state[f"{key}.lora_A.weight"].shape == (4, 64)  # (q, in) of B viewed as in -> r
+    assert state[f"{key}.lora_B.weight"].shape == (8, 4)  # (r, q)
+    assert len(state) == 4 * len(lowrank_modules(student))
+
+
+def test_compress_with_recovery_and_evaluation_writes_report(tiny_bert_dir, tmp_path):
+    result = compress(tiny_bert_dir, tmp_path, stages=("recover", "evaluate"),
+                      recover={"method": "lora", "steps": 5, "samples": 64, "rank": 4},
+                      evaluate={"samples": 100})
+    out = result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["format"] == "lowrank.report" and report["version"] == 1
+    assert report["recovery"]["method"] == "lora"
+    assert report["fidelity"]["kind"] == "encoder" and 0 < report["fidelity"]["cosine"] <= 1
+    assert report["fidelity"]["samples"] == 100
+    config = json.loads((out / "adapters" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    adapters = load_file(str(out / "adapters" / "adapter_model.safetensors"))
+    assert {k.rsplit(".lora_", 1)[0].removeprefix("base_model.model.") for k in adapters} \
+        == set(config["target_modules"])
+    # The recovered factors replaced the plain ones, at the same ranks.
+    model = lowrank.load(out)
+    assert all(m.rank == 8 for m in lowrank_modules(model).values())
+    # A rerun reuses every stage from the cache.
+    again = compress(tiny_bert_dir, tmp_path, stages=("recover", "evaluate"), name="again",
+                     recover={"method": "lora", "steps": 5, "samples": 64, "rank": 4},
+                     evaluate={"samples": 100})
+    assert all(st["cached"] for st in again.manifest["stages"])
+    assert again.report["fidelity"] == report["fidelity"]
+
+
+def test_evaluation_never_uses_calibration_text(tiny_bert_dir, tmp_path):
+    text = tmp_path / "text.txt"
+    lines = read_calibration_text(None, 300)
+    text.write_text("\n".join(lines) + "\n")
+    result = compress(tiny_bert_dir, tmp_path, stages=("evaluate",),
+                      calibrate={"calibration_file": str(text), "samples": 200},
+                      evaluate={"eval_file": str(text)})
+    fidelity = result.report["fidelity"]
+    assert fidelity["dropped_overlapping_lines"] >= 200
+    assert fidelity["samples"] == len(set(lines) - set(lines[:200])) or fidelity["samples"] <= 100
+    with pytest.raises(lowrank.InputError, match="evaluation lines left"):
+        compress(tiny_bert_dir, tmp_path, stages=("evaluate",), name="all-seen",
+                 calibrate={"calibration_file": str(text), "samples": 300},
+                 evaluate={"eval_file": str(text)})
+
+
+def test_causal_lm_recovers_on_logits_and_reports_perplexity(tiny_llama_dir, tmp_path):
+    result = compress(tiny_llama_dir, tmp_path, stages=("recover", "evaluate"),
+                      recover={"method": "factors", "steps": 12, "samples": 64, "lr": 3e-3,
+                               "batch_size": 8},
+                      evaluate={"samples": 32, "batch_size": 8})
+    recovery, fidelity = result.report["recovery"], result.report["fidelity"]
+    assert recovery["heldout_loss_after"] < recovery["heldout_loss_before"]
+    assert fidelity["kind"] == "causal-lm"
+    assert fidelity["perplexity"] > 1 and fidelity["perplexity_dense"] > 1
+
+
+def test_sequential_groups_follow_execution_order(tiny_bert_dir):
+    from lowrank.sequential import execution_groups
+
+    model = load_dense(tiny_bert_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    names = [n for n, p in model.named_parameters() if p.dim() == 2]
+    inputs = dict(tokenizer(["a test sentence"], return_tensors="pt"))
+    groups = execution_groups(model, inputs, list(reversed(names)))
+    firsts = [g[0] for g in groups]
+    assert firsts[0].startswith("embeddings.")
+    layer0 = next(g for g in groups if g[0].startswith("encoder.layer.0."))
+    assert [n.split(".")[-2] for n in layer0[:3]] == ["query", "key", "value"]
+    assert groups.index(layer0) < next(i for i, g in enumerate(groups)
+                                       if g[0].startswith("encoder.layer.1."))
+
+
+def test_sequential_statistics_change_only_downstream_factors(tiny_bert_dir, tmp_path):
+    plain = compress(tiny_bert_dir, tmp_path, name="plain").artifacts["factorize"].tensors
+    seq = compress(tiny_bert_dir, tmp_path, name="seq",
+                   factorize={"sequential": True}).artifacts["factorize"].tensors
+    first = "embeddings.word_embeddings.A"  # group 0 sees the dense model's inputs either way
+    assert torch.equal(plain[first], seq[first])
+    later = "encoder.layer.1.output.dense.B"
+    assert not torch.allclose(plain[later], seq[later])
+
+
+def test_sensitivity_probe_is_cached_and_steers_the_plan(tiny_bert_dir, tmp_path):
+    from lowrank.sensitivity import layer_weights
+
+    first = _run_with_sensitivity(tiny_bert_dir, tmp_path, "s1")
+    second = _run_with_sensitivity(tiny_bert_dir, tmp_path, "s2")
+    probe = first.artifacts["sensitivity"]
+    assert probe and all(len(losses) == 2 for losses in probe.values())
+    # A larger rank loses less, layer by layer.
+    for losses in probe.values():
+        small, large = sorted(losses, key=int)
+        assert losses[large] <= losses[small] + 1e-6
+    assert [st["cached"] for st in second.manifest["stages"] if st["stage"] == "sensitivity"] == [True]
+    weights = layer_weights(probe, first.artifacts["analyze"])
+    assert sorted(weights.values())[len(weights) // 2] == pytest.approx(1.0)
+    assert first.artifacts["plan"].policy["sensitivity_weights"]
+
+
+def _run_with_sensitivity(model_dir, tmp_path, name):
+    spec = lowrank.default_pipeline()
+    spec.stages = ["calibrate", "analyze", "sensitivity", "plan", "factorize"]
+    spec.settings["calibrate"] = {"samples": 64}
+    spec.settings["sensitivity"] = {"samples": 16}
+    spec.settings["plan"] = {"param_ratio": 0.8}
+    return lowrank.run_pipeline(spec, model_dir, tmp_path / name, cache_dir=tmp_path / "cache")
+
+
+def test_sensitivity_weights_move_rank_to_the_sensitive_layer(tiny_bert_dir):
+    spectra = lowrank.analyze(lowrank.open_checkpoint(tiny_bert_dir))
+    settings = lowrank.PlanSettings(param_ratio=0.985, include=("encoder.*",))  # ~half of the encoder
+    base = lowrank.make_plan(spectra, settings)
+    target = next(n for n, layer in base.factored().items() if "encoder" in n)
+    weighted = lowrank.make_plan(spectra, settings, {target: 50.0})
+    assert (weighted.layers[target].rank or 10**9) > base.layers[target].rank
+    assert abs(weighted.params_after - base.params_after) <= 0.01 * spectra.total_params
+
+
+def test_tensor_calibration_for_non_text_inputs(tiny_bert_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    good = tmp_path / "inputs.safetensors"
+    save_file({"input_ids": torch.randint(1000, 2000, (24, 12), generator=g)}, str(good))
+    result = compress(tiny_bert_dir, tmp_path, name="tensors",
+                      calibrate={"calibration_file": str(good), "samples": 24})
+    methods = {e.get("method") for e in result.report["layers"].values() if e["rank"]}
+    assert any(m.endswith("+whiten") for m in methods)
+    bad = tmp_path / "bad.safetensors"
+    save_file({"input_ids": torch.zeros(4, 3, dtype=torch.long),
+               "attention_mask": torch.ones(5, 3, dtype=torch.long)}, str(bad))
+    with pytest.raises(lowrank.InputError, match="same, non-zero first"):
+        compress(tiny_bert_dir, tmp_path, name="bad", calibrate={"calibration_file": str(bad)})
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x80\x02not a pickle")
+    with pytest.raises(lowrank.InputError, match="not a readable tensor file"):
+        compress(tiny_bert_dir, tmp_path, name="garbage", calibrate={"calibration_file": str(garbage)})
