@@ -136,11 +136,18 @@ def main() -> None:
                              "param_ratio": result.report["params"]["ratio"],
                              "cosine": scores["cosine"], "knn10": scores["knn10_overlap"],
                              "compress_s": seconds, "recover_s": recovery.get("seconds"),
+                             "recovery_steps": args.steps if recovery else None,
                              "stages": {st["stage"]: st["seconds"] for st in result.report["stages"]}})
                 print(rows[-1], flush=True)
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    previous = out / "quality-minilm.json"
+    if args.rows and previous.is_file():  # a partial rerun replaces its rows, keeps the others
+        fresh = {(r["target_ratio"], r["method"]): r for r in rows}
+        kept = json.loads(previous.read_text())["rows"]
+        rows = [fresh.pop((r["target_ratio"], r["method"]), r) for r in kept] + list(fresh.values())
+        rows.sort(key=lambda r: -r["target_ratio"])  # stable: row order within a ratio stays
     meta = {"benchmark": "quality-minilm", "date": datetime.date.today().isoformat(),
             "eval_lines": EVAL_LINES, "eval_samples": len(held_out),
             "calibration_lines": [CALIB_START, CALIB_START + args.samples],
@@ -152,14 +159,15 @@ def main() -> None:
           f"Evaluation: {len(held_out)} lines of {EVAL_LINES[0]}–{EVAL_LINES[1]} of "
           f"debian_descriptions.txt (lines also present in calibration/training text dropped); "
           f"calibration: lines {CALIB_START}–{CALIB_START + args.samples}; recovery training: lines "
-          f"{TRAIN_START}–{TRAIN_START + args.train_samples}, {args.steps} steps of 32. Cosine: mean "
+          f"{TRAIN_START}–{TRAIN_START + args.train_samples}, batches of 32. Cosine: mean "
           f"cosine of pooled embeddings to dense; kNN@10: neighbour overlap; compress s: all "
           f"stages, recovery included. {meta['date']}, lowrank {lowrank.__version__}, "
           f"{meta['threads']} threads.", "",
-          "| params kept | method | allocation | cosine | kNN@10 | compress s |",
-          "|---:|---|---|---:|---:|---:|"]
-    md += [f"| {r['param_ratio']:.1%} | {r['method']} | {r['allocation']} | {r['cosine']:.3f} | "
-           f"{r['knn10']:.3f} | {r['compress_s']:.1f} |" for r in rows]
+          "| params kept | method | allocation | recovery steps | cosine | kNN@10 | compress s |",
+          "|---:|---|---|---:|---:|---:|---:|"]
+    md += [f"| {r['param_ratio']:.1%} | {r['method']} | {r['allocation']} | "
+           f"{r.get('recovery_steps') or ''} | {r['cosine']:.3f} | {r['knn10']:.3f} | "
+           f"{r['compress_s']:.1f} |" for r in rows]
     md += ["", "Rerun: `.venv/bin/python benchmarks/quality.py`", ""]
     (out / "quality-minilm.md").write_text("\n".join(md))
     print("\n".join(md))
