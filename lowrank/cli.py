@@ -79,6 +79,9 @@ def policy_options(f):
         click.option("--rank-fraction", type=float, help="Rank = fraction x min(m, n)."),
         click.option("--param-ratio", type=float,
                      help="Keep this fraction of the whole checkpoint's parameters (default 0.6)."),
+        click.option("--latency-ratio", type=float,
+                     help="Plan for latency: keep this fraction of the Linears' dense matmul time "
+                     "on this CPU (measured, cached per machine; embeddings stay dense)."),
         click.option("--include", multiple=True, help="Only matrices matching this glob (repeatable)."),
         click.option("--exclude", multiple=True, help="Skip matrices matching this glob (repeatable)."),
         click.option("--multiple", type=int, help="Round ranks up to a multiple of this."),
@@ -133,7 +136,7 @@ def _given(**values) -> dict:
     return {k: v for k, v in values.items() if v is not None}
 
 
-POLICY_FLAGS = ("energy", "rank", "rank_fraction", "param_ratio")
+POLICY_FLAGS = ("energy", "rank", "rank_fraction", "param_ratio", "latency_ratio")
 
 
 def plan_overrides(opts: dict) -> dict:
@@ -365,6 +368,9 @@ def _print_summary(s: dict) -> None:
               help="Also write OUTPUT/onnx/model.onnx, validated against PyTorch.")
 @click.option("--int8", is_flag=True, help="Also write OUTPUT/onnx-int8/model.onnx (dynamic "
               "int8 quantization of the export; needs --export onnx).")
+@click.option("--per-channel", is_flag=True, help="int8: one scale per output channel.")
+@click.option("--reduce-range/--no-reduce-range", default=None,
+              help="int8: 7-bit weights (default: on when the CPU lacks VNNI).")
 @click.option("--bench", "run_bench", is_flag=True, help="Measure dense vs compressed ONNX "
               "latency (batch 1, 16 x sequence 16, 128) into the report (needs --export onnx).")
 @click.option("--method", type=click.Choice(["auto", "exact", "randomized"]),
@@ -376,7 +382,7 @@ def _print_summary(s: dict) -> None:
 def compress(model, output, plan_file, calibration_file, calibration_samples, max_length,
              data_method, sensitivity, sequential, recover_method, recover_steps, recover_lr, recover_rank, recover_alpha,
              recover_batch_size, recover_seed, recover_text, eval_file, export_format, int8,
-             run_bench, method,
+             per_channel, reduce_range, run_bench, method,
              seed, oversample,
              niter, cache_dir, no_cache, overwrite, json_out, **opts):
     """Compress MODEL into the low-rank checkpoint directory OUTPUT.
@@ -410,6 +416,9 @@ def compress(model, output, plan_file, calibration_file, calibration_samples, ma
         spec.stages.append("export")
     if int8:
         spec.stages.append("int8")
+        spec.settings["int8"] = _given(per_channel=per_channel or None, reduce_range=reduce_range)
+    elif per_channel or reduce_range is not None:
+        raise click.UsageError("--per-channel/--reduce-range need --int8")
     if eval_file is not None:  # after int8: evaluates the int8 model too
         spec.stages.append("evaluate")
         spec.settings["evaluate"] = _given(eval_file=eval_file or None)

@@ -87,15 +87,6 @@ class LatencyTable:
             self.measured += 1
         return self.timings[key]
 
-    def pays(self, rows: int, cols: int, rank: int, tokens_list: tuple[int, ...]) -> tuple[bool, str]:
-        """Whether rank-``rank`` factors are faster than dense at every token count."""
-        for tokens in tokens_list:
-            dense, factored = self.ms(rows, cols, None, tokens), self.ms(rows, cols, rank, tokens)
-            if factored >= dense:
-                return False, (f"factored is not faster on this CPU: {factored:.3f} ms vs dense "
-                               f"{dense:.3f} ms at {tokens} tokens")
-        return True, ""
-
     def save(self) -> None:
         if self.path is None or not self.measured:
             return

@@ -180,7 +180,7 @@ def _run_plan(ctx: Context, settings: PlanStageSettings, spectra: Spectra,
     policy = {f.name: getattr(settings, f.name) for f in fields(PlanSettings)}
     weights = layer_weights(sensitivity, spectra) if sensitivity else None
     latency, matmuls = None, None
-    if settings.latency_tokens:
+    if settings.latency_tokens or settings.latency_ratio is not None:
         latency = LatencyTable.for_machine(ctx.cache_dir, settings.latency_threads)
         matmuls = linear_weight_names(ctx.checkpoint)
     plan = make_plan(spectra, PlanSettings(**policy), weights, latency, matmuls)
@@ -204,7 +204,7 @@ register_stage(Stage(
     emit=_save_json("plan.json", RankPlan.to_json),
     uses=("sensitivity",),
     machine=lambda settings: (machine_key(settings.latency_threads)
-                              if settings.latency_tokens else None),
+                              if settings.latency_tokens or settings.latency_ratio else None),
 ))
 
 

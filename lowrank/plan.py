@@ -15,7 +15,7 @@ from pathlib import Path
 from .errors import InputError, LowrankError
 from .spectrum import Spectra, Spectrum
 
-POLICIES = ("energy", "rank", "rank_fraction", "param_ratio")
+POLICIES = ("energy", "rank", "rank_fraction", "param_ratio", "latency_ratio")
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,9 @@ class PlanSettings:
     rank: int | None = None  # the same rank for every matrix
     rank_fraction: float | None = None  # rank = ceil(fraction × min(m, n))
     param_ratio: float | None = None  # keep this fraction of the whole checkpoint's parameters
+    # Keep this fraction of the Linears' dense matmul time on this CPU, measured at the largest
+    # of latency_tokens (2048 when empty); other matrices (embeddings) stay dense.
+    latency_ratio: float | None = None
     # Keep a matrix dense when its rank reaches guard × mn/(m+n): near break-even, factoring
     # saves little and costs a second matmul (slower on CPUs, see DESIGN.md).
     guard: float = 0.8
@@ -45,7 +48,7 @@ class PlanSettings:
                 "choose exactly one rank policy: --energy, --rank, --rank-fraction or --param-ratio"
                 + (f" (got {', '.join(chosen)})" if chosen else "")
             )
-        for name in ("energy", "rank_fraction", "param_ratio"):
+        for name in ("energy", "rank_fraction", "param_ratio", "latency_ratio"):
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:
                 raise InputError(f"{name.replace('_', '-')} must be in (0, 1], got {value}")
@@ -157,20 +160,18 @@ def make_plan(spectra: Spectra, settings: PlanSettings,
     """
     slow: dict[str, str] = {}  # matrices the latency check keeps dense, with the reason
     for _ in range(10):  # each pass can only add to `slow`; a budget settles in a few
-        layers = _plan_layers(spectra, settings, weights or {}, slow)
+        layers = _plan_layers(spectra, settings, weights or {}, slow, latency, matmul_names)
         if not settings.latency_tokens or latency is None:
             break
         newly = {}
         for name, layer in layers.items():
             if layer.rank is None or name in slow:
                 continue
-            if matmul_names is not None and name not in matmul_names:
-                continue
-            if matmul_names is None and "embed" in name:
+            if not _is_matmul(name, matmul_names):
                 continue
             s = spectra.matrices[name]
-            pays, why = latency.pays(s.rows, s.cols, layer.rank, tuple(settings.latency_tokens))
-            if not pays:
+            why = _slower_factored(latency, s, layer.rank, settings.latency_tokens)
+            if why:
                 newly[name] = why
         if not newly:
             break
@@ -180,8 +181,24 @@ def make_plan(spectra: Spectra, settings: PlanSettings,
     return RankPlan(ordered, spectra.total_params, policy)
 
 
+def _slower_factored(latency, s: Spectrum, rank: int, tokens_list) -> str | None:
+    """Why rank-``rank`` factors of ``s`` do not pay on this CPU, or None when they are faster
+    than dense at every token count."""
+    for tokens in tokens_list:
+        dense, factored = latency.ms(s.rows, s.cols, None, tokens), latency.ms(s.rows, s.cols, rank, tokens)
+        if factored >= dense:
+            return (f"factored is not faster on this CPU: {factored:.3f} ms vs dense "
+                    f"{dense:.3f} ms at {tokens} tokens")
+    return None
+
+
+def _is_matmul(name: str, matmul_names: set[str] | None) -> bool:
+    return name in matmul_names if matmul_names is not None else "embed" not in name
+
+
 def _plan_layers(spectra: Spectra, settings: PlanSettings, weights: dict[str, float],
-                 forced_dense: dict[str, str]) -> dict[str, LayerPlan]:
+                 forced_dense: dict[str, str], latency=None,
+                 matmul_names: set[str] | None = None) -> dict[str, LayerPlan]:
     layers: dict[str, LayerPlan] = {}
     candidates: dict[str, Spectrum] = {}
     for name, s in spectra.matrices.items():
@@ -191,7 +208,22 @@ def _plan_layers(spectra: Spectra, settings: PlanSettings, weights: dict[str, fl
         else:
             candidates[name] = s
     if settings.param_ratio is not None:
-        layers.update(_allocate_budget(spectra, candidates, layers, settings, weights))
+        costs = {n: Cost(s.rows + s.cols, 0.0, s.rows * s.cols) for n, s in candidates.items()}
+        fixed = spectra.total_params - sum(s.rows * s.cols for s in candidates.values())
+        budget = settings.param_ratio * spectra.total_params - fixed
+        layers.update(_allocate_budget(candidates, costs, budget, settings, weights))
+        return layers
+    if settings.latency_ratio is not None:
+        if latency is None:
+            raise LowrankError("--latency-ratio needs latency measurements (the plan stage "
+                               "takes them; make_plan needs latency=LatencyTable)")
+        matmuls = {n: s for n, s in candidates.items() if _is_matmul(n, matmul_names)}
+        for name in set(candidates) - set(matmuls):
+            layers[name] = LayerPlan(list(candidates[name].shape), None,
+                                     "not a matmul: factoring cannot save time")
+        costs = {n: latency_cost(latency, s, settings) for n, s in matmuls.items()}
+        budget = settings.latency_ratio * sum(c.dense for c in costs.values())
+        layers.update(_allocate_budget(matmuls, costs, budget, settings, weights))
         return layers
     for name, s in candidates.items():
         if settings.energy is not None:
@@ -206,66 +238,87 @@ def _plan_layers(spectra: Spectra, settings: PlanSettings, weights: dict[str, fl
     return layers
 
 
-def _ranks_at(threshold: float, candidates: dict[str, Spectrum], settings: PlanSettings,
-              weights: dict[str, float]):
-    """Each candidate keeps the singular values whose weighted normalized energy per parameter
-    (w · σ² / ‖W‖² / (m + n)) is at least ``threshold``; None = dense (past the guard)."""
+@dataclass(frozen=True)
+class Cost:
+    """What a matrix costs: ``base + unit·r`` factored at rank r, ``dense`` unfactored — in
+    parameters (unit m + n, base 0, dense mn) or in measured milliseconds."""
+
+    unit: float
+    base: float
+    dense: float
+
+    def at(self, rank: int | None) -> float:
+        return self.dense if rank is None else self.base + self.unit * rank
+
+
+def latency_cost(latency, s: Spectrum, settings: PlanSettings) -> Cost:
+    """Milliseconds of matrix ``s`` as a Linear on this CPU: dense, and a line through two
+    factored ranks (¼ and ½ of break-even) — factored time grows linearly with the rank."""
+    tokens = max(settings.latency_tokens or (2048,))
+    r1 = max(1, math.floor(s.break_even / 4))
+    r2 = max(r1 + 1, math.floor(s.break_even / 2))
+    t1, t2 = (latency.ms(s.rows, s.cols, r, tokens) for r in (r1, r2))
+    unit = max((t2 - t1) / (r2 - r1), 1e-9)
+    return Cost(unit, max(t1 - unit * r1, 0.0), latency.ms(s.rows, s.cols, None, tokens))
+
+
+def _ranks_at(threshold: float, candidates: dict[str, Spectrum], costs: dict[str, Cost],
+              settings: PlanSettings, weights: dict[str, float]):
+    """Each candidate keeps the singular values whose weighted normalized energy per unit of
+    cost (w · σ² / ‖W‖² / unit) is at least ``threshold``; None = dense (past the guard)."""
     ranks = {}
     for name, s in candidates.items():
-        cost = (s.rows + s.cols) * (s.total_energy or 1.0) / weights.get(name, 1.0)
-        r = sum(1 for v in s.singular_values if v * v / cost >= threshold)
+        scale = costs[name].unit * (s.total_energy or 1.0) / weights.get(name, 1.0)
+        r = sum(1 for v in s.singular_values if v * v / scale >= threshold)
         r = _round_rank(max(r, 1), s, settings.multiple)
-        ranks[name] = None if r >= settings.guard * s.break_even else r
+        ranks[name] = None if costs[name].at(r) >= settings.guard * costs[name].dense else r
     return ranks
 
 
-def _params(ranks: dict, candidates: dict[str, Spectrum]) -> int:
-    return sum(
-        s.rows * s.cols if ranks[n] is None else ranks[n] * (s.rows + s.cols)
-        for n, s in candidates.items()
-    )
+def _total(ranks: dict, costs: dict[str, Cost]) -> float:
+    return sum(costs[n].at(r) for n, r in ranks.items())
 
 
-def _allocate_budget(spectra, candidates, fixed_layers, settings, weights) -> dict[str, LayerPlan]:
-    """Meet ``param_ratio`` of the whole checkpoint, losing the least normalized spectral energy
-    per parameter saved: bisect a global threshold, then spend the leftover budget greedily."""
-    fixed = spectra.total_params - sum(s.rows * s.cols for s in candidates.values())
-    budget = settings.param_ratio * spectra.total_params - fixed
-    smallest = _params(_ranks_at(math.inf, candidates, settings, weights), candidates)
+def _allocate_budget(candidates, costs, budget, settings, weights) -> dict[str, LayerPlan]:
+    """Meet ``budget`` (parameters or milliseconds of the candidates), losing the least
+    normalized spectral energy per unit of cost saved: bisect a global threshold, then spend
+    the leftover budget greedily."""
+    policy = settings.policy
+    smallest = _total(_ranks_at(math.inf, candidates, costs, settings, weights), costs)
     if budget < smallest:
         raise LowrankError(
-            f"param-ratio {settings.param_ratio} is out of reach: even rank {settings.multiple} "
-            f"everywhere keeps {(fixed + smallest) / spectra.total_params:.1%} of the parameters "
-            f"(exclude fewer layers or lower the guard)"
+            f"{policy.replace('_', '-')} {getattr(settings, policy)} is out of reach: even rank "
+            f"{settings.multiple} everywhere needs more (exclude fewer layers or lower the guard)"
         )
     # Threshold hi keeps the fewest values, lo keeps them all.
-    lo, hi = 1e-30, max(1.0, *weights.values()) if weights else 1.0
+    top = max(1.0, *(1 / c.unit for c in costs.values())) if costs else 1.0
+    lo, hi = 1e-30, top * (max(1.0, *weights.values()) if weights else 1.0)
     for _ in range(200):
         mid = math.sqrt(lo * hi)
-        if _params(_ranks_at(mid, candidates, settings, weights), candidates) <= budget:
+        if _total(_ranks_at(mid, candidates, costs, settings, weights), costs) <= budget:
             hi = mid
         else:
             lo = mid
-    ranks = _ranks_at(hi, candidates, settings, weights)
-    _fill_leftover(ranks, candidates, settings, budget - _params(ranks, candidates), weights)
+    ranks = _ranks_at(hi, candidates, costs, settings, weights)
+    _fill_leftover(ranks, candidates, costs, settings, budget - _total(ranks, costs), weights)
     return {n: _guarded(ranks[n], s, settings, "budget") if ranks[n] is not None
             else LayerPlan(list(s.shape), None,
                            "budget allows dense: its rank would pass the break-even guard")
             for n, s in candidates.items()}
 
 
-def _fill_leftover(ranks: dict, candidates: dict[str, Spectrum], settings, leftover: float,
-                   weights: dict[str, float]):
+def _fill_leftover(ranks: dict, candidates: dict[str, Spectrum], costs: dict[str, Cost],
+                   settings, leftover: float, weights: dict[str, float]):
     """Rank steps are discrete, so bisection stops short of the budget; spend the rest on the
-    next singular values with the most energy per parameter."""
+    next singular values with the most energy per unit of cost."""
     step = settings.multiple
     while True:
         best, best_value = None, -1.0
         for name, s in candidates.items():
             r = ranks[name]
-            if r is None or r + step >= settings.guard * s.break_even:
+            if r is None or costs[name].at(r + step) >= settings.guard * costs[name].dense:
                 continue
-            cost = step * (s.rows + s.cols)
+            cost = step * costs[name].unit
             if cost > leftover or r + step > len(s.singular_values):
                 continue
             gain = (weights.get(name, 1.0) * sum(v * v for v in s.singular_values[r:r + step])
@@ -275,7 +328,7 @@ def _fill_leftover(ranks: dict, candidates: dict[str, Spectrum], settings, lefto
         if best is None:
             return
         ranks[best] += step
-        leftover -= step * (candidates[best].rows + candidates[best].cols)
+        leftover -= step * costs[best].unit
 
 
 # --------------------------------------------------------------------------------------------

@@ -111,8 +111,9 @@ def test_reapplied_plan_errors(spectra):
 class FakeLatency:
     """Factoring pays for every shape except fc1's (96 x 64): a planner test with no timing."""
 
-    def pays(self, rows, cols, rank, tokens):
-        return (rows, cols) != (96, 64), "factored is not faster on this CPU"
+    def ms(self, rows, cols, rank, tokens):
+        slow = (rows, cols) == (96, 64)
+        return 1.0 if rank is None else (2.0 if slow else 0.5)
 
 
 def test_latency_check_keeps_slow_layers_dense_and_reallocates(toy_checkpoint):
@@ -138,3 +139,30 @@ def test_latency_table_measures_once_per_machine(tmp_path):
     table.save()
     again = LatencyTable.for_machine(tmp_path, threads=1)
     assert again.ms(64, 64, None, 8) == dense and again.measured == 0
+
+
+class LinearLatency:
+    """Milliseconds = FLOPs / 1e6 plus a fixed 0.01 ms per MatMul: factoring pays while
+    r(m+n) + 1e4 < mn. Deterministic, so the latency objective can be tested exactly."""
+
+    def ms(self, rows, cols, rank, tokens):
+        flops = rows * cols if rank is None else rank * (rows + cols)
+        return tokens * flops / 1e6 + (0.01 if rank is None else 0.02)
+
+
+def test_latency_objective_meets_the_time_budget(toy_checkpoint):
+    from lowrank import analyze, open_checkpoint
+    from lowrank.plan import latency_cost
+
+    spectra = analyze(open_checkpoint(toy_checkpoint))
+    settings = PlanSettings(latency_ratio=0.6, latency_tokens=(64,))
+    plan = make_plan(spectra, settings, latency=LinearLatency(), matmul_names={"fc1.weight",
+                                                                               "conv.weight"})
+    assert plan.layers["emb.weight"].rank is None and "not a matmul" in plan.layers["emb.weight"].reason
+    costs = {n: latency_cost(LinearLatency(), spectra.matrices[n], settings)
+             for n in ("fc1.weight", "conv.weight")}
+    spent = sum(costs[n].at(plan.layers[n].rank) for n in costs)
+    dense = sum(c.dense for c in costs.values())
+    assert spent <= 0.6 * dense and spent >= 0.55 * dense  # the budget is met and used
+    with pytest.raises(LowrankError, match="needs latency measurements"):
+        make_plan(spectra, settings)
