@@ -2,8 +2,12 @@
 
 For every Linear the input Gram matrix G = Σ x xᵀ over real (non-padding) tokens, in float64,
 streamed over batches, plus Σ|x| for activation-scaling; for every Embedding the count of each
-row looked up. These drive data-aware factorization (:mod:`lowrank.factorize`): truncating
-W G^½ instead of W keeps the layer's *outputs* on this data as well as rank r allows.
+row looked up. A Conv1d/Conv2d's rows are its input patches (unfolded to in·kernel columns,
+the layout of its factored matrix); an LSTM/GRU/RNN's weight_ih_l{k} sees its layer's inputs
+and weight_hh_l{k} the previous hidden states, traced by re-running the recurrence on the dense
+weights (:func:`lowrank.layers.dense_rnn_forward`; padding is not masked there). These drive
+data-aware factorization (:mod:`lowrank.factorize`): truncating W G^½ instead of W keeps the
+layer's *outputs* on this data as well as rank r allows.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import Checkpoint
 from .errors import InputError
+from .layers import dense_rnn_forward
 
 DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
 
@@ -106,6 +112,13 @@ def read_calibration_text(path: str | Path | None, samples: int, warn: bool = Tr
 
 TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 Samples = list[str] | dict[str, torch.Tensor]  # text lines, or model inputs stacked on dim 0
+# A tensor file's ``labels`` entry (class per sample) is never fed to the model: evaluation
+# scores accuracy with it (lowrank.evaluate.evaluate_tensors).
+LABELS = "labels"
+
+
+def is_tensor_file(path) -> bool:
+    return bool(path) and Path(path).suffix in TENSOR_SUFFIXES
 
 
 def read_calibration_tensors(path: str | Path, samples: int, warn: bool = True) -> dict:
@@ -142,7 +155,7 @@ def read_calibration_tensors(path: str | Path, samples: int, warn: bool = True) 
 
 def read_calibration(path: str | Path | None, samples: int, warn: bool = True) -> Samples:
     """Text lines (the bundled text when None), or input tensors for a tensor file."""
-    if path and Path(path).suffix in TENSOR_SUFFIXES:
+    if is_tensor_file(path):
         return read_calibration_tensors(path, samples, warn)
     return read_calibration_text(path, samples, warn)
 
@@ -155,42 +168,79 @@ def model_batches(data: Samples, tokenizer, batch_size: int, max_length: int):
     """(model keyword inputs, real-token mask or None) per batch of ``data``."""
     for start in range(0, num_samples(data), batch_size):
         if isinstance(data, dict):
-            yield {k: v[start:start + batch_size] for k, v in data.items()}, None
+            yield {k: v[start:start + batch_size] for k, v in data.items() if k != LABELS}, None
         else:
             batch = tokenizer(data[start:start + batch_size], padding=True, truncation=True,
                               max_length=max_length, return_tensors="pt")
             yield dict(batch), batch["attention_mask"].bool()
 
 
-def runnable_model(ckpt: Checkpoint, need_tokenizer: bool = True):
-    """(dense model, tokenizer or None) of a checkpoint, or a clear error saying what is needed."""
+def runnable_model(ckpt: Checkpoint, need_tokenizer: bool = True, factory=None):
+    """(dense model, tokenizer or None) of a checkpoint, or a clear error saying what is needed.
+
+    ``factory`` (:data:`lowrank.loading.ModelFactory`) builds the architecture of a non-HF
+    checkpoint; such a model takes tensor inputs (a .safetensors/.pt calibration file)."""
     from .loading import dense_model
 
-    if ckpt.model_dir is None:
+    if ckpt.model_dir is None and factory is None:
         raise InputError(
             f"{ckpt.path}: calibration, sensitivity, recovery and evaluation run the model, and "
             f"this checkpoint has no architecture: give an HF model directory (config.json + "
-            f"tokenizer)"
+            f"tokenizer) or --model-factory package.module:function"
         )
-    from transformers import AutoTokenizer
-
+    if need_tokenizer and ckpt.model_dir is None:
+        raise InputError(f"{ckpt.path}: text needs a tokenizer (an HF model directory); for this "
+                         f"model give a .safetensors/.pt file of input tensors")
     tokenizer = None
     if need_tokenizer:
+        from transformers import AutoTokenizer
+
         try:
             tokenizer = AutoTokenizer.from_pretrained(ckpt.model_dir, local_files_only=True)
         except (OSError, ValueError) as e:
             raise InputError(f"{ckpt.model_dir}: no usable tokenizer ({str(e).splitlines()[0]}); "
                              f"for a non-text model give --calibration a .safetensors/.pt file "
                              f"of input tensors") from e
-    return dense_model(ckpt).eval(), tokenizer
+    return dense_model(ckpt, factory).eval(), tokenizer
+
+
+def conv_patches(conv: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """(batch, positions, in·kernel): the input patch each output position multiplies, in the
+    column order of the (out, in·kernel) view of the kernel."""
+    one_d = conv.weight.dim() == 3
+    if x.dim() == conv.weight.dim() - 1:  # unbatched
+        x = x.unsqueeze(0)
+    if one_d:  # a 1-D conv is a 2-D one of height 1
+        x = x.unsqueeze(2)
+
+    def pad2(v, fill):  # 1-D settings as the width of a height-1 2-D conv
+        return (fill, v[0]) if one_d else tuple(v)
+
+    kernel, stride, dilation = (pad2(conv.kernel_size, 1), pad2(conv.stride, 1),
+                                pad2(conv.dilation, 1))
+    padding = conv.padding
+    if isinstance(padding, str):  # "valid" or "same" (stride 1): pad explicitly, maybe unevenly
+        padding = (0, 0)
+        if conv.padding == "same":
+            total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            x = F.pad(x, [total[1] // 2, total[1] - total[1] // 2,
+                          total[0] // 2, total[0] - total[0] // 2])
+    else:
+        padding = pad2(padding, 0)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    return cols.transpose(1, 2)
 
 
 class _Recorder:
-    """Forward hooks that accumulate statistics for named Linear and Embedding modules."""
+    """Forward hooks that accumulate statistics for named Linear, Embedding, Conv1d/2d and
+    LSTM/GRU/RNN modules."""
 
     def __init__(self, model: nn.Module, stats: ActivationStats, only: set[str] | None = None):
         self.stats, self.mask, self.handles = stats, None, []
         for fqn, module in model.named_modules():
+            if isinstance(module, nn.RNNBase):
+                self._hook_rnn(fqn, module, only)
+                continue
             name = f"{fqn}.weight" if fqn else "weight"
             if only is not None and name not in only:
                 continue
@@ -198,6 +248,43 @@ class _Recorder:
                 self.handles.append(module.register_forward_pre_hook(self._linear(name)))
             elif isinstance(module, nn.Embedding):
                 self.handles.append(module.register_forward_pre_hook(self._embedding(name, module)))
+            elif isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1 \
+                    and module.padding_mode == "zeros":
+                self.handles.append(module.register_forward_pre_hook(self._conv(name, module)))
+
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        s = self.stats
+        if name in s.grams:
+            s.grams[name] += x.T @ x
+            s.abs_sums[name] += x.abs().sum(0)
+        else:
+            s.grams[name], s.abs_sums[name] = x.T @ x, x.abs().sum(0)
+
+    def _conv(self, name, module):
+        def hook(mod, args):
+            patches = conv_patches(mod, args[0].detach())
+            if self.mask is not None and patches.shape[:2] == self.mask.shape:
+                patches = patches[self.mask]  # a same-padded 1-D conv over tokens
+            self._accumulate(name, patches)
+        return hook
+
+    def _hook_rnn(self, fqn: str, module: nn.RNNBase, only: set[str] | None) -> None:
+        if type(module) not in (nn.LSTM, nn.GRU, nn.RNN) or getattr(module, "proj_size", 0):
+            return
+        prefix = f"{fqn}." if fqn else ""
+
+        def record(weight: str, x: torch.Tensor) -> None:
+            if only is None or prefix + weight in only:
+                self._accumulate(prefix + weight, x.detach())
+
+        def hook(mod, args, kwargs):
+            inputs = list(args) + [kwargs[k] for k in ("input", "hx") if k in kwargs]
+            if not inputs or isinstance(inputs[0], nn.utils.rnn.PackedSequence):
+                return  # packed sequences: no statistics, plain SVD for this module
+            dense_rnn_forward(mod, inputs[0], inputs[1] if len(inputs) > 1 else None, record)
+
+        self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         # Padding tokens are not data: drop them when the leading dims are (batch, seq).
@@ -207,13 +294,7 @@ class _Recorder:
 
     def _linear(self, name):
         def hook(module, args):
-            x = self._rows(args[0].detach()).double()
-            s = self.stats
-            if name in s.grams:
-                s.grams[name] += x.T @ x
-                s.abs_sums[name] += x.abs().sum(0)
-            else:
-                s.grams[name], s.abs_sums[name] = x.T @ x, x.abs().sum(0)
+            self._accumulate(name, self._rows(args[0].detach()))
         return hook
 
     def _embedding(self, name, module):
@@ -254,8 +335,9 @@ def collect_stats(model: nn.Module, tokenizer, data: Samples, settings: Calibrat
 
 
 def calibrate(ckpt: Checkpoint, settings: CalibrateSettings = CalibrateSettings(),
-              on_batch=None) -> ActivationStats:
-    """Activation statistics of ``ckpt``'s dense model on the calibration text (or tensors).
+              on_batch=None, factory=None) -> ActivationStats:
+    """Activation statistics of ``ckpt``'s dense model on the calibration text (or tensors);
+    ``factory`` builds the model of a non-HF checkpoint (see :func:`runnable_model`).
 
     Example:
         >>> stats = calibrate(open_checkpoint("all-MiniLM-L6-v2/"))  # doctest: +SKIP
@@ -263,5 +345,5 @@ def calibrate(ckpt: Checkpoint, settings: CalibrateSettings = CalibrateSettings(
         torch.Size([384, 384])
     """
     data = read_calibration(settings.calibration_file, settings.samples)
-    model, tokenizer = runnable_model(ckpt, need_tokenizer=isinstance(data, list))
+    model, tokenizer = runnable_model(ckpt, need_tokenizer=isinstance(data, list), factory=factory)
     return collect_stats(model, tokenizer, data, settings, on_batch)

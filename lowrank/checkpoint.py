@@ -12,7 +12,9 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import shutil
+import struct
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -137,6 +139,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         _check_index_matches(target, weight_map, ckpt)
     if not ckpt._infos:
         raise InputError(f"{path}: the checkpoint holds no tensors")
+    if ckpt.num_params() == 0:
+        raise InputError(f"{path}: the checkpoint holds only empty tensors (no parameters)")
     return ckpt
 
 
@@ -163,20 +167,21 @@ def _weights_in_dir(directory: Path) -> Path:
 def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
     try:
         data = json.loads(index.read_text())
-        weight_map = data["weight_map"]
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
         ):
-            raise TypeError("weight_map must map tensor names to file names")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise TypeError("needs a \"weight_map\" object mapping tensor names to file names")
+    # ValueError: bad UTF-8 or JSON, or an integer too long to convert; RecursionError: nesting.
+    except (OSError, ValueError, RecursionError, TypeError) as e:
         raise InputError(f"{index}: malformed index ({_first_line(e)})") from e
     shard_names = sorted(set(weight_map.values()))
+    escaping = [s for s in shard_names if Path(s).is_absolute() or ".." in Path(s).parts]
+    if escaping:  # checked first: never look at files outside the checkpoint's directory
+        raise InputError(f"{index}: shard paths must stay inside its directory: {escaping[0]}")
     missing = [s for s in shard_names if not (index.parent / s).is_file()]
     if missing:
         raise InputError(f"{index}: missing shard(s): {', '.join(missing)}")
-    escaping = [s for s in shard_names if Path(s).is_absolute() or ".." in Path(s).parts]
-    if escaping:
-        raise InputError(f"{index}: shard paths must stay inside its directory: {escaping[0]}")
     return [index.parent / s for s in shard_names], weight_map
 
 
@@ -222,6 +227,15 @@ def _safetensors_info(handle, name: str) -> TensorInfo:
     return TensorInfo(name, tuple(sl.get_shape()), dtype)
 
 
+# What torch.load raises on corrupt bytes: its zip reader (RuntimeError, OSError, EOFError,
+# ValueError) and its weights-only pickle parser, which indexes an unchecked stack and memo
+# (IndexError, KeyError, TypeError, AttributeError, AssertionError, struct.error; all found
+# by fuzzing).
+_TORCH_LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile,
+                      IndexError, KeyError, TypeError, AttributeError, AssertionError,
+                      struct.error)
+
+
 def _load_state_dict(file: Path) -> dict[str, torch.Tensor]:
     try:
         try:
@@ -236,7 +250,7 @@ def _load_state_dict(file: Path) -> dict[str, torch.Tensor]:
             f"{file}: refused to unpickle ({reason}); lowrank loads only plain tensors "
             f"(torch.load weights_only=True). Convert the file to safetensors where you trust it"
         ) from e
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+    except _TORCH_LOAD_ERRORS as e:
         raise InputError(f"{file}: not a readable torch checkpoint ({_first_line(e)})") from e
     # Training checkpoints often nest the weights; accept the common wrappers.
     for key in ("state_dict", "model_state_dict", "model"):
@@ -245,7 +259,13 @@ def _load_state_dict(file: Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict):
         raise InputError(f"{file}: expected a state dict (name -> tensor), found {type(obj).__name__}")
-    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    for name, t in tensors.items():  # sparse, meta (no data) and quantized tensors can't be read
+        if t.layout != torch.strided or t.is_meta or t.is_quantized:
+            kind = "meta" if t.is_meta else "quantized" if t.is_quantized else str(t.layout)
+            raise InputError(f"{file}: tensor {name!r} is a {kind} tensor; lowrank reads dense "
+                             f"tensors only")
+    return tensors
 
 
 def _weights_only_reason(e: pickle.UnpicklingError) -> str:
@@ -272,6 +292,15 @@ def check_output_path(output: Path, inputs: list[Path], overwrite: bool = False)
             raise InputError(f"{output}: exists and is not a directory")
         if any(output.iterdir()) and not overwrite:
             raise InputError(f"{output}: exists and is not empty (pass --overwrite to replace it)")
+    # OUTPUT is written as a sibling temporary directory, then renamed: its nearest existing
+    # ancestor must be a writable directory. Refuse now rather than after the work.
+    parent = output.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{output}: cannot create it: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{output}: cannot write in {parent} (permission denied)")
 
 
 @contextlib.contextmanager
@@ -305,8 +334,9 @@ def read_json_file(path: Path, kind: str) -> object:
         return json.loads(Path(path).read_text())
     except FileNotFoundError as e:
         raise InputError(f"{path}: no such {kind}") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not a readable {kind} ({str(e).splitlines()[0]})") from e
+    # ValueError: bad UTF-8 or JSON, or an integer too long to convert; RecursionError: nesting.
+    except (OSError, ValueError, RecursionError) as e:
+        raise InputError(f"{path}: not a readable {kind} ({_first_line(e)})") from e
 
 
 def write_json(path: Path, obj) -> None:
@@ -315,8 +345,22 @@ def write_json(path: Path, obj) -> None:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write safetensors so that the same tensors and metadata always give the same bytes."""
-    ordered = {k: tensors[k].contiguous() for k in sorted(tensors)}
-    save_file(ordered, str(path), metadata={"format": "pt", **metadata})
+    ordered, storages = {}, set()
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        ptr = t.untyped_storage().data_ptr()  # 0 for empty tensors
+        if ptr and ptr in storages:  # tied weights of a .pt/.bin: safetensors refuses shared memory
+            t = t.clone()
+        storages.add(ptr)
+        ordered[k] = t
+    try:
+        save_file(ordered, str(path), metadata={"format": "pt", **metadata})
+    except SafetensorError as e:  # the (Rust) writer reports a failed write (disk full) this way
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        errno_ = int(code.group(1))
+        raise OSError(errno_, os.strerror(errno_), str(path)) from e
     _canonicalize_header(path)
 
 

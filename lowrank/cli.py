@@ -1,6 +1,7 @@
 """``lowrank`` command line: thin click commands over the library, output through rich.
 
-Exit codes: 0 ok, 1 lowrank error, 2 usage, 3 bad input, 4 validation failed, 5 gate failed.
+Exit codes: 0 ok, 1 lowrank error (also a failed read/write: disk full, permission denied),
+2 usage, 3 bad input, 4 validation failed, 5 gate failed. Errors are one line on stderr;
 ``LOWRANK_DEBUG=1`` shows full tracebacks.
 """
 
@@ -69,6 +70,13 @@ def _fmt_bytes(n: int) -> str:
 json_option = click.option(
     "--json", "json_out", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
     help="Write machine-readable JSON to FILE, or to stdout when no FILE is given.")
+
+model_factory_option = click.option(
+    "--model-factory", metavar="MODULE:FUNCTION",
+    help="The architecture of a non-HF checkpoint: a zero-argument function returning the dense "
+    "torch nn.Module (state-dict names as in MODEL), imported from your code (the current "
+    "directory too), e.g. mypkg.models:build. Calibration, recovery, evaluation and export "
+    "then take tensor files.")
 
 
 def policy_options(f):
@@ -164,18 +172,32 @@ class LowrankGroup(click.Group):
 
             for result in getattr(e, "results", []):  # a failed gate: every check, one line each
                 err.print(escape(describe(result)), highlight=False)
-            err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+            err.print(f"[red]error:[/] {escape(_one_line(str(e)))}", highlight=False)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             err.print("interrupted")
             ctx.exit(130)
+        except OSError as e:  # the system refused a read or write: disk full, permission denied
+            if debug:
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            what = e.strerror or str(e) or type(e).__name__
+            err.print(f"[red]error:[/] {escape(_one_line(where + what))}", highlight=False)
+            ctx.exit(1)
         except Exception as e:  # a bug or an unforeseen input: still one line
             if debug:
                 raise
-            first = str(e).splitlines()[0] if str(e) else ""
-            err.print(f"[red]internal error:[/] {escape(type(e).__name__ + ': ' + first)} "
-                      f"(rerun with LOWRANK_DEBUG=1 for the traceback)", highlight=False)
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+            what = escape(_one_line(f"{type(e).__name__}: {first}"))
+            err.print(f"[red]internal error:[/] {what} (rerun with LOWRANK_DEBUG=1 for the "
+                      f"traceback)", highlight=False)
             ctx.exit(1)
+
+
+def _one_line(text: str) -> str:
+    """Escape newlines and other control characters (file or tensor names may hold them), so
+    an error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text.strip())
 
 
 @click.group(cls=LowrankGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -232,6 +254,7 @@ def analyze(model, json_out, exact_max_dim):
 @calibration_options
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Stage cache (default $LOWRANK_CACHE_DIR or ~/.cache/lowrank).")
+@model_factory_option
 @json_option
 def plan(model, plan_out, calibration_file, calibration_samples, max_length, data_method,
          sensitivity, cache_dir, json_out, **opts):
@@ -240,7 +263,9 @@ def plan(model, plan_out, calibration_file, calibration_samples, max_length, dat
     from .pipeline import DEFAULT_SETTINGS, PipelineSpec, default_cache_dir, execute
     from .plan import save_plan
 
-    spec = PipelineSpec(["analyze", "plan"], {"plan": dict(DEFAULT_SETTINGS["plan"])})
+    model_factory = opts.pop("model_factory", None)
+    spec = PipelineSpec(["analyze", "plan"], {"plan": dict(DEFAULT_SETTINGS["plan"])},
+                        model_factory=model_factory)
     spec.settings["plan"].update(plan_overrides(opts))
     add_data_stages(spec, calibration_file, calibration_samples, max_length, data_method,
                     sensitivity)
@@ -296,6 +321,10 @@ def _run(spec, model, output, cache_dir, no_cache, overwrite, json_out):
     result = run_pipeline(spec, resolve_model(model), output, cache_dir=cache,
                           overwrite=overwrite, track=_rich_track)
     summary = result.report
+    for name, e in summary["layers"].items():  # on stderr, with --json too
+        if "NaN" in (e.get("reason") or ""):
+            err.print(f"[yellow]warning:[/] {escape(_one_line(name))} holds NaN/Inf; kept "
+                      f"dense, unchanged", highlight=False)
     if json_out:
         _emit_json(summary, json_out)
         if json_out == "-":
@@ -304,10 +333,6 @@ def _run(spec, model, output, cache_dir, no_cache, overwrite, json_out):
 
 
 def _print_summary(s: dict) -> None:
-    for name, e in s["layers"].items():
-        if "NaN" in (e.get("reason") or ""):
-            err.print(f"[yellow]warning:[/] {escape(name)} holds NaN/Inf; kept dense, unchanged",
-                      highlight=False)
     table = Table(title="Factored layers")
     for col in ("matrix", "shape", "rank", "energy", "rel. error", "method"):
         table.add_column(col, justify="left" if col == "matrix" else "right", overflow="fold")
@@ -335,6 +360,10 @@ def _print_summary(s: dict) -> None:
             out.print(f"[bold]fidelity[/] on {f['samples']} held-out texts: cosine to dense "
                       f"{f['cosine']:.4f} (min {f['cosine_min']:.3f}), kNN@{f['k']} overlap "
                       f"{f['knn%d_overlap' % f['k']]:.3f}")
+        elif f["kind"] in ("classifier", "outputs"):  # tensor inputs: accuracy with labels
+            from .evaluate import describe_tensor_scores
+
+            out.print(f"[bold]fidelity[/] {describe_tensor_scores(f)}")
         else:
             out.print(f"[bold]fidelity[/] on {f['samples']} held-out texts: perplexity "
                       f"{f['perplexity_dense']:.2f} -> {f['perplexity']:.2f}")
@@ -378,6 +407,7 @@ def _print_summary(s: dict) -> None:
 @click.option("--seed", type=int, help="Randomized SVD seed.")
 @click.option("--oversample", type=int, help="Randomized SVD oversampling (default 10).")
 @click.option("--niter", type=int, help="Randomized SVD power iterations (default 4).")
+@model_factory_option
 @_run_options
 def compress(model, output, plan_file, calibration_file, calibration_samples, max_length,
              data_method, sensitivity, sequential, recover_method, recover_steps, recover_lr, recover_rank, recover_alpha,
@@ -393,6 +423,7 @@ def compress(model, output, plan_file, calibration_file, calibration_samples, ma
     from .pipeline import default_pipeline
 
     spec = default_pipeline()
+    spec.model_factory = opts.pop("model_factory", None)
     spec.settings["plan"].update(plan_overrides(dict(opts, plan_file=plan_file)))
     spec.settings["factorize"].update(_given(method=method, seed=seed, oversample=oversample,
                                              niter=niter))
@@ -414,6 +445,8 @@ def compress(model, output, plan_file, calibration_file, calibration_samples, ma
         raise click.UsageError("--int8 and --bench need --export onnx")
     if export_format:
         spec.stages.append("export")
+        if spec.model_factory and calibration_file:  # its tensors are the example inputs
+            spec.settings["export"] = {"inputs_file": calibration_file}
     if int8:
         spec.stages.append("int8")
         spec.settings["int8"] = _given(per_channel=per_channel or None, reduce_range=reduce_range)
@@ -451,19 +484,29 @@ def run(pipeline_file, model, output, cache_dir, no_cache, overwrite, json_out):
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="Validation rtol.")
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUTDIR.")
+@model_factory_option
+@click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False),
+              help="Example inputs for a model that takes tensors (.safetensors/.pt: name -> "
+              "tensor, samples on dim 0); needed with --model-factory.")
 @json_option
-def export_command(model, outdir, atol, rtol, opset, overwrite, json_out):
+def export_command(model, outdir, atol, rtol, opset, overwrite, model_factory, inputs_file,
+                   json_out):
     """Export MODEL (an HF directory or a lowrank output) to OUTDIR/model.onnx and validate it
     against PyTorch on three random inputs; exit 4 when they differ beyond atol/rtol."""
+    from .calibrate import read_calibration_tensors
     from .checkpoint import atomic_directory, check_output_path, write_json
     from .export import ExportSettings, export_onnx, load_for_export
 
     source = Path(resolve_model(model))
     outdir = Path(outdir)
     check_output_path(outdir, [source], overwrite)
-    network = load_for_export(source)
+    if model_factory and not inputs_file:
+        raise click.UsageError("--model-factory needs --inputs FILE (example input tensors)")
+    inputs = read_calibration_tensors(inputs_file, 8, warn=False) if inputs_file else None
+    network = load_for_export(source, model_factory)
     with atomic_directory(outdir) as tmp, _rich_track("export", 1) as advance:
-        result = export_onnx(network, tmp / "model.onnx", ExportSettings(opset, atol, rtol))
+        result = export_onnx(network, tmp / "model.onnx", ExportSettings(opset, atol, rtol),
+                             inputs)
         advance("validated")
         data = {k: v for k, v in result.to_json().items() if k != "path"}
         data["path"] = str(outdir / "model.onnx")
@@ -473,7 +516,7 @@ def export_command(model, outdir, atol, rtol, opset, overwrite, json_out):
         if json_out == "-":
             return
     for v in data["validation"]:
-        out.print(f"input {v['shape'][0]}x{v['shape'][1]}: max abs diff {v['max_abs_diff']:.2e}, "
+        out.print(f"input {'x'.join(map(str, v['shape']))}: max abs diff {v['max_abs_diff']:.2e}, "
                   f"{v['within_tolerance']:.2%} within atol={atol}/rtol={rtol}")
     out.print(f"{data['factors']['factors']} factors in the graph; {_fmt_bytes(data['bytes'])} "
               f"written to {data['path']}")

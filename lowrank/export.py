@@ -6,6 +6,10 @@ proves it by finding every factor among the saved initializers. Encoders follow 
 inputs ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model takes it), output
 ``last_hidden_state``; causal LMs output ``logits``; dynamic axes ``batch_size`` and
 ``sequence_length``. Models over 2 GB are saved with external data (``model.onnx_data``).
+
+Other models (``--model-factory``: CNNs, LSTMs) are exported from example tensor inputs (a
+.safetensors/.pt file, samples on dim 0): inputs keep the file's names, the output is
+``logits`` (or ``output``), only the batch axis is dynamic, and validation runs real samples.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ class ExportSettings:
     # Validation inputs: (batch, sequence) pairs of random token ids.
     shapes: tuple[tuple[int, int], ...] = ((1, 8), (2, 16), (4, 33))
     seed: int = 0
+    # Models that take tensors (--model-factory): example inputs, a .safetensors/.pt file of
+    # name -> tensor (samples on dim 0); `compress --model-factory` sets the --calibration file.
+    inputs_file: str | None = None
 
 
 @dataclass
@@ -56,7 +63,12 @@ class _Wrapper(nn.Module):
         self.model, self.inputs, self.output = model, inputs, output
 
     def forward(self, *args):
-        return getattr(self.model(**dict(zip(self.inputs, args))), self.output)
+        out = self.model(**dict(zip(self.inputs, args)))
+        if isinstance(out, torch.Tensor):
+            return out
+        from .evaluate import output_tensor
+
+        return getattr(out, self.output, None) if hasattr(out, self.output) else output_tensor(out)
 
 
 def model_io(model: nn.Module) -> tuple[list[str], str]:
@@ -81,8 +93,26 @@ def _example(inputs: list[str], batch: int, seq: int, vocab: int, generator) -> 
     return tensors
 
 
-def export_onnx(model: nn.Module, path: Path, settings: ExportSettings = ExportSettings()) -> ExportResult:
+def tensor_feeds(data: dict[str, torch.Tensor]) -> tuple[list[str], list[list[torch.Tensor]]]:
+    """Input names (labels left out) and validation feeds of 1, 2 and 4 samples from ``data``."""
+    from .calibrate import LABELS, num_samples
+
+    names = [k for k in data if k != LABELS]
+    n, feeds, start = num_samples(data), [], 0
+    for size in (1, 2, 4):
+        if start >= n:
+            break
+        feeds.append([data[k][start:start + size] for k in names])
+        start += size
+    return names, feeds
+
+
+def export_onnx(model: nn.Module, path: Path, settings: ExportSettings = ExportSettings(),
+                inputs: dict[str, torch.Tensor] | None = None) -> ExportResult:
     """Write ``model`` to ``path`` (ONNX), validate it with onnxruntime, check the factors.
+
+    ``inputs`` (name -> tensor, samples on dim 0) exports a model that takes tensors, not
+    token ids: traced on two samples, validated on 1, 2 and 4 others.
 
     Raises:
         ValidationError: onnxruntime's outputs differ from PyTorch's beyond atol/rtol on any
@@ -91,12 +121,22 @@ def export_onnx(model: nn.Module, path: Path, settings: ExportSettings = ExportS
     import onnx
 
     model = model.eval()
-    inputs, output = model_io(model)
-    wrapper = _Wrapper(model, inputs, output).eval()  # export restores this mode: keep eval
     vocab = model.config.vocab_size if hasattr(model, "config") else 100
     generator = torch.Generator().manual_seed(settings.seed)
-    example = tuple(_example(inputs, 2, 8, vocab, generator))
-    axes = {n: {0: "batch_size", 1: "sequence_length"} for n in (*inputs, output)}
+    if inputs is None:
+        names, output = model_io(model)
+        example = tuple(_example(names, 2, 8, vocab, generator))
+        axes = {n: {0: "batch_size", 1: "sequence_length"} for n in (*names, output)}
+        feeds = None
+    else:
+        names, feeds = tensor_feeds(inputs)
+        with torch.no_grad():
+            out = model(**{n: inputs[n][:2] for n in names})
+        output = "logits" if isinstance(out, torch.Tensor) or hasattr(out, "logits") else "output"
+        example = tuple(inputs[n][:2] for n in names)
+        axes = {n: {0: "batch_size"} for n in (*names, output)}
+    inputs = names
+    wrapper = _Wrapper(model, inputs, output).eval()  # export restores this mode: keep eval
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
@@ -111,7 +151,7 @@ def export_onnx(model: nn.Module, path: Path, settings: ExportSettings = ExportS
                         location=path.name + "_data")
     result = ExportResult(path, inputs, [output])
     result.factors = check_factors(model, path)
-    result.validation = validate(wrapper, path, inputs, vocab, settings)
+    result.validation = validate(wrapper, path, inputs, vocab, settings, feeds)
     result.bytes = sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
     failed = [v for v in result.validation if not v["ok"]]
     if failed:
@@ -150,8 +190,9 @@ def check_factors(model: nn.Module, path: Path) -> dict:
 
 
 def validate(wrapper: nn.Module, path: Path, inputs: list[str], vocab: int,
-             settings: ExportSettings) -> list[dict]:
-    """Max abs diff and share of elements within tolerance, per random input shape."""
+             settings: ExportSettings, feeds: list[list[torch.Tensor]] | None = None) -> list[dict]:
+    """Max abs diff and share of elements within tolerance, per random input shape (or per
+    given feed: lists of input tensors in the order of ``inputs``)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -160,25 +201,31 @@ def validate(wrapper: nn.Module, path: Path, inputs: list[str], vocab: int,
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(settings.seed + 1)
     results = []
-    for batch, seq in settings.shapes:
-        feed = _example(inputs, batch, seq, vocab, generator)
+    if feeds is None:
+        feeds = [_example(inputs, batch, seq, vocab, generator) for batch, seq in settings.shapes]
+    for feed in feeds:  # shape: (batch, sequence) of token ids, or the first input tensor's
         with torch.no_grad():
             expected = wrapper(*feed).float().numpy()
         got = session.run(None, {n: t.numpy() for n, t in zip(inputs, feed)})[0]
         close = np.isclose(got, expected, atol=settings.atol, rtol=settings.rtol)
         diff = float(np.abs(got - expected).max()) if got.size else 0.0
-        results.append({"shape": [batch, seq], "max_abs_diff": diff,
+        results.append({"shape": list(feed[0].shape), "max_abs_diff": diff,
                         "within_tolerance": float(close.mean()), "ok": bool(close.all())})
     return results
 
 
-def load_for_export(path: Path) -> nn.Module:
-    """A lowrank output directory (low-rank layers in place) or a dense HF model directory."""
-    from .loading import load, load_dense
+def load_for_export(path: Path, factory=None) -> nn.Module:
+    """A lowrank output directory (low-rank layers in place) or a dense HF model directory;
+    with ``factory`` (see :data:`lowrank.loading.ModelFactory`), also any checkpoint of the
+    factory's architecture."""
+    from .checkpoint import open_checkpoint
+    from .loading import dense_model, load, load_dense, make_model
 
     path = Path(path)
     if (path / "lowrank_config.json").is_file():
-        return load(path)
+        return load(path, make_model(factory) if factory is not None else None)
+    if factory is not None:
+        return dense_model(open_checkpoint(path), factory)
     if (path / "config.json").is_file():
         return load_dense(path)
     raise InputError(f"{path}: export needs an HF model directory or a lowrank output "

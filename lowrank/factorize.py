@@ -3,7 +3,13 @@
 Factor convention, used everywhere in lowrank: a weight ``<module>.weight`` of shape
 (out, in, *kernel) is viewed as an out × (in·prod(kernel)) matrix W and replaced in the state dict
 by ``<module>.A`` (out × r) and ``<module>.B`` (r × in·prod(kernel)); √Σ is split into both.
-``<module>.bias`` is unchanged, and a layer computes y = A(Bx) + bias.
+``<module>.bias`` is unchanged, and a layer computes y = A(Bx) + bias. A factored tensor not
+named ``weight`` (the recurrent ``<rnn>.weight_hh_l0`` of an LSTM/GRU/RNN) keeps its full name:
+``<rnn>.weight_hh_l0.A`` and ``<rnn>.weight_hh_l0.B``.
+
+Tied weights (one tensor under two names: an LM head tied to the input embedding) are factored
+once, under the first name; the other name is left out of the output and recorded as
+``tied_to`` in ``lowrank_config.json``, and loading points it at the same factors.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ import torch
 
 from .checkpoint import Checkpoint
 from .data_aware import Weighting, factors_from_svd, weighted
+from .errors import LowrankError
 from .plan import RankPlan
-from .spectrum import layer_seed, matrix_view, randomized_svd
+from .spectrum import layer_seed, matrix_infos, matrix_view, randomized_svd, squared_norm
 
 FORMAT_VERSION = 1
 FACTOR_LAYOUT = (
@@ -47,6 +54,7 @@ class LayerResult:
     energy: float | None = None  # fraction of ‖W‖_F² kept by A·B
     rel_error: float | None = None  # ‖W − A·B‖_F / ‖W‖_F
     reason: str | None = None  # why it stayed dense
+    tied_to: str | None = None  # the tensor this one is tied to (shares its factors or weight)
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None or k == "rank"}
@@ -89,7 +97,8 @@ class LowRankCheckpoint:
 
 
 def module_name(tensor_name: str) -> str:
-    """``encoder.layer.0.query.weight`` -> ``encoder.layer.0.query`` (``weight`` -> ``""``)."""
+    """``encoder.layer.0.query.weight`` -> ``encoder.layer.0.query`` (``weight`` -> ``""``);
+    other names stay whole (``lstm.weight_hh_l0``: its factors are ``lstm.weight_hh_l0.A/B``)."""
     return tensor_name.removesuffix("weight").removesuffix(".")
 
 
@@ -132,13 +141,47 @@ def factorize_matrix(w: torch.Tensor, rank: int, method: str = "exact", seed: in
         A, B = (U * root).contiguous(), (root[:, None] * Vh).contiguous()
     out_dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
     A, B = A.to(out_dtype), B.to(out_dtype)
-    total = target.double().pow(2).sum()
-    w_norm = torch.linalg.matrix_norm(work.double())
-    if total == 0 or w_norm == 0:
+    total, w_sq = squared_norm(target), squared_norm(work)
+    if total == 0 or w_sq == 0:
         return A, B, 1.0, 0.0
-    energy = float(S.double().pow(2).sum() / total)
-    rel_error = float(torch.linalg.matrix_norm(work.double() - A.double() @ B.double()) / w_norm)
-    return A, B, min(energy, 1.0), rel_error
+    energy = float(S.double().pow(2).sum()) / total
+    return A, B, min(energy, 1.0), math.sqrt(residual_norm2(work, A, B) / w_sq)
+
+
+def residual_norm2(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rows: int = 256) -> float:
+    """‖W − A·B‖_F² in float64, a block of rows at a time (bounded memory for big matrices)."""
+    B64 = B.double()
+    return sum(float((w[i:i + rows].double() - A[i:i + rows].double() @ B64).pow(2).sum())
+               for i in range(0, w.shape[0], rows))
+
+
+def find_ties(ckpt: Checkpoint, model=None) -> dict[str, str]:
+    """Matrices of ``ckpt`` that are one weight under two names: {alias: primary}, the primary
+    being the first name in checkpoint order. Found by shared storage (a torch state dict saved
+    with tied parameters) and, given the dense architecture ``model`` (the meta device will do),
+    by the parameters it shares (``tie_word_embeddings``) when both names are in the checkpoint.
+    """
+    names = [i.name for i in matrix_infos(ckpt)]
+    groups: list[list[str]] = []
+    if ckpt.kind == "torch":
+        by_storage: dict[tuple, list[str]] = {}
+        for name in names:
+            t = ckpt.get(name)
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+            by_storage.setdefault(key, []).append(name)
+        groups += list(by_storage.values())
+    if model is not None:
+        by_param: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            by_param.setdefault(id(p), []).append(name)
+        groups += list(by_param.values())
+    order = {n: i for i, n in enumerate(names)}
+    ties: dict[str, str] = {}
+    for group in groups:
+        present = sorted({n for n in group if n in order}, key=order.__getitem__)
+        for alias in present[1:]:
+            ties[alias] = ties.get(present[0], present[0])
+    return ties
 
 
 def factorize(
@@ -147,14 +190,18 @@ def factorize(
     settings: FactorizeSettings = FactorizeSettings(),
     on_layer: Callable[[str], None] | None = None,
     stats=None,
+    ties: dict[str, str] | None = None,
 ) -> LowRankCheckpoint:
     """Replace each planned matrix of ``ckpt`` by its factors; copy every other tensor.
 
     With calibration ``stats`` (:class:`~lowrank.calibrate.ActivationStats`), layers that saw
     data are factored data-aware (:mod:`lowrank.data_aware`). Tensors are read one at a time,
-    so only the (smaller) output is held in memory.
+    so only the (smaller) output is held in memory. ``ties`` ({alias: primary}, see
+    :func:`find_ties`; shared storage is always detected) keeps tied weights tied: the alias
+    is not written and follows its primary (factored once, whatever the plan says of it).
     """
     infos = {info.name: info for info in ckpt.infos()}
+    ties = {**find_ties(ckpt), **(ties or {})}
 
     def factor(name: str, weighting: Weighting | None):
         w = matrix_view(ckpt.get(name))
@@ -173,9 +220,14 @@ def factorize(
                                                      energy, err)
 
     planned = {n: layer.rank for n, layer in plan.layers.items()
-               if layer.rank is not None and n in infos}
+               if layer.rank is not None and n in infos and n not in ties}
     if stats is not None and settings.sequential:
         from .sequential import sequential_factors
+
+        recurrent = [n for n in planned if n != "weight" and not n.endswith(".weight")]
+        if recurrent:
+            raise LowrankError(f"--sequential handles module weights only, not {recurrent[0]} "
+                               f"(leave it out, or drop --sequential)")
 
         done = sequential_factors(ckpt, planned, stats, factor)
     else:
@@ -184,6 +236,12 @@ def factorize(
     layers: dict[str, LayerResult] = {}
     for name, info in infos.items():
         layer = plan.layers.get(name)
+        if name in ties:
+            primary = ties[name]
+            shares = "factors" if primary in planned else "weight"
+            layers[name] = LayerResult(list(info.shape), None, reason=f"tied to {primary} "
+                                       f"(shares its {shares})", tied_to=primary)
+            continue
         if name not in planned:
             tensors[name] = ckpt.get(name)
             if layer is not None:
@@ -211,5 +269,8 @@ def reconstruct_dense(tensors: dict[str, torch.Tensor], config: dict) -> dict[st
         a_name, b_name = factor_names(name)
         A, B = dense.pop(a_name), dense.pop(b_name)
         dense[name] = (A.double() @ B.double()).to(A.dtype).reshape(layer["shape"])
+    for name, layer in config["layers"].items():  # a tied name is the same tensor, as saved
+        if layer.get("tied_to"):
+            dense[name] = dense[layer["tied_to"]]
     return dense
 

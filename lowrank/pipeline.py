@@ -24,17 +24,17 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .calibrate import (ActivationStats, CalibrateSettings, calibrate, model_batches,
-                        read_calibration, runnable_model)
+from .calibrate import (ActivationStats, CalibrateSettings, calibrate, is_tensor_file,
+                        model_batches, read_calibration, runnable_model)
 from .checkpoint import (Checkpoint, atomic_directory, check_output_path, copy_model_files,
                          open_checkpoint, save_tensors, write_json)
 from .errors import InputError
-from .evaluate import (EvaluateSettings, embed, embed_onnx, evaluate_model, evaluation_texts,
-                       fidelity)
+from .evaluate import (EvaluateSettings, embed, embed_onnx, evaluate_model, evaluate_tensors,
+                       evaluation_tensors, evaluation_texts, fidelity)
 from .bench import BenchSettings, bench
 from .export import ExportSettings, export_onnx
 from .gate import GateSettings, Goal, check, raise_if_failed
-from .factorize import FactorizeSettings, LayerResult, LowRankCheckpoint, factorize
+from .factorize import FactorizeSettings, LayerResult, LowRankCheckpoint, factorize, find_ties
 from .latency import LatencyTable, machine_key
 from .loading import build_hf_model, dense_model, instantiate
 from .quantize import Int8Settings, quantize_int8
@@ -70,6 +70,23 @@ class Context:
     checkpoint: Checkpoint
     track: Callable[[str, int], contextlib.AbstractContextManager[Advance]] = _no_progress
     cache_dir: Path | None = None
+    # --model-factory: the architecture of a non-HF checkpoint (lowrank.loading.ModelFactory)
+    model_factory: Any = None
+
+
+def _architecture(ctx: Context):
+    """A fresh dense model to swap factors into: the model factory's, else the HF directory's."""
+    from .loading import architecture
+
+    return architecture(ctx.checkpoint, ctx.model_factory)
+
+
+def _tensor_inputs(*sources: str | None) -> dict | None:
+    """Example inputs from the first tensor file among ``sources`` (None: none is one)."""
+    from .calibrate import read_calibration_tensors
+
+    path = next((s for s in sources if is_tensor_file(s)), None)
+    return read_calibration_tensors(path, 8, warn=False) if path else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,7 +127,7 @@ def _load_json(path: Path) -> dict:
 def _run_calibrate(ctx: Context, settings: CalibrateSettings) -> ActivationStats:
     batches = -(-settings.samples // settings.batch_size)
     with ctx.track("calibrate", batches) as advance:
-        return calibrate(ctx.checkpoint, settings, advance)
+        return calibrate(ctx.checkpoint, settings, advance, ctx.model_factory)
 
 
 def _save_stats(stats: ActivationStats, d: Path) -> None:
@@ -147,6 +164,8 @@ register_stage(Stage(
 # sensitivity --------------------------------------------------------------------------------
 def _run_sensitivity(ctx: Context, settings: SensitivitySettings, spectra: Spectra,
                      calibrate=None) -> dict:
+    if ctx.model_factory is not None:
+        raise InputError("--sensitivity runs HF models only; drop it with --model-factory")
     total = sum(1 for s in spectra.matrices.values() if s.rows * s.cols >= settings.min_numel)
     with ctx.track("sensitivity", total) as advance:
         return probe(ctx.checkpoint, spectra, settings, calibrate, advance)
@@ -223,8 +242,29 @@ def linear_weight_names(ckpt: Checkpoint) -> set[str] | None:
 # factorize ----------------------------------------------------------------------------------
 def _run_factorize(ctx: Context, settings: FactorizeSettings, plan: RankPlan,
                    calibrate=None) -> LowRankCheckpoint:
+    if settings.sequential and ctx.model_factory is not None:
+        raise InputError("--sequential runs HF models only; drop it with --model-factory")
     with ctx.track("factorize", len(plan.factored())) as advance:
-        return factorize(ctx.checkpoint, plan, settings, advance, stats=calibrate)
+        return factorize(ctx.checkpoint, plan, settings, advance, stats=calibrate,
+                         ties=find_ties(ctx.checkpoint, _tie_model(ctx)))
+
+
+def _tie_model(ctx: Context):
+    """The architecture, for the ties it declares (tie_word_embeddings); None when it cannot
+    be built: ties by shared storage are still found, and loading restores the model's own."""
+    import torch
+
+    from .errors import LowrankError
+
+    if ctx.model_factory is not None:
+        return _architecture(ctx)
+    if ctx.checkpoint.model_dir is None:
+        return None
+    try:
+        with torch.device("meta"):
+            return build_hf_model(ctx.checkpoint.model_dir)
+    except (LowrankError, ValueError, KeyError, OSError, ImportError):
+        return None
 
 
 def _save_lowrank(artifact: LowRankCheckpoint, d: Path) -> None:
@@ -263,9 +303,9 @@ register_stage(Stage(
 def _run_recover(ctx: Context, settings: RecoverSettings,
                  factorize: LowRankCheckpoint) -> LowRankCheckpoint:
     data = read_calibration(settings.calibration_file, settings.samples)
-    teacher, tokenizer = runnable_model(ctx.checkpoint, need_tokenizer=isinstance(data, list))
-    student = instantiate(dict(factorize.tensors), factorize.layers,
-                          build_hf_model(ctx.checkpoint.model_dir))
+    teacher, tokenizer = runnable_model(ctx.checkpoint, need_tokenizer=isinstance(data, list),
+                                        factory=ctx.model_factory)
+    student = instantiate(dict(factorize.tensors), factorize.layers, _architecture(ctx))
     with ctx.track("recover", settings.steps) as advance:
         log = distill(student, teacher, tokenizer, data, settings, advance)
     adapters = adapter_state(student)
@@ -287,9 +327,10 @@ register_stage(Stage(
 def _run_evaluate(ctx: Context, settings: EvaluateSettings, factorize: LowRankCheckpoint,
                   calibrate=None, recover=None, int8=None) -> dict:
     final = recover or factorize
-    dense, tokenizer = runnable_model(ctx.checkpoint)
-    compressed = instantiate(dict(final.tensors), final.layers,
-                             build_hf_model(ctx.checkpoint.model_dir))
+    if is_tensor_file(settings.eval_file):
+        return _evaluate_tensors(ctx, settings, final, calibrate, recover)
+    dense, tokenizer = runnable_model(ctx.checkpoint, factory=ctx.model_factory)
+    compressed = instantiate(dict(final.tensors), final.layers, _architecture(ctx))
     seen: set[str] = set()  # never evaluate on text the model was calibrated or trained on
     if calibrate is not None:
         data = read_calibration(calibrate.settings.calibration_file, calibrate.settings.samples,
@@ -316,6 +357,23 @@ def _run_evaluate(ctx: Context, settings: EvaluateSettings, factorize: LowRankCh
             "dropped_overlapping_lines": dropped}
 
 
+def _evaluate_tensors(ctx: Context, settings: EvaluateSettings, final: LowRankCheckpoint,
+                      calibrate=None, recover=None) -> dict:
+    """Tensor inputs (with optional labels): outputs and accuracy, dense vs compressed; samples
+    also used for calibration or recovery are dropped."""
+    sources = [calibrate.settings.calibration_file if calibrate is not None else None]
+    if recover is not None:
+        sources.append(final.metadata["recovery"]["settings"]["calibration_file"])
+    seen = [read_calibration(s, 10**9, warn=False) for s in sources if is_tensor_file(s)]
+    data, dropped = evaluation_tensors(settings, seen)
+    dense, _ = runnable_model(ctx.checkpoint, need_tokenizer=False, factory=ctx.model_factory)
+    compressed = instantiate(dict(final.tensors), final.layers, _architecture(ctx))
+    with ctx.track("evaluate", 1) as advance:
+        scores = evaluate_tensors(dense, compressed, data, settings.batch_size)
+        advance("pytorch")
+    return {**scores, "eval_file": settings.eval_file, "dropped_overlapping_samples": dropped}
+
+
 register_stage(Stage(
     "evaluate", ("factorize",), EvaluateSettings, _run_evaluate,
     save=_save_json("evaluation.json", lambda a: a),
@@ -334,13 +392,17 @@ class ExportArtifact:
 def _run_export(ctx: Context, settings: ExportSettings, factorize: LowRankCheckpoint,
                 recover=None) -> ExportArtifact:
     final = recover or factorize
-    if ctx.checkpoint.model_dir is None:
+    if ctx.checkpoint.model_dir is None and ctx.model_factory is None:
         raise InputError(f"{ctx.checkpoint.path}: ONNX export needs an architecture: give an HF "
-                         f"model directory (config.json)")
-    model = instantiate(dict(final.tensors), final.layers, build_hf_model(ctx.checkpoint.model_dir))
+                         f"model directory (config.json) or --model-factory")
+    example = _tensor_inputs(settings.inputs_file)  # tensor inputs: a model without token ids
+    if example is None and ctx.checkpoint.model_dir is None:
+        raise InputError("ONNX export of a --model-factory model needs example inputs: a "
+                         "tensor --calibration file or [export] inputs_file")
+    model = instantiate(dict(final.tensors), final.layers, _architecture(ctx))
     with tempfile.TemporaryDirectory(prefix="lowrank-onnx-") as tmp, \
             ctx.track("export", 1) as advance:
-        result = export_onnx(model, Path(tmp) / "model.onnx", settings)
+        result = export_onnx(model, Path(tmp) / "model.onnx", settings, example)
         advance("validated")
         files = {f.name: f.read_bytes() for f in Path(tmp).iterdir()}
     return ExportArtifact(files, {k: v for k, v in result.to_json().items() if k != "path"})
@@ -452,6 +514,7 @@ class PipelineSpec:
     model: str | None = None
     output: str | None = None
     source: str = "<built-in>"
+    model_factory: str | None = None  # `model_factory = "package.module:function"` in the file
 
 
 def read_pipeline(path: str | Path) -> PipelineSpec:
@@ -460,20 +523,29 @@ def read_pipeline(path: str | Path) -> PipelineSpec:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError as e:
         raise InputError(f"{path}: no such pipeline file") from e
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+    # ValueError: bad UTF-8 or TOML, or an integer too long to convert; RecursionError: nesting.
+    except (OSError, ValueError, RecursionError) as e:
         raise InputError(f"{path}: not a valid pipeline file ({str(e).splitlines()[0]})") from e
     stages = data.pop("stages", None)
-    if not isinstance(stages, list) or not stages:
-        raise InputError(f"{path}: needs a non-empty `stages = [...]` list")
+    if not isinstance(stages, list) or not stages or not all(isinstance(s, str) for s in stages):
+        raise InputError(f"{path}: needs a non-empty `stages = [...]` list of stage names")
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise InputError(f"{path}: unknown stage(s) {', '.join(map(str, unknown))} "
                          f"(known: {', '.join(STAGES)})")
     model, output = data.pop("model", None), data.pop("output", None)
+    if not all(v is None or isinstance(v, str) for v in (model, output)):
+        raise InputError(f"{path}: model and output must be strings (paths)")
+    factory = data.pop("model_factory", None)
+    if factory is not None and not isinstance(factory, str):
+        raise InputError(f"{path}: model_factory must be a string package.module:function")
     stray = [k for k, v in data.items() if k not in stages]
     if stray:
         raise InputError(f"{path}: settings for stage(s) not in `stages`: {', '.join(stray)}")
-    return PipelineSpec(stages, data, model, output, str(path))
+    not_tables = [k for k, v in data.items() if not isinstance(v, dict)]
+    if not_tables:
+        raise InputError(f"{path}: `{not_tables[0]}` must be a table of settings ([{not_tables[0]}])")
+    return PipelineSpec(stages, data, model, output, str(path), factory)
 
 
 def default_pipeline() -> PipelineSpec:
@@ -513,6 +585,15 @@ def file_sha256(path: Path, memo: dict | None = None) -> str:
     if memo is not None:
         memo[memo_key] = digest
     return digest
+
+
+def _setting_file_sha256(stage: str, key: str, value: str) -> str:
+    """sha256 of a file a stage setting names (--plan, --calibration...): a bad input if unreadable."""
+    try:
+        return file_sha256(Path(value))
+    except OSError as e:
+        raise InputError(f"{value}: cannot read the {stage} stage's {key} "
+                         f"({e.strerror or type(e).__name__})") from e
 
 
 def _digest(obj) -> str:
@@ -596,13 +677,18 @@ def execute(
     *,
     cache_dir: Path | None = None,
     track: Callable[[str, int], contextlib.AbstractContextManager[Advance]] = _no_progress,
+    model_factory=None,
 ) -> tuple[Checkpoint, dict[str, Any], dict]:
     """Run ``spec``'s stages on checkpoint ``model`` without writing an output directory.
+
+    ``model_factory`` (or the pipeline file's ``model_factory``): ``package.module:function``
+    or a zero-argument callable returning the dense ``nn.Module`` of a non-HF checkpoint.
 
     Returns:
         ``(checkpoint, artifacts by stage name, manifest)``.
     """
     ckpt = open_checkpoint(model)
+    model_factory = model_factory or spec.model_factory
     settings = {name: make_settings(spec, STAGES[name]) for name in spec.stages}
     for i, name in enumerate(spec.stages):
         before = spec.stages[:i]
@@ -616,15 +702,18 @@ def execute(
     inputs = [{"file": str(f), "bytes": f.stat().st_size, "sha256": file_sha256(f, cache.memo)}
               for f in ckpt.files]
     model_digest = _digest([i["sha256"] for i in inputs])
-    ctx = Context(ckpt, track, cache_dir)
+    factory_info = factory_digest(model_factory) if model_factory is not None else None
+    if factory_info is not None:  # the architecture is an input too: its name and source
+        model_digest = _digest([model_digest, factory_info])
+    ctx = Context(ckpt, track, cache_dir, model_factory)
     artifacts, keys, stage_records = {}, {}, []
     from . import __version__
 
     for name in spec.stages:
         stage, stage_settings = STAGES[name], settings[name]
         used = [n for n in stage.uses if n in artifacts]
-        file_digests = {k: file_sha256(Path(v)) for k, v in asdict(stage_settings).items()
-                        if k.endswith("_file") and v}
+        file_digests = {k: _setting_file_sha256(name, k, v)
+                        for k, v in asdict(stage_settings).items() if k.endswith("_file") and v}
         keys[name] = _digest({"stage": name, "lowrank": __version__, "model": model_digest,
                               "settings": asdict(stage_settings), "files": file_digests,
                               "machine": stage.machine(stage_settings),
@@ -644,7 +733,25 @@ def execute(
     manifest = {"format": "lowrank.manifest", "version": 1, "versions": _versions(),
                 "pipeline": spec.source, "input": {"path": str(ckpt.path), "files": inputs},
                 "stages": stage_records}
+    if factory_info is not None:
+        manifest["input"]["model_factory"] = factory_info
     return ckpt, artifacts, manifest
+
+
+def factory_digest(factory) -> dict:
+    """The model factory's name and the sha256 of its source file (resolving it checks the
+    ``package.module:function`` value before any stage runs)."""
+    import inspect
+
+    from .loading import factory_name, resolve_factory
+
+    fn = resolve_factory(factory) if isinstance(factory, str) else factory
+    try:
+        source = inspect.getsourcefile(fn)
+    except TypeError:  # a builtin or C callable: no source file
+        source = None
+    return {"model_factory": factory_name(factory),
+            "sha256": file_sha256(Path(source)) if source and Path(source).is_file() else None}
 
 
 def run_pipeline(
@@ -655,6 +762,7 @@ def run_pipeline(
     cache_dir: Path | None = None,
     overwrite: bool = False,
     track: Callable[[str, int], contextlib.AbstractContextManager[Advance]] = _no_progress,
+    model_factory=None,
 ) -> RunResult:
     """Run ``spec``'s stages on checkpoint ``model`` and write the output directory atomically.
 
@@ -665,6 +773,8 @@ def run_pipeline(
         cache_dir: where stage artifacts are cached; None disables caching.
         overwrite: replace an existing non-empty output directory.
         track: progress factory ``(description, total) -> context manager of advance(name)``.
+        model_factory: the architecture of a non-HF checkpoint, ``package.module:function`` or
+            a zero-argument callable returning the dense ``nn.Module`` (see :func:`execute`).
 
     Returns:
         :class:`RunResult` with each stage's artifact, the manifest and the report written to
@@ -673,7 +783,8 @@ def run_pipeline(
     output = Path(output)
     probe = open_checkpoint(model)  # refuse a bad OUTPUT before any work
     check_output_path(output, [probe.path, *probe.files], overwrite)
-    ckpt, artifacts, manifest = execute(spec, model, cache_dir=cache_dir, track=track)
+    ckpt, artifacts, manifest = execute(spec, model, cache_dir=cache_dir, track=track,
+                                        model_factory=model_factory)
     with atomic_directory(output) as tmp:
         copy_model_files(ckpt.model_dir, tmp)
         for name in spec.stages:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,10 @@ from .errors import InputError, LowrankError
 from .spectrum import Spectra, Spectrum
 
 POLICIES = ("energy", "rank", "rank_fraction", "param_ratio", "latency_ratio")
+# Tensors a low-rank module can replace: a module's ``weight`` (Linear, Embedding, Conv) and the
+# recurrent weights of LSTM/GRU/RNN (lowrank.layers.LowRankRNN); ``in_proj_weight`` and other
+# parameters used outside a module's own weight stay dense.
+FACTORABLE = re.compile(r"(^|\.)(weight|weight_(ih|hh)_l\d+(_reverse)?)$")
 
 
 @dataclass(frozen=True)
@@ -117,11 +122,14 @@ def _candidate_reason(name: str, s: Spectrum, settings: PlanSettings) -> str | N
         return "not included"
     if any(fnmatch.fnmatchcase(name, p) for p in settings.exclude):
         return "excluded"
-    if name != "weight" and not name.endswith(".weight"):
-        return "not a module weight (recurrent and other weights have no low-rank module yet)"
+    if not FACTORABLE.search(name):
+        return ("not a module weight (factored: <module>.weight and the weight_ih/weight_hh_l<k> "
+                "of LSTM/GRU/RNN)")
     if not s.finite:
         return "contains NaN/Inf; kept as is"
-    if s.rows * s.cols < settings.min_numel or min(s.rows, s.cols) < 2:
+    if min(s.rows, s.cols) < 2:
+        return f"a {s.rows}x{s.cols} matrix: rank 1 saves nothing"
+    if s.rows * s.cols < settings.min_numel:
         return f"tiny (< {settings.min_numel} elements)"
     return None
 
@@ -369,12 +377,14 @@ def apply_plan(data: dict, spectra: Spectra, source: str = "plan") -> RankPlan:
         if not isinstance(entry, dict):
             raise InputError(f"{source}: layer {name}: expected an object with a \"rank\"")
         shape = entry.get("shape")
-        if shape is not None and list(shape) != list(s.shape):
+        if shape is not None and (not isinstance(shape, list) or shape != list(s.shape)):
             raise InputError(f"{source}: layer {name}: shape {shape} but the checkpoint has "
                              f"{list(s.shape)} (was the plan made for another model?)")
-        rank = entry.get("rank")
+        rank, reason = entry.get("rank"), entry.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise InputError(f"{source}: layer {name}: \"reason\" must be a string")
         if rank is None:
-            layers[name] = LayerPlan(list(s.shape), None, entry.get("reason") or "dense in plan")
+            layers[name] = LayerPlan(list(s.shape), None, reason or "dense in plan")
             continue
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(s.rows, s.cols):
             raise InputError(f"{source}: layer {name}: rank {rank!r} must be an integer in "
@@ -382,5 +392,8 @@ def apply_plan(data: dict, spectra: Spectra, source: str = "plan") -> RankPlan:
         if not s.finite:
             raise InputError(f"{source}: layer {name}: holds NaN/Inf and cannot be factored")
         layers[name] = LayerPlan(list(s.shape), rank, energy=s.energy_at(rank))
-    policy = dict(data.get("policy") or {}, applied_from=source)
+    policy = data.get("policy") or {}
+    if not isinstance(policy, dict):
+        raise InputError(f"{source}: \"policy\" must be an object")
+    policy = dict(policy, applied_from=source)
     return RankPlan(layers, spectra.total_params, policy)

@@ -2,7 +2,9 @@
 
 No labels: the dense model is the teacher, unlabeled text the data. The loss compares hidden
 states (every layer, real tokens only, each layer's MSE normalized by the teacher's mean square)
-for encoders, or the logits (KL divergence) when the model has an LM head.
+for encoders, or the logits (KL divergence) when the model has an LM head. A model that is not
+a transformers model (``--model-factory``) is compared on its output tensor (MSE normalized
+by the teacher's mean square: ``outputs``).
 
 Adapters act on the factors, never on A·B, so merging is exact and the rank stays the planned r:
 
@@ -32,13 +34,14 @@ from torch.nn.utils import parametrize
 
 from .calibrate import model_batches, num_samples
 from .errors import InputError
-from .layers import LowRankConv, LowRankEmbedding, LowRankLinear
+from .layers import LowRankConv, LowRankEmbedding, LowRankFactors, LowRankLinear
 
 METHODS = ("lora", "orthogonal", "factors")
 # Learning rates measured on MiniLM at 50% (reports/quality-minilm.md): adapters start at zero
 # change and take a larger step; the factors themselves need a smaller one.
 DEFAULT_LR = {"lora": 3e-3, "orthogonal": 3e-3, "factors": 3e-4}
-LOWRANK_TYPES = (LowRankLinear, LowRankEmbedding, LowRankConv)
+LOWRANK_TYPES = (LowRankLinear, LowRankEmbedding, LowRankConv, LowRankFactors)
+LOSSES = ("auto", "hidden", "logits", "outputs")
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,9 @@ class RecoverSettings:
     max_length: int = 128
     seed: int = 0
     train_norms: bool = True  # also train biases and LayerNorm weights
-    loss: str = "auto"  # hidden | logits | auto (logits when the model returns them)
+    # hidden | logits | outputs | auto (logits for LMs, hidden for other transformers models,
+    # outputs for any other nn.Module)
+    loss: str = "auto"
     # hidden: add this weight × (1 − cosine) of mean-pooled last hidden states (what sentence
     # embeddings compare).
     pooled_weight: float = 0.0
@@ -65,8 +70,9 @@ class RecoverSettings:
         if self.method not in METHODS:
             raise InputError(f"recovery method must be one of {', '.join(METHODS)}, "
                              f"got {self.method!r}")
-        if self.loss not in ("auto", "hidden", "logits"):
-            raise InputError(f"recovery loss must be auto, hidden or logits, got {self.loss!r}")
+        if self.loss not in LOSSES:
+            raise InputError(f"recovery loss must be one of {', '.join(LOSSES)}, "
+                             f"got {self.loss!r}")
         if min(self.rank, self.block_size, self.steps, self.batch_size, self.samples,
                self.max_length) < 1 or (self.lr is not None and self.lr <= 0):
             raise InputError("recovery rank, block_size, steps, batch_size, samples, max_length "
@@ -182,9 +188,16 @@ def merge_adapters_(model: nn.Module) -> nn.Module:
 def distillation_loss(student_out, teacher_out, mask: torch.Tensor | None, kind: str,
                       pooled_weight: float = 0.0) -> torch.Tensor:
     """Hidden states: mean over layers of masked MSE / teacher mean square (+ pooled_weight ×
-    (1 − cosine of mean-pooled last hidden states)). Logits: KL(teacher ‖ student)."""
+    (1 − cosine of mean-pooled last hidden states)). Logits: KL(teacher ‖ student). Outputs:
+    MSE / teacher mean square of the models' output tensors."""
     def real(x):  # real tokens only; every position when there is no mask (tensor inputs)
         return (x[mask] if mask is not None else x.reshape(-1, x.shape[-1])).float()
+
+    if kind == "outputs":
+        from .evaluate import output_tensor
+
+        s, t = output_tensor(student_out).float(), output_tensor(teacher_out).float()
+        return (s - t).pow(2).mean() / t.pow(2).mean().clamp(min=1e-12)
 
     if kind == "logits":
         s, t = real(student_out.logits).log_softmax(-1), real(teacher_out.logits).log_softmax(-1)
@@ -225,6 +238,10 @@ class RecoveryLog:
 def loss_kind(settings: RecoverSettings, model: nn.Module) -> str:
     if settings.loss != "auto":
         return settings.loss
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):  # no hidden_states to ask for: compare outputs
+        return "outputs"
     return "logits" if hasattr(model, "get_output_embeddings") and \
         model.get_output_embeddings() is not None else "hidden"
 
@@ -257,8 +274,9 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
     student.eval()  # no dropout: the target is the deterministic dense model
 
     def run(model, inputs, grad):
+        extra = {"output_hidden_states": True} if kind == "hidden" else {}
         with torch.set_grad_enabled(grad):
-            return model(**inputs, output_hidden_states=kind == "hidden")
+            return model(**inputs, **extra)
 
     def heldout_loss() -> float:
         with torch.no_grad():

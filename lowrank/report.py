@@ -92,6 +92,10 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
             g = f["int8"]
             rows.append(("int8 fidelity", f"cosine {g['cosine']:.4f}, kNN@{g['k']} "
                          f"{g['knn%d_overlap' % g['k']]:.3f}"))
+    elif f and f["kind"] in ("classifier", "outputs"):  # tensor inputs (lowrank.evaluate)
+        from .evaluate import describe_tensor_scores
+
+        rows.append(("fidelity (held-out)", describe_tensor_scores(f)))
     elif f:
         rows.append(("perplexity (held-out)", f"{f['perplexity_dense']:.3f} → {f['perplexity']:.3f}"))
     if "recovery" in report:

@@ -133,6 +133,12 @@ def matrix_view(tensor: torch.Tensor) -> torch.Tensor:
     return w if w.dtype in (torch.float32, torch.float64) else w.float()
 
 
+def squared_norm(w: torch.Tensor, rows_per_chunk: int = 256) -> float:
+    """‖W‖_F² in float64, a block of rows at a time: a float64 copy of a big matrix would double
+    the memory the whole run needs."""
+    return sum(float(c.double().pow(2).sum()) for c in w.split(rows_per_chunk))
+
+
 def is_matrix(dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
     return dtype.is_floating_point and len(shape) >= 2 and min(shape) > 0
 
@@ -162,13 +168,15 @@ def analyze_matrix(name: str, tensor: torch.Tensor, settings: AnalyzeSettings,
     (see :mod:`lowrank.data_aware`), so energies are output energies on calibration data."""
     w = matrix_view(tensor)
     rows, cols = w.shape
-    if not torch.isfinite(w).all():
+    # Non-finite too: float64 values so large (> ~1e154) that the energy ‖W‖² overflows.
+    if not torch.isfinite(w).all() or (
+            w.dtype == torch.float64 and not math.isfinite(squared_norm(w))):
         return Spectrum(name, tuple(tensor.shape), rows, cols, [], 0.0, exact=True, finite=False)
     if weighting is not None:
         from .data_aware import weighted
 
         w = weighted(w.double(), weighting)
-    total = float(w.double().pow(2).sum())
+    total = squared_norm(w)
     if min(rows, cols) <= settings.exact_max_dim:
         values = torch.linalg.svdvals(w)
         exact = True

@@ -62,7 +62,7 @@ def test_energy_policy_and_break_even_guard(spectra):
 def test_skips_tiny_recurrent_and_excluded(spectra):
     plan = make_plan(spectra, PlanSettings(rank=4, exclude=("emb*",)))
     assert plan.layers["small.weight"].reason.startswith("tiny")
-    assert "recurrent" in plan.layers["lstm.weight_ih_l0"].reason
+    assert plan.layers["lstm.weight_ih_l0"].rank == 4  # recurrent weights: LowRankRNN
     assert plan.layers["emb.weight"].reason == "excluded"
     only = make_plan(spectra, PlanSettings(rank=4, include=("a.*",)))
     assert [n for n, p in only.layers.items() if p.rank] == ["a.weight"]

@@ -1,0 +1,179 @@
+"""Streaming safetensors output: tensors go to disk one at a time, so writing a checkpoint needs
+memory for one tensor, not for the whole state dict.
+
+``safetensors.torch.save_file`` takes the complete dict (the header, which lists every tensor's
+offsets, comes before the data). :class:`ShardWriter` instead appends each tensor's bytes to a
+data file as it arrives and, on :meth:`ShardWriter.close`, writes the header and streams the
+data behind it. The files are ordinary safetensors (read back with ``safe_open``); the same
+tensors added in the same order give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from .checkpoint import SAFETENSORS_INDEX, Checkpoint, open_checkpoint
+
+DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # transformers' save_pretrained default ("5GB")
+_COPY_CHUNK = 16 * 1024**2
+
+
+class ShardWriter:
+    """Write tensors to ``directory`` as ``model.safetensors``, or as
+    ``model-0000i-of-0000N.safetensors`` shards plus ``model.safetensors.index.json`` when they
+    exceed ``max_shard_bytes``.
+
+    Example:
+        >>> with ShardWriter(out_dir, {"lowrank_version": "0.1"}) as writer:  # doctest: +SKIP
+        ...     for name, tensor in tensors:
+        ...         writer.add(name, tensor)
+    """
+
+    def __init__(self, directory: Path, metadata: dict[str, str] | None = None,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+        self.directory = Path(directory)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.max_shard_bytes = max_shard_bytes
+        self.shards: list[dict] = []  # {"data": Path, "header": {name: entry}, "bytes": int}
+        self.names: set[str] = set()
+        self._data = None
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.names:
+            raise ValueError(f"tensor {name!r} written twice")
+        if tensor.dtype not in DTYPE_NAMES:
+            raise ValueError(f"{name}: dtype {tensor.dtype} is not supported by the writer")
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        shard = self.shards[-1] if self.shards else None
+        if shard is None or (shard["bytes"] and shard["bytes"] + raw.nbytes > self.max_shard_bytes):
+            shard = self._new_shard()
+        begin = shard["bytes"]
+        self._data.write(memoryview(raw))
+        shard["bytes"] += raw.nbytes
+        shard["header"][name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                                 "data_offsets": [begin, shard["bytes"]]}
+        self.names.add(name)
+
+    def _new_shard(self) -> dict:
+        if self._data is not None:
+            self._data.close()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        shard = {"data": self.directory / f".shard-{len(self.shards)}.data", "header": {},
+                 "bytes": 0}
+        self._data = open(shard["data"], "wb")
+        self.shards.append(shard)
+        return shard
+
+    def close(self) -> list[Path]:
+        """Finish every file; returns the safetensors files written (one, or the shards)."""
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+        if not self.shards:
+            self._new_shard()
+            self._data.close()
+            self._data = None
+        count = len(self.shards)
+        names = (["model.safetensors"] if count == 1 else
+                 [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
+        files = []
+        for shard, file_name in zip(self.shards, names):
+            file = self.directory / file_name
+            _finish(shard, self.metadata, file)
+            files.append(file)
+        if count > 1:
+            weight_map = {n: f.name for shard, f in zip(self.shards, files) for n in shard["header"]}
+            index = {"metadata": {"total_size": sum(s["bytes"] for s in self.shards)},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        self.shards = []
+        return files
+
+    def abort(self) -> None:
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+        for shard in self.shards:
+            shard["data"].unlink(missing_ok=True)
+        self.shards = []
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _finish(shard: dict, metadata: dict[str, str], file: Path) -> None:
+    """``file`` = 8-byte header length, JSON header (sorted keys, space-padded to 8 bytes), data."""
+    header = dict(sorted(shard["header"].items()))
+    header["__metadata__"] = dict(sorted(metadata.items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(file, "wb") as out, open(shard["data"], "rb") as data:
+        out.write(len(text).to_bytes(8, "little"))
+        out.write(text)
+        shutil.copyfileobj(data, out, _COPY_CHUNK)
+    os.unlink(shard["data"])
+
+
+def write_tensors(directory: Path, tensors: Mapping[str, torch.Tensor],
+                  metadata: dict[str, str] | None = None,
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
+    """Stream ``tensors`` (any mapping, e.g. :class:`LazyTensors`) into ``directory``, sorted by
+    name, holding one tensor at a time."""
+    with ShardWriter(directory, metadata, max_shard_bytes) as writer:
+        for name in sorted(tensors):
+            writer.add(name, tensors[name])
+    return sorted(Path(directory).glob("model*.safetensors"))
+
+
+class LazyTensors(Mapping):
+    """A read-only name -> tensor mapping over safetensors files on disk; tensors are read on
+    access, so a stage can pass a checkpoint larger than memory to the next one."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+
+    @classmethod
+    def open(cls, path: Path) -> LazyTensors:
+        return cls(open_checkpoint(path))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.checkpoint._infos:
+            raise KeyError(name)
+        return self.checkpoint.get(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.checkpoint.names())
+
+    def __len__(self) -> int:
+        return len(self.checkpoint.names())
+
+    def numel(self, name: str) -> int:
+        return self.checkpoint.info(name).numel
+
+    @property
+    def files(self) -> list[Path]:
+        return self.checkpoint.files
+
+
+def numel(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Total elements, without reading lazily stored tensors."""
+    if isinstance(tensors, LazyTensors):
+        return sum(tensors.numel(n) for n in tensors)
+    return sum(t.numel() for t in tensors.values())
