@@ -62,7 +62,7 @@ class Checkpoint:
     model_dir: Path | None = None
     _where: dict[str, Path] = field(default_factory=dict, repr=False)
     _infos: dict[str, TensorInfo] = field(default_factory=dict, repr=False)
-    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+    _handles: dict[Path, dict] = field(default_factory=dict, repr=False)  # torch files
 
     def names(self) -> list[str]:
         return list(self._infos)
@@ -74,13 +74,18 @@ class Checkpoint:
         return list(self._infos.values())
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (a copy for safetensors, a memory-mapped view for torch files)."""
+        """Load one tensor: a memory-mapped view of its bytes in the file.
+
+        safetensors files are opened afresh for each tensor: a long-lived handle keeps every
+        page it ever touched mapped, so resident memory would grow to the whole checkpoint;
+        this way the mapping goes with the tensor.
+        """
         file = self._where[name]
-        handle = self._handles[file]
         try:
             if self.kind == "safetensors":
-                return handle.get_tensor(name)
-            return handle[name]
+                with safe_open(str(file), framework="pt") as handle:
+                    return handle.get_tensor(name)
+            return self._handles[file][name]
         except (SafetensorError, RuntimeError, OSError) as e:
             raise InputError(f"{file}: cannot read tensor {name!r}: {_first_line(e)}") from e
 
@@ -196,15 +201,13 @@ def _check_index_matches(index: Path, weight_map: dict[str, str], ckpt: Checkpoi
 def _index_file(ckpt: Checkpoint, file: Path) -> None:
     if ckpt.kind == "safetensors" and file.suffix == ".safetensors":
         try:
-            handle = safe_open(str(file), framework="pt")
-            names = list(handle.keys())
-            infos = [_safetensors_info(handle, n) for n in names]
+            with safe_open(str(file), framework="pt") as handle:  # Checkpoint.get reopens it
+                infos = [_safetensors_info(handle, n) for n in handle.keys()]
         except (SafetensorError, OSError, ValueError, TypeError) as e:
             raise InputError(f"{file}: not a valid safetensors file ({_first_line(e)})") from e
     else:
-        handle = _load_state_dict(file)
-        infos = [TensorInfo(n, tuple(t.shape), t.dtype) for n, t in handle.items()]
-    ckpt._handles[file] = handle
+        ckpt._handles[file] = _load_state_dict(file)
+        infos = [TensorInfo(n, tuple(t.shape), t.dtype) for n, t in ckpt._handles[file].items()]
     for info in infos:
         if info.name in ckpt._infos:
             raise InputError(f"{file}: tensor {info.name!r} appears in two files")

@@ -79,6 +79,15 @@ model_factory_option = click.option(
     "then take tensor files.")
 
 
+workers_option = click.option(
+    "--workers", type=click.IntRange(min=1), default=1, show_default=True,
+    help="Analyze and factor matrices in N processes (same output as 1; memory grows with N).")
+executor_option = click.option(
+    "--executor", type=click.Choice(["process", "ray"]), default="process", show_default=True,
+    help="Where per-matrix work runs: local processes, or Ray tasks (pip install "
+    "'lowrank[ray]'; RAY_ADDRESS selects a cluster).")
+
+
 def policy_options(f):
     """Rank policy and plan options shared by `plan` and `compress`."""
     decorators = [
@@ -212,14 +221,17 @@ def main():
 @json_option
 @click.option("--exact-max-dim", type=int, default=2048, show_default=True,
               help="Exact SVD up to this min(m, n); randomized top-k above.")
-def analyze(model, json_out, exact_max_dim):
+@workers_option
+@executor_option
+def analyze(model, json_out, exact_max_dim, workers, executor):
     """Singular-value spectrum of every weight matrix of MODEL."""
     from .checkpoint import open_checkpoint
     from .spectrum import AnalyzeSettings, analyze as run_analyze, matrix_infos
 
     ckpt = open_checkpoint(resolve_model(model))
     with _rich_track("analyze", len(matrix_infos(ckpt))) as advance:
-        spectra = run_analyze(ckpt, AnalyzeSettings(exact_max_dim=exact_max_dim), advance)
+        spectra = run_analyze(ckpt, AnalyzeSettings(exact_max_dim=exact_max_dim), advance,
+                              workers=workers, executor=executor)
     rows = [s.summary() for s in spectra.matrices.values()]
     if json_out:
         _emit_json({"model": str(ckpt.path), "total_params": spectra.total_params,
@@ -304,6 +316,8 @@ def _print_plan_table(data: dict) -> None:
 # ------------------------------------------------------------------------------------------
 def _run_options(f):
     decorators = [
+        workers_option,
+        executor_option,
         click.option("--cache-dir", type=click.Path(file_okay=False),
                      help="Stage cache (default $LOWRANK_CACHE_DIR or ~/.cache/lowrank)."),
         click.option("--no-cache", is_flag=True, help="Recompute every stage; cache nothing."),
@@ -315,11 +329,14 @@ def _run_options(f):
     return f
 
 
-def _run(spec, model, output, cache_dir, no_cache, overwrite, json_out):
-    from .pipeline import default_cache_dir, run_pipeline
+def _run(spec, model, output, cache_dir, no_cache, overwrite, json_out, workers=1,
+         executor="process"):
+    from .pipeline import default_cache_dir, release, run_pipeline
     cache = None if no_cache else Path(cache_dir) if cache_dir else default_cache_dir()
     result = run_pipeline(spec, resolve_model(model), output, cache_dir=cache,
-                          overwrite=overwrite, track=_rich_track)
+                          overwrite=overwrite, track=_rich_track, workers=workers,
+                          executor=executor)
+    release(result.artifacts)
     summary = result.report
     for name, e in summary["layers"].items():  # on stderr, with --json too
         if "NaN" in (e.get("reason") or ""):
@@ -414,7 +431,7 @@ def compress(model, output, plan_file, calibration_file, calibration_samples, ma
              recover_batch_size, recover_seed, recover_text, eval_file, export_format, int8,
              per_channel, reduce_range, run_bench, method,
              seed, oversample,
-             niter, cache_dir, no_cache, overwrite, json_out, **opts):
+             niter, cache_dir, no_cache, overwrite, json_out, workers, executor, **opts):
     """Compress MODEL into the low-rank checkpoint directory OUTPUT.
 
     MODEL is an HF directory, a .safetensors file or index, a .pt/.bin state dict, or
@@ -457,7 +474,7 @@ def compress(model, output, plan_file, calibration_file, calibration_samples, ma
         spec.settings["evaluate"] = _given(eval_file=eval_file or None)
     if run_bench:
         spec.stages.append("bench")
-    _run(spec, model, output, cache_dir, no_cache, overwrite, json_out)
+    _run(spec, model, output, cache_dir, no_cache, overwrite, json_out, workers, executor)
 
 
 @main.command()
@@ -465,7 +482,8 @@ def compress(model, output, plan_file, calibration_file, calibration_samples, ma
 @click.option("--model", help="Checkpoint (overrides the file's `model`).")
 @click.option("--output", type=click.Path(file_okay=False), help="Output (overrides `output`).")
 @_run_options
-def run(pipeline_file, model, output, cache_dir, no_cache, overwrite, json_out):
+def run(pipeline_file, model, output, cache_dir, no_cache, overwrite, json_out, workers,
+        executor):
     """Run a pipeline file (see pipelines/default.toml)."""
     from .pipeline import read_pipeline
 
@@ -473,7 +491,7 @@ def run(pipeline_file, model, output, cache_dir, no_cache, overwrite, json_out):
     model, output = model or spec.model, output or spec.output
     if not model or not output:
         raise click.UsageError("give --model and --output, or set them in the pipeline file")
-    _run(spec, model, output, cache_dir, no_cache, overwrite, json_out)
+    _run(spec, model, output, cache_dir, no_cache, overwrite, json_out, workers, executor)
 
 
 # ------------------------------------------------------------------------------------------

@@ -14,16 +14,20 @@ once, under the first name; the other name is left out of the output and recorde
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from .checkpoint import Checkpoint
 from .data_aware import Weighting, factors_from_svd, weighted
 from .errors import LowrankError
+from .parallel import fixed_threads, open_source, ordered_map
 from .plan import RankPlan
+from .shards import LazyTensors, ShardWriter, numel
 from .spectrum import layer_seed, matrix_infos, matrix_view, randomized_svd, squared_norm
 
 FORMAT_VERSION = 1
@@ -64,7 +68,7 @@ class LayerResult:
 class LowRankCheckpoint:
     """The factorize stage's artifact: the output state dict and what happened to each layer."""
 
-    tensors: dict[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor]  # a dict, or LazyTensors streamed to disk
     layers: dict[str, LayerResult]
     params_before: int
     settings: FactorizeSettings
@@ -74,7 +78,7 @@ class LowRankCheckpoint:
 
     @property
     def params_after(self) -> int:
-        return sum(t.numel() for t in self.tensors.values())
+        return numel(self.tensors)
 
     def lowrank_config(self) -> dict:
         """The ``lowrank_config.json`` of an output directory (deterministic: no paths, no times)."""
@@ -139,20 +143,26 @@ def factorize_matrix(w: torch.Tensor, rank: int, method: str = "exact", seed: in
     else:
         root = S.sqrt()
         A, B = (U * root).contiguous(), (root[:, None] * Vh).contiguous()
+    kept = float(S.double().pow(2).sum())
+    del U, S, Vh  # the full SVD outputs: free them before the error pass (peak memory)
     out_dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
     A, B = A.to(out_dtype), B.to(out_dtype)
     total, w_sq = squared_norm(target), squared_norm(work)
     if total == 0 or w_sq == 0:
         return A, B, 1.0, 0.0
-    energy = float(S.double().pow(2).sum()) / total
-    return A, B, min(energy, 1.0), math.sqrt(residual_norm2(work, A, B) / w_sq)
+    return A, B, min(kept / total, 1.0), math.sqrt(residual_norm2(work, A, B) / w_sq)
 
 
-def residual_norm2(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rows: int = 256) -> float:
-    """‖W − A·B‖_F² in float64, a block of rows at a time (bounded memory for big matrices)."""
-    B64 = B.double()
-    return sum(float((w[i:i + rows].double() - A[i:i + rows].double() @ B64).pow(2).sum())
-               for i in range(0, w.shape[0], rows))
+def residual_norm2(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, block: int = 1024) -> float:
+    """‖W − A·B‖_F² in float64, one block of W at a time: float64 copies of whole matrices would
+    need several times the memory of W itself."""
+    total = 0.0
+    for j in range(0, w.shape[1], block):
+        B64 = B[:, j:j + block].double()
+        for i in range(0, w.shape[0], block):
+            diff = w[i:i + block, j:j + block].double() - A[i:i + block].double() @ B64
+            total += float(diff.pow(2).sum())
+    return total
 
 
 def find_ties(ckpt: Checkpoint, model=None) -> dict[str, str]:
@@ -184,6 +194,28 @@ def find_ties(ckpt: Checkpoint, model=None) -> dict[str, str]:
     return ties
 
 
+def factor_task(source, name: str, rank: int, settings: FactorizeSettings,
+                weighting: Weighting | None) -> tuple[str, torch.Tensor, torch.Tensor, LayerResult]:
+    """Factor one matrix of checkpoint ``source`` (an open one, or its path in a worker process).
+
+    Runs with a fixed thread count (:func:`lowrank.parallel.fixed_threads`), so the bytes do not
+    depend on whether it ran serially, in a process pool or on Ray.
+    """
+    ckpt = open_source(source)
+    info = ckpt.info(name)
+    with fixed_threads():
+        w = matrix_view(ckpt.get(name))
+        method = choose_method(*w.shape, settings)
+        A, B, energy, err = factorize_matrix(
+            w, rank, method, layer_seed(settings.seed, name), settings.oversample,
+            settings.niter, weighting,
+        )
+    if weighting is not None:
+        method = f"{method}+{weighting.kind}"
+    return (name, A.to(info.dtype), B.to(info.dtype),
+            LayerResult(list(info.shape), rank, method, energy, err))
+
+
 def factorize(
     ckpt: Checkpoint,
     plan: RankPlan,
@@ -191,36 +223,34 @@ def factorize(
     on_layer: Callable[[str], None] | None = None,
     stats=None,
     ties: dict[str, str] | None = None,
+    out_dir: Path | None = None,
+    workers: int = 1,
+    executor: str = "process",
 ) -> LowRankCheckpoint:
     """Replace each planned matrix of ``ckpt`` by its factors; copy every other tensor.
 
     With calibration ``stats`` (:class:`~lowrank.calibrate.ActivationStats`), layers that saw
-    data are factored data-aware (:mod:`lowrank.data_aware`). Tensors are read one at a time,
-    so only the (smaller) output is held in memory. ``ties`` ({alias: primary}, see
+    data are factored data-aware (:mod:`lowrank.data_aware`). ``ties`` ({alias: primary}, see
     :func:`find_ties`; shared storage is always detected) keeps tied weights tied: the alias
     is not written and follows its primary (factored once, whatever the plan says of it).
+
+    Memory: tensors are read one at a time. With ``out_dir`` the output is streamed into
+    safetensors files there (:class:`~lowrank.shards.ShardWriter`) and the result's ``tensors``
+    read from them lazily, so peak memory is a few times the largest tensor, not the model.
+    ``workers`` > 1 factors matrices in that many processes (``executor="ray"``: Ray tasks);
+    the output is byte-identical to a serial run.
     """
     infos = {info.name: info for info in ckpt.infos()}
     ties = {**find_ties(ckpt), **(ties or {})}
-
-    def factor(name: str, weighting: Weighting | None):
-        w = matrix_view(ckpt.get(name))
-        method = choose_method(*w.shape, settings)
-        rank = plan.layers[name].rank
-        A, B, energy, err = factorize_matrix(
-            w, rank, method, layer_seed(settings.seed, name), settings.oversample,
-            settings.niter, weighting,
-        )
-        if weighting is not None:
-            method = f"{method}+{weighting.kind}"
-        dtype = infos[name].dtype
-        if on_layer:
-            on_layer(name)
-        return A.to(dtype), B.to(dtype), LayerResult(list(infos[name].shape), rank, method,
-                                                     energy, err)
-
     planned = {n: layer.rank for n, layer in plan.layers.items()
                if layer.rank is not None and n in infos and n not in ties}
+    parallel = workers > 1 or executor != "process"
+    source = str(ckpt.path) if parallel else ckpt
+
+    def weighting(name: str) -> Weighting | None:
+        return stats.weighting(name, math.prod(infos[name].shape[1:])) if stats is not None else None
+
+    done = {}
     if stats is not None and settings.sequential:
         from .sequential import sequential_factors
 
@@ -229,30 +259,51 @@ def factorize(
             raise LowrankError(f"--sequential handles module weights only, not {recurrent[0]} "
                                f"(leave it out, or drop --sequential)")
 
+        def factor(name: str, w: Weighting | None):
+            _, A, B, result = factor_task(ckpt, name, planned[name], settings, w)
+            if on_layer:
+                on_layer(name)
+            return A, B, result
+
         done = sequential_factors(ckpt, planned, stats, factor)
-    else:
-        done = {}
+    order = sorted(infos)
+    jobs = [n for n in order if n in planned and n not in done]
+    results = ordered_map(factor_task, ((source, n, planned[n], settings, weighting(n))
+                                        for n in jobs), workers, executor)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, LayerResult] = {}
-    for name, info in infos.items():
-        layer = plan.layers.get(name)
-        if name in ties:
-            primary = ties[name]
-            shares = "factors" if primary in planned else "weight"
-            layers[name] = LayerResult(list(info.shape), None, reason=f"tied to {primary} "
-                                       f"(shares its {shares})", tied_to=primary)
-            continue
-        if name not in planned:
-            tensors[name] = ckpt.get(name)
-            if layer is not None:
-                layers[name] = LayerResult(list(info.shape), None, reason=layer.reason)
-            continue
-        if name not in done:
-            cols = math.prod(info.shape[1:])
-            done[name] = factor(name, stats.weighting(name, cols) if stats is not None else None)
-        a_name, b_name = factor_names(name)
-        tensors[a_name], tensors[b_name], layers[name] = done.pop(name)
-    return LowRankCheckpoint(tensors, layers, ckpt.num_params(), settings)
+    from . import __version__
+
+    writer = ShardWriter(out_dir, {"lowrank_version": __version__}) if out_dir else None
+    put = writer.add if writer else tensors.__setitem__
+    with writer or contextlib.nullcontext(), contextlib.closing(results):
+        for name in order:
+            info, layer = infos[name], plan.layers.get(name)
+            if name in ties:
+                primary = ties[name]
+                shares = "factors" if primary in planned else "weight"
+                layers[name] = LayerResult(list(info.shape), None, reason=f"tied to {primary} "
+                                           f"(shares its {shares})", tied_to=primary)
+                continue
+            if name not in planned:
+                put(name, ckpt.get(name))
+                if layer is not None:
+                    layers[name] = LayerResult(list(info.shape), None, reason=layer.reason)
+                continue
+            if name in done:
+                A, B, result = done.pop(name)
+            else:
+                got, A, B, result = next(results)
+                assert got == name, (got, name)  # ordered_map keeps task order
+                if on_layer:
+                    on_layer(name)
+            a_name, b_name = factor_names(name)
+            put(a_name, A)
+            put(b_name, B)
+            layers[name] = result
+    layers = {n: layers[n] for n in infos if n in layers}  # checkpoint order, as before
+    stored = LazyTensors.open(out_dir) if out_dir else tensors
+    return LowRankCheckpoint(stored, layers, ckpt.num_params(), settings)
 
 
 def reconstruct_dense(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:

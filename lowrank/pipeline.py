@@ -26,9 +26,9 @@ from typing import Any
 
 from .calibrate import (ActivationStats, CalibrateSettings, calibrate, is_tensor_file,
                         model_batches, read_calibration, runnable_model)
-from .checkpoint import (Checkpoint, atomic_directory, check_output_path, copy_model_files,
-                         open_checkpoint, save_tensors, write_json)
-from .errors import InputError
+from .checkpoint import (SAFETENSORS_INDEX, Checkpoint, atomic_directory, check_output_path,
+                         copy_model_files, open_checkpoint, save_tensors, write_json)
+from .errors import GateFailed, InputError
 from .evaluate import (EvaluateSettings, embed, embed_onnx, evaluate_model, evaluate_tensors,
                        evaluation_tensors, evaluation_texts, fidelity)
 from .bench import BenchSettings, bench
@@ -43,6 +43,8 @@ from .plan import POLICIES, LayerPlan, PlanSettings, RankPlan, apply_plan, make_
 from .recover import (RecoverSettings, adapter_config, adapter_state, distill, merge_adapters_,
                       save_adapters)
 from .sensitivity import SensitivitySettings, layer_weights, probe
+from .shards import LazyTensors, write_tensors
+from .parallel import check_executor
 from .spectrum import AnalyzeSettings, Spectra, analyze, matrix_infos
 
 # The built-in default; pipelines/default.toml in the repository documents the same pipeline
@@ -72,6 +74,25 @@ class Context:
     cache_dir: Path | None = None
     # --model-factory: the architecture of a non-HF checkpoint (lowrank.loading.ModelFactory)
     model_factory: Any = None
+    workers: int = 1  # per-matrix work (analyze, factorize) in parallel: lowrank.parallel
+    executor: str = "process"
+    # Where factorize streams its output (bounded memory); None keeps it in memory.
+    work_dir: Path | None = None
+    scratch_dirs: list = field(default_factory=list)
+
+    def scratch(self, stage: str) -> tempfile.TemporaryDirectory | None:
+        """A temporary directory under ``work_dir`` (None without one); it is removed when the
+        artifact holding it is dropped, or by :meth:`release` after a failure."""
+        if self.work_dir is None:
+            return None
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.TemporaryDirectory(prefix=f".lowrank-{stage}-", dir=self.work_dir)
+        self.scratch_dirs.append(tmp)
+        return tmp
+
+    def release(self) -> None:
+        for tmp in self.scratch_dirs:
+            tmp.cleanup()
 
 
 def _architecture(ctx: Context):
@@ -150,7 +171,8 @@ register_stage(Stage("calibrate", (), CalibrateSettings, _run_calibrate, _save_s
 # analyze ------------------------------------------------------------------------------------
 def _run_analyze(ctx: Context, settings: AnalyzeSettings, calibrate=None) -> Spectra:
     with ctx.track("analyze", len(matrix_infos(ctx.checkpoint))) as advance:
-        return analyze(ctx.checkpoint, settings, advance, stats=calibrate)
+        return analyze(ctx.checkpoint, settings, advance, stats=calibrate,
+                       workers=ctx.workers, executor=ctx.executor)
 
 
 register_stage(Stage(
@@ -244,9 +266,15 @@ def _run_factorize(ctx: Context, settings: FactorizeSettings, plan: RankPlan,
                    calibrate=None) -> LowRankCheckpoint:
     if settings.sequential and ctx.model_factory is not None:
         raise InputError("--sequential runs HF models only; drop it with --model-factory")
+    scratch = ctx.scratch("factorize")
     with ctx.track("factorize", len(plan.factored())) as advance:
-        return factorize(ctx.checkpoint, plan, settings, advance, stats=calibrate,
-                         ties=find_ties(ctx.checkpoint, _tie_model(ctx)))
+        result = factorize(ctx.checkpoint, plan, settings, advance, stats=calibrate,
+                           ties=find_ties(ctx.checkpoint, _tie_model(ctx)),
+                           out_dir=Path(scratch.name) if scratch else None,
+                           workers=ctx.workers, executor=ctx.executor)
+    if scratch:
+        result.tensors.owner = scratch
+    return result
 
 
 def _tie_model(ctx: Context):
@@ -270,7 +298,14 @@ def _tie_model(ctx: Context):
 def _save_lowrank(artifact: LowRankCheckpoint, d: Path) -> None:
     from . import __version__
 
-    save_tensors(d / "model.safetensors", artifact.tensors, {"lowrank_version": __version__})
+    for old in [*d.glob("model*.safetensors"), d / SAFETENSORS_INDEX]:  # an earlier stage's
+        old.unlink(missing_ok=True)
+    if isinstance(artifact.tensors, LazyTensors):  # already on disk: stream the files over
+        index = artifact.tensors.files[0].parent / SAFETENSORS_INDEX
+        for file in [*artifact.tensors.files, *([index] if index.is_file() else [])]:
+            shutil.copyfile(file, d / file.name)
+    else:
+        write_tensors(d, artifact.tensors, {"lowrank_version": __version__})
     write_json(d / "lowrank_config.json", artifact.lowrank_config())
     if artifact.adapter_config is not None:
         save_adapters(artifact.adapters, artifact.adapter_config, d / "adapters")
@@ -282,7 +317,7 @@ def _load_lowrank(d: Path) -> LowRankCheckpoint:
     config = _load_json(d / "lowrank_config.json")
     layers = {n: LayerResult(**{k: v for k, v in e.items() if k != "module"})
               for n, e in config["layers"].items()}
-    artifact = LowRankCheckpoint(load_file(str(d / "model.safetensors")), layers,
+    artifact = LowRankCheckpoint(LazyTensors.open(d), layers,
                                  config["params"]["before"], FactorizeSettings(**config["factorize"]),
                                  {k: config[k] for k in ("recovery",) if k in config})
     if (d / "adapters").is_dir():
@@ -657,6 +692,15 @@ class RunResult:
     report: dict  # report.json
 
 
+def release(artifacts: dict[str, Any]) -> None:
+    """Remove the temporary files behind streamed artifacts now (they would go with the
+    artifacts otherwise); the artifacts' tensors are unreadable afterwards."""
+    for artifact in artifacts.values():
+        owner = getattr(getattr(artifact, "tensors", None), "owner", None)
+        if owner is not None:
+            owner.cleanup()
+
+
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -678,17 +722,24 @@ def execute(
     cache_dir: Path | None = None,
     track: Callable[[str, int], contextlib.AbstractContextManager[Advance]] = _no_progress,
     model_factory=None,
+    workers: int = 1,
+    executor: str = "process",
+    work_dir: Path | None = None,
 ) -> tuple[Checkpoint, dict[str, Any], dict]:
     """Run ``spec``'s stages on checkpoint ``model`` without writing an output directory.
 
     ``model_factory`` (or the pipeline file's ``model_factory``): ``package.module:function``
     or a zero-argument callable returning the dense ``nn.Module`` of a non-HF checkpoint.
+    ``workers``/``executor``: per-matrix work in parallel (:mod:`lowrank.parallel`).
+    ``work_dir``: factorize streams its output into a temporary directory there instead of
+    holding it in memory; the directory goes when the artifact does.
 
     Returns:
         ``(checkpoint, artifacts by stage name, manifest)``.
     """
     ckpt = open_checkpoint(model)
     model_factory = model_factory or spec.model_factory
+    check_executor(executor, workers)
     settings = {name: make_settings(spec, STAGES[name]) for name in spec.stages}
     for i, name in enumerate(spec.stages):
         before = spec.stages[:i]
@@ -705,8 +756,25 @@ def execute(
     factory_info = factory_digest(model_factory) if model_factory is not None else None
     if factory_info is not None:  # the architecture is an input too: its name and source
         model_digest = _digest([model_digest, factory_info])
-    ctx = Context(ckpt, track, cache_dir, model_factory)
+    ctx = Context(ckpt, track, cache_dir, model_factory, workers, executor, work_dir)
     artifacts, keys, stage_records = {}, {}, []
+
+    try:
+        _run_stages(spec, ctx, settings, cache, model_digest, artifacts, keys, stage_records)
+    except BaseException:
+        ctx.release()  # no temporary directories left behind by a failed run
+        raise
+    cache.save_memo()
+    manifest = {"format": "lowrank.manifest", "version": 1, "versions": _versions(),
+                "pipeline": spec.source, "input": {"path": str(ckpt.path), "files": inputs},
+                "stages": stage_records}
+    if factory_info is not None:
+        manifest["input"]["model_factory"] = factory_info
+    return ckpt, artifacts, manifest
+
+
+def _run_stages(spec: PipelineSpec, ctx: Context, settings: dict, cache: Cache,
+                model_digest: str, artifacts: dict, keys: dict, stage_records: list) -> None:
     from . import __version__
 
     for name in spec.stages:
@@ -729,13 +797,6 @@ def execute(
         stage_records.append({"stage": name, "key": keys[name], "cached": cached,
                               "seconds": round(time.perf_counter() - start, 3),
                               "settings": asdict(stage_settings)})
-    cache.save_memo()
-    manifest = {"format": "lowrank.manifest", "version": 1, "versions": _versions(),
-                "pipeline": spec.source, "input": {"path": str(ckpt.path), "files": inputs},
-                "stages": stage_records}
-    if factory_info is not None:
-        manifest["input"]["model_factory"] = factory_info
-    return ckpt, artifacts, manifest
 
 
 def factory_digest(factory) -> dict:
@@ -763,6 +824,8 @@ def run_pipeline(
     overwrite: bool = False,
     track: Callable[[str, int], contextlib.AbstractContextManager[Advance]] = _no_progress,
     model_factory=None,
+    workers: int = 1,
+    executor: str = "process",
 ) -> RunResult:
     """Run ``spec``'s stages on checkpoint ``model`` and write the output directory atomically.
 
@@ -775,6 +838,11 @@ def run_pipeline(
         track: progress factory ``(description, total) -> context manager of advance(name)``.
         model_factory: the architecture of a non-HF checkpoint, ``package.module:function`` or
             a zero-argument callable returning the dense ``nn.Module`` (see :func:`execute`).
+        workers: processes (or Ray tasks) for the per-matrix work; the output is the same.
+        executor: ``"process"`` (local) or ``"ray"`` (a Ray cluster; ``RAY_ADDRESS``).
+
+    Memory: the factorized checkpoint is streamed to a work directory beside OUTPUT, so peak
+    memory stays near a few times the largest tensor whatever the model size.
 
     Returns:
         :class:`RunResult` with each stage's artifact, the manifest and the report written to
@@ -783,20 +851,31 @@ def run_pipeline(
     output = Path(output)
     probe = open_checkpoint(model)  # refuse a bad OUTPUT before any work
     check_output_path(output, [probe.path, *probe.files], overwrite)
+    # Scratch space beside OUTPUT: the same disk, and room for a checkpoint of that size.
     ckpt, artifacts, manifest = execute(spec, model, cache_dir=cache_dir, track=track,
-                                        model_factory=model_factory)
-    with atomic_directory(output) as tmp:
-        copy_model_files(ckpt.model_dir, tmp)
-        for name in spec.stages:
-            STAGES[name].emit(artifacts[name], tmp)
-        write_json(tmp / "manifest.json", manifest)
-        report = build_report(ckpt, artifacts, manifest, tmp, output)
-        if "gate" in artifacts:
-            report["gate"] = check(report, artifacts["gate"], settings_of(spec, "gate").allow_missing)
-        write_report(report, artifacts, tmp)
+                                        model_factory=model_factory, workers=workers,
+                                        executor=executor, work_dir=output.resolve().parent)
+    try:
+        with atomic_directory(output) as tmp:
+            copy_model_files(ckpt.model_dir, tmp)
+            for name in spec.stages:
+                STAGES[name].emit(artifacts[name], tmp)
+            write_json(tmp / "manifest.json", manifest)
+            report = build_report(ckpt, artifacts, manifest, tmp, output)
+            if "gate" in artifacts:
+                report["gate"] = check(report, artifacts["gate"],
+                                       settings_of(spec, "gate").allow_missing)
+            write_report(report, artifacts, tmp)
+    except BaseException:
+        release(artifacts)
+        raise
     result = RunResult(output, ckpt, artifacts, manifest, report)
     # OUTPUT is written either way: its report says why a gate failed.
-    raise_if_failed(report.get("gate", []), f"; see {output}/report.md", attach=True)
+    try:
+        raise_if_failed(report.get("gate", []), f"; see {output}/report.md", attach=True)
+    except GateFailed:
+        release(artifacts)
+        raise
     return result
 
 

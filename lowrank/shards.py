@@ -16,15 +16,13 @@ import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from .checkpoint import SAFETENSORS_INDEX, Checkpoint, open_checkpoint
 
-DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
-}
+# safetensors' own dtype table (name -> torch dtype), inverted; the library has no public one.
+DTYPE_NAMES = {dtype: name for name, dtype in safetensors.torch._TYPES.items()}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # transformers' save_pretrained default ("5GB")
 _COPY_CHUNK = 16 * 1024**2
 
@@ -54,7 +52,8 @@ class ShardWriter:
             raise ValueError(f"tensor {name!r} written twice")
         if tensor.dtype not in DTYPE_NAMES:
             raise ValueError(f"{name}: dtype {tensor.dtype} is not supported by the writer")
-        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        raw = (flat.view(torch.uint8) if flat.numel() else flat.new_empty(0, dtype=torch.uint8)).numpy()
         shard = self.shards[-1] if self.shards else None
         if shard is None or (shard["bytes"] and shard["bytes"] + raw.nbytes > self.max_shard_bytes):
             shard = self._new_shard()
@@ -124,10 +123,13 @@ def _finish(shard: dict, metadata: dict[str, str], file: Path) -> None:
     header["__metadata__"] = dict(sorted(metadata.items()))
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    with open(file, "wb") as out, open(shard["data"], "rb") as data:
+    # A new inode, renamed into place: never write through a name another file may share.
+    tmp = file.with_name(f".{file.name}.tmp")
+    with open(tmp, "wb") as out, open(shard["data"], "rb") as data:
         out.write(len(text).to_bytes(8, "little"))
         out.write(text)
         shutil.copyfileobj(data, out, _COPY_CHUNK)
+    os.replace(tmp, file)
     os.unlink(shard["data"])
 
 
@@ -146,8 +148,10 @@ class LazyTensors(Mapping):
     """A read-only name -> tensor mapping over safetensors files on disk; tensors are read on
     access, so a stage can pass a checkpoint larger than memory to the next one."""
 
-    def __init__(self, checkpoint: Checkpoint):
+    def __init__(self, checkpoint: Checkpoint, owner=None):
         self.checkpoint = checkpoint
+        # What keeps the files alive (a tempfile.TemporaryDirectory removed with this mapping).
+        self.owner = owner
 
     @classmethod
     def open(cls, path: Path) -> LazyTensors:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .checkpoint import Checkpoint
+from .parallel import fixed_threads, open_source, ordered_map
 
 ENERGY_LEVELS = (0.90, 0.95, 0.99)
 
@@ -188,11 +189,20 @@ def analyze_matrix(name: str, tensor: torch.Tensor, settings: AnalyzeSettings,
     return Spectrum(name, tuple(tensor.shape), rows, cols, [float(v) for v in values], total, exact)
 
 
+def analyze_task(source, name: str, settings: AnalyzeSettings, weighting=None) -> Spectrum:
+    """:func:`analyze_matrix` of one tensor of checkpoint ``source`` (open, or its path in a
+    worker process), with a fixed thread count so results don't depend on the parallel layout."""
+    with fixed_threads():
+        return analyze_matrix(name, open_source(source).get(name), settings, weighting)
+
+
 def analyze(
     ckpt: Checkpoint,
     settings: AnalyzeSettings = AnalyzeSettings(),
     on_matrix: Callable[[str], None] | None = None,
     stats=None,
+    workers: int = 1,
+    executor: str = "process",
 ) -> Spectra:
     """Compute the spectrum of every floating-point tensor with two or more dimensions.
 
@@ -202,16 +212,23 @@ def analyze(
         on_matrix: called with each tensor name after it is analyzed (progress bars).
         stats: :class:`~lowrank.calibrate.ActivationStats`; when given, layers with calibration
             data get their calibrated (output-energy) spectrum.
+        workers, executor: matrices in parallel (see :mod:`lowrank.parallel`); same result.
 
     Returns:
         :class:`Spectra`, JSON-serializable with :meth:`Spectra.to_json`.
     """
     spectra = Spectra(settings, total_params=ckpt.num_params())
-    for info in matrix_infos(ckpt):
-        cols = math.prod(info.shape[1:])
-        weighting = stats.weighting(info.name, cols) if stats is not None else None
-        spectra.matrices[info.name] = analyze_matrix(info.name, ckpt.get(info.name), settings,
-                                                     weighting)
+    infos = matrix_infos(ckpt)
+    source = str(ckpt.path) if workers > 1 or executor != "process" else ckpt
+
+    def tasks():
+        for info in infos:
+            cols = math.prod(info.shape[1:])
+            yield (source, info.name, settings,
+                   stats.weighting(info.name, cols) if stats is not None else None)
+
+    for spectrum in ordered_map(analyze_task, tasks(), workers, executor):
+        spectra.matrices[spectrum.name] = spectrum
         if on_matrix:
-            on_matrix(info.name)
+            on_matrix(spectrum.name)
     return spectra

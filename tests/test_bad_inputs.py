@@ -611,7 +611,8 @@ def test_disk_full_for_real(tmp_path, toy_checkpoint, limit):
 PAUSE = """
 import os, sys, time
 _out, _at, _marker = os.environ["PAUSE_OUT"], os.environ["PAUSE_AT"], os.environ["PAUSE_MARKER"]
-_parent, _paused = os.path.dirname(_out), []
+_paused = []
+_tmp_prefix = os.path.join(os.path.dirname(_out), "." + os.path.basename(_out) + ".tmp-")
 def _pause():
     _paused.append(1)
     with open(_marker, "w"):
@@ -622,8 +623,8 @@ def _hook(event, args):
         return
     if (_at == "first write" and event == "open" and isinstance(args[0], (str, os.PathLike))
             and isinstance(args[1], str) and any(c in args[1] for c in "wax+")
-            and os.path.dirname(os.path.dirname(os.fspath(args[0]))) == _parent):
-        _pause()  # the first file written into OUTPUT's temporary sibling (or OUTPUT itself)
+            and os.path.dirname(os.fspath(args[0])).startswith(_tmp_prefix)):
+        _pause()  # the first file written into OUTPUT's temporary sibling
     if (_at == "rename" and event == "os.rename"
             and _out in (os.fspath(args[0]), os.fspath(args[1]))):
         _pause()  # everything written; the first rename that touches OUTPUT is next
