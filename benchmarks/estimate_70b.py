@@ -118,7 +118,7 @@ with single-thread measurements on this machine, not a 70B run.
 Measured on a {s}×{s} fp32 matrix, one thread: analysis (randomized top-{k}) {analyze_run['seconds']:.1f} s
 = {result['measured']['analyze_gflops']} GFLOP/s; factorization (randomized rank {s // 4})
 {factor_run['seconds']:.1f} s = {result['measured']['factor_gflops']} GFLOP/s; peak memory above
-torch's own {analyze_run['base_bytes'] / 1e6:.0f} MB: {bytes_per_element:.1f} bytes per element held.
+what the process held before the task (torch and the matrix), {analyze_run['base_bytes'] / 1e6:.0f} MB: {bytes_per_element:.1f} bytes per element held.
 
 Llama-2-70B shapes ({len(matrices)} matrices, {params / 1e9:.1f}B parameters), 50% parameter budget:
 

@@ -135,7 +135,7 @@ def main() -> None:
             runs.append(run)
 
     def med(workers, key):
-        return statistics.median(r[key] for r in runs if r["workers"] == workers)
+        return round(statistics.median(r[key] for r in runs if r["workers"] == workers), 1)
 
     serial, parallel = med(1, "wall_s"), med(args.workers, "wall_s")
     identical = len({r["output_sha256"] for r in runs}) == 1
