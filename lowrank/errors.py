@@ -29,3 +29,32 @@ class GateFailed(LowrankError):
     def __init__(self, message: str, results: list[dict] | None = None):
         super().__init__(message)
         self.results = results or []  # one entry per check, for printing
+
+
+class OptionError(LowrankError):
+    """An option given without one it needs (exit code 2, as the command line's usage errors).
+    ``option`` and ``needs`` are parameter names of :func:`lowrank.compress_spec`; the command
+    line shows its flags instead."""
+
+    exit_code = 2
+
+    def __init__(self, option: str, needs: str):
+        self.option, self.needs = option, needs
+        super().__init__(self.describe())
+
+    def describe(self, name=lambda option: option) -> str:
+        shown = name(self.option)
+        verb = "need" if shown.endswith("s") else "needs"  # "recover settings need ..."
+        return f"{shown} {verb} {name(self.needs)}"
+
+
+class LowrankWarning(UserWarning):
+    """Something worth knowing that did not stop the run (fewer samples than asked for...).
+    The CLI prints each as one ``warning:`` line; library users filter them as usual."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none):
+    errors shown to users stay one line."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+

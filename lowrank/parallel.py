@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import importlib.util
 import multiprocessing
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -20,8 +19,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from .checkpoint import Checkpoint, open_checkpoint
+from .backends import require
 from .errors import InputError
+from .io.checkpoint import Checkpoint, open_checkpoint
 
 EXECUTORS = ("process", "ray")
 THREADS_PER_TASK = 1
@@ -67,8 +67,7 @@ def check_executor(executor: str, workers: int) -> None:
     if workers < 1:
         raise InputError(f"workers must be >= 1, got {workers}")
     if executor == "ray":
-        if importlib.util.find_spec("ray") is None:
-            raise InputError("--executor ray needs Ray: pip install 'lowrank[ray]'")
+        require("ray")
 
 
 def ordered_map(fn: Callable, tasks: Iterable[tuple], workers: int = 1,
@@ -90,7 +89,7 @@ def ordered_map(fn: Callable, tasks: Iterable[tuple], workers: int = 1,
 
 
 def _ray_map(fn: Callable, tasks: Iterable[tuple], workers: int) -> Iterator:
-    import ray
+    ray = require("ray")
 
     if not ray.is_initialized():
         # RAY_ADDRESS (a cluster) is honoured by ray.init; otherwise a local one is started.

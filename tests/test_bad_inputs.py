@@ -29,11 +29,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from lowrank.checkpoint import open_checkpoint, read_json_file, save_tensors
 from lowrank.cli import main
 from lowrank.errors import InputError
-from lowrank.plan import apply_plan, read_plan_file
-from lowrank.spectrum import analyze
+from lowrank.io.checkpoint import open_checkpoint
+from lowrank.io.files import read_json_file
+from lowrank.io.safetensors import save_tensors
+from lowrank.stages.analyze import analyze
+from lowrank.stages.plan import apply_plan, read_plan_file
 
 BAD_INPUT, LOWRANK_ERROR = 3, 1
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True,

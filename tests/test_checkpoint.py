@@ -5,8 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowrank.checkpoint import atomic_directory, check_output_path, open_checkpoint
 from lowrank.errors import InputError
+from lowrank.io.checkpoint import open_checkpoint
+from lowrank.io.files import atomic_directory, check_output_path
 
 
 def write_sharded(tmp_path, tensors: dict, shards: int = 2):
@@ -111,7 +112,7 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
 
 
 def test_save_load_round_trip_is_bit_exact(tmp_path, toy_checkpoint):
-    from lowrank.checkpoint import save_tensors
+    from lowrank.io.safetensors import save_tensors
 
     ckpt = open_checkpoint(toy_checkpoint)
     tensors = {n: ckpt.get(n) for n in ckpt.names()}

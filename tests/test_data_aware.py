@@ -2,11 +2,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lowrank.calibrate import ActivationStats, CalibrateSettings, read_calibration_text
 from lowrank.cli import main
-from lowrank.data_aware import make_weighting
 from lowrank.errors import InputError
-from lowrank.factorize import factorize_matrix
+from lowrank.io.samples import read_calibration_text
+from lowrank.linalg import factorize_matrix, make_weighting
+from lowrank.stages.calibrate import ActivationStats, CalibrateSettings
 
 
 def correlated_inputs(n_in=64, tokens=4000, seed=0):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lowrank.errors import InputError
-from lowrank.evaluate import fidelity
+from lowrank.stages.evaluate import fidelity
 
 
 def test_identical_embeddings_are_perfect_and_noise_lowers_both_metrics():
@@ -35,8 +35,7 @@ def test_quality_benchmark_never_evaluates_on_calibration_or_training_text():
     evaluation = range(*quality.EVAL_LINES)
     assert not set(evaluation) & (set(calibration) | set(training))
     assert not set(calibration) & set(training)
-    from lowrank.calibrate import DEFAULT_CALIBRATION
-    from lowrank.evaluate import DEFAULT_EVALUATION
+    from lowrank.io.samples import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 
     shipped_eval = set(DEFAULT_EVALUATION.read_text().splitlines())
     assert not shipped_eval & set(DEFAULT_CALIBRATION.read_text().splitlines())

@@ -7,7 +7,7 @@ import pytest
 
 import lowrank
 from lowrank.errors import ValidationError
-from lowrank.export import ExportSettings, check_factors, export_onnx
+from lowrank.stages.export import ExportSettings, check_factors, export_onnx
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +38,13 @@ def test_export_stage_writes_validated_onnx_with_factors(compressed_tiny):
 
 
 def test_validation_failure_is_an_error(tiny_bert_dir, tmp_path):
-    model = lowrank.loading.load_dense(tiny_bert_dir)
+    model = lowrank.models.load_dense(tiny_bert_dir)
     with pytest.raises(ValidationError, match="differs from PyTorch"):
         export_onnx(model, tmp_path / "m.onnx", ExportSettings(atol=0.0, rtol=0.0))
 
 
 def test_a_folded_product_is_detected(compressed_tiny, tiny_bert_dir, tmp_path):
-    dense = lowrank.loading.load_dense(tiny_bert_dir)
+    dense = lowrank.models.load_dense(tiny_bert_dir)
     path = tmp_path / "dense.onnx"
     export_onnx(dense, path)  # dense graph: no factors anywhere
     with pytest.raises(ValidationError, match="no low-rank factor"):
@@ -73,9 +73,9 @@ def test_export_command(compressed_tiny, tmp_path):
 
 
 def test_large_models_use_external_data(compressed_tiny, tmp_path, monkeypatch):
-    import lowrank.export
+    import lowrank.stages.export
 
-    monkeypatch.setattr(lowrank.export, "TWO_GB", 0)  # pretend the tiny model is over 2 GB
+    monkeypatch.setattr(lowrank.stages.export, "TWO_GB", 0)  # pretend the tiny model is over 2 GB
     result = export_onnx(lowrank.load(compressed_tiny.output), tmp_path / "model.onnx")
     assert (tmp_path / "model.onnx_data").stat().st_size > (tmp_path / "model.onnx").stat().st_size
     assert all(v["ok"] for v in result.validation) and result.factors["factors"] > 0
@@ -87,8 +87,8 @@ def test_int8_is_smaller_and_runs(compressed_tiny, tiny_bert_dir, tmp_path, fmt)
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
-    from lowrank.calibrate import read_calibration_text
-    from lowrank.quantize import Int8Settings, quantize_int8
+    from lowrank.io.samples import read_calibration_text
+    from lowrank.stages.int8 import Int8Settings, quantize_int8
 
     source = compressed_tiny.output / "onnx" / "model.onnx"
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)

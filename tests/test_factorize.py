@@ -1,10 +1,12 @@
 import pytest
 import torch
 
-from lowrank.checkpoint import open_checkpoint
-from lowrank.factorize import FactorizeSettings, factorize, factorize_matrix, reconstruct_dense
-from lowrank.plan import PlanSettings, make_plan
-from lowrank.spectrum import analyze
+from lowrank.io.checkpoint import open_checkpoint
+from lowrank.linalg import factorize_matrix
+from lowrank.stages.analyze import analyze
+from lowrank.stages.factored import reconstruct_dense
+from lowrank.stages.factorize import FactorizeSettings, factorize
+from lowrank.stages.plan import PlanSettings, make_plan
 
 from .conftest import low_rank_matrix
 

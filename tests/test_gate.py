@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 import lowrank
 from lowrank.cli import main
-from lowrank.gate import Goal, check
+from lowrank.stages.gate import Goal, check
 
 REPORT = {
     "format": "lowrank.report", "version": 1,

@@ -16,9 +16,12 @@ from torch import nn
 
 import lowrank
 from lowrank.cli import main
-from lowrank.factorize import factorize_matrix, reconstruct_dense
-from lowrank.layers import LowRankFactors, LowRankRNN, TiedLowRankLinear, swap_lowrank_
+from lowrank.linalg import factorize_matrix
+from lowrank.nn.layers import LowRankFactors, TiedLowRankLinear
+from lowrank.nn.recurrent import LowRankRNN
+from lowrank.nn.swap import swap_lowrank_
 from lowrank.pipeline import PipelineSpec
+from lowrank.stages.factored import reconstruct_dense
 
 HERE = "tests.test_layer_coverage"
 
@@ -291,8 +294,8 @@ def test_lowrank_rnn_equals_torch_at_full_rank(cls, batch_first, bidirectional):
 
 
 def test_plan_factors_recurrent_weights_and_keeps_in_proj_dense():
-    from lowrank.plan import PlanSettings, make_plan
-    from lowrank.spectrum import AnalyzeSettings, Spectra, analyze_matrix
+    from lowrank.stages.analyze import AnalyzeSettings, Spectra, analyze_matrix
+    from lowrank.stages.plan import PlanSettings, make_plan
 
     sp = Spectra(AnalyzeSettings())
     for name, w in {"gru.weight_hh_l0_reverse": torch.randn(192, 64),
@@ -311,7 +314,7 @@ def test_plan_factors_recurrent_weights_and_keeps_in_proj_dense():
 def test_tied_hf_lm_head_is_factored_once_and_stays_tied(tmp_path):
     import transformers
 
-    from lowrank.loading import build_hf_model
+    from lowrank.models import build_hf_model
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64,
@@ -385,6 +388,6 @@ def test_bad_model_factory_is_one_line_exit_3(digits, tmp_path, value, message):
 
 def test_factory_of_another_architecture_is_refused(digits, tmp_path):
     files = digits["lstm"]
-    with pytest.raises(lowrank.InputError, match="does --model-factory .*digits_cnn build"):
+    with pytest.raises(lowrank.InputError, match="does the model factory .*digits_cnn build"):
         lowrank.run_pipeline(_spec(files, {"rank": 4}), files["model"], tmp_path / "out",
                              model_factory=f"{HERE}:digits_cnn")

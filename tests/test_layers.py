@@ -2,9 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank.factorize import factorize_matrix
-from lowrank.layers import LowRankConv, LowRankEmbedding, LowRankLinear, swap_lowrank_
 from lowrank.errors import LowrankError
+from lowrank.linalg import factorize_matrix
+from lowrank.nn.layers import LowRankConv, LowRankEmbedding, LowRankLinear
+from lowrank.nn.swap import swap_lowrank_
 
 
 def load_factors(module, dense_weight, rank):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import lowrank
 from lowrank.cli import main
-from lowrank.loading import build_hf_model
+from lowrank.models import build_hf_model
 
 pytestmark = pytest.mark.slow
 SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian_descriptions.txt"
@@ -67,8 +67,8 @@ def test_data_aware_compression_keeps_more_output_than_plain(minilm_path, compre
     """At the same 60% budget, calibrated factors give pooled embeddings closer to dense."""
     from transformers import AutoTokenizer
 
-    from lowrank.calibrate import DEFAULT_CALIBRATION
-    from lowrank.loading import load_dense
+    from lowrank.io.samples import DEFAULT_CALIBRATION
+    from lowrank.models import load_dense
 
     out = tmp_path / "da"
     result = CliRunner().invoke(main, ["compress", str(minilm_path), str(out), "--param-ratio",

@@ -8,13 +8,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lowrank.checkpoint import open_checkpoint
 from lowrank.errors import InputError
-from lowrank.factorize import factorize
+from lowrank.io.checkpoint import LazyTensors, open_checkpoint
+from lowrank.io.safetensors import ShardWriter, write_tensors
 from lowrank.parallel import ordered_map
-from lowrank.plan import PlanSettings, make_plan
-from lowrank.shards import LazyTensors, ShardWriter, write_tensors
-from lowrank.spectrum import analyze
+from lowrank.stages.analyze import analyze
+from lowrank.stages.factorize import factorize
+from lowrank.stages.plan import PlanSettings, make_plan
 
 from .test_cli import invoke
 

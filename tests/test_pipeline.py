@@ -81,7 +81,8 @@ def test_pipeline_file_errors(tmp_path):
     with pytest.raises(InputError, match="unknown stage.*quantize"):
         read_pipeline(bad)
     bad.write_text('stages = ["analyze"]\n[analyze]\nexact_max = 3\n')
-    from lowrank.pipeline import STAGES, make_settings
+    from lowrank.pipeline.spec import make_settings
+    from lowrank.pipeline.stage import STAGES
     with pytest.raises(InputError, match="unknown setting.*exact_max"):
         make_settings(read_pipeline(bad), STAGES["analyze"])
     bad.write_text("stages = [")
@@ -92,7 +93,9 @@ def test_pipeline_file_errors(tmp_path):
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "pipelines").glob("*.toml")),
                          ids=lambda p: p.name)
 def test_shipped_pipeline_files_are_valid(path):
-    from lowrank.pipeline import STAGES, make_settings, read_pipeline
+    from lowrank.pipeline import read_pipeline
+    from lowrank.pipeline.spec import make_settings
+    from lowrank.pipeline.stage import STAGES
 
     spec = read_pipeline(path)
     for name in spec.stages:

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lowrank.errors import InputError, LowrankError
-from lowrank.plan import PlanSettings, apply_plan, make_plan
-from lowrank.spectrum import AnalyzeSettings, Spectra, analyze_matrix
+from lowrank.stages.analyze import AnalyzeSettings, Spectra, analyze_matrix
+from lowrank.stages.plan import PlanSettings, apply_plan, make_plan
 
 from .conftest import low_rank_matrix
 
@@ -131,7 +131,7 @@ def test_latency_check_keeps_slow_layers_dense_and_reallocates(toy_checkpoint):
 
 
 def test_latency_table_measures_once_per_machine(tmp_path):
-    from lowrank.latency import LatencyTable
+    from lowrank.timing import LatencyTable
 
     table = LatencyTable.for_machine(tmp_path, threads=1)
     dense, factored = table.ms(64, 64, None, 8), table.ms(64, 64, 4, 8)
@@ -152,7 +152,7 @@ class LinearLatency:
 
 def test_latency_objective_meets_the_time_budget(toy_checkpoint):
     from lowrank import analyze, open_checkpoint
-    from lowrank.plan import latency_cost
+    from lowrank.stages.allocate import latency_cost
 
     spectra = analyze(open_checkpoint(toy_checkpoint))
     settings = PlanSettings(latency_ratio=0.6, latency_tokens=(64,))

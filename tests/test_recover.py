@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 import lowrank
-from lowrank.calibrate import read_calibration_text
-from lowrank.loading import load_dense
-from lowrank.recover import (BlockRotation, RecoverSettings, adapter_state, distill,
-                             lowrank_modules, merge_adapters_)
+from lowrank.io.samples import read_calibration_text
+from lowrank.models import load_dense
+from lowrank.nn.adapters import BlockRotation, adapter_state, lowrank_modules, merge_adapters_
+from lowrank.stages.recover import RecoverSettings, distill
 
 
 def compress(model_dir, tmp_path, stages=(), name="out", **settings):
@@ -123,7 +123,7 @@ def test_causal_lm_recovers_on_logits_and_reports_perplexity(tiny_llama_dir, tmp
 
 
 def test_sequential_groups_follow_execution_order(tiny_bert_dir):
-    from lowrank.sequential import execution_groups
+    from lowrank.stages.sequential import execution_groups
 
     model = load_dense(tiny_bert_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
@@ -149,7 +149,7 @@ def test_sequential_statistics_change_only_downstream_factors(tiny_bert_dir, tmp
 
 
 def test_sensitivity_probe_is_cached_and_steers_the_plan(tiny_bert_dir, tmp_path):
-    from lowrank.sensitivity import layer_weights
+    from lowrank.stages.sensitivity import layer_weights
 
     first = _run_with_sensitivity(tiny_bert_dir, tmp_path, "s1")
     second = _run_with_sensitivity(tiny_bert_dir, tmp_path, "s2")

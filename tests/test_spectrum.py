@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from lowrank.checkpoint import open_checkpoint
-from lowrank.spectrum import AnalyzeSettings, Spectra, analyze, analyze_matrix
+from lowrank.io.checkpoint import open_checkpoint
+from lowrank.stages.analyze import AnalyzeSettings, Spectra, analyze, analyze_matrix
 
 from .conftest import low_rank_matrix
 

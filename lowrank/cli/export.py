@@ -1,0 +1,55 @@
+"""`lowrank export MODEL OUTDIR`: ONNX, validated against PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.filesize import decimal
+
+from ..io.files import atomic_directory, check_output_path, write_json
+from ..io.samples import read_calibration_tensors
+from ..load import load_any
+from ..stages.export import ExportSettings, export_onnx
+from .console import emit_json, json_option, model_factory_option, out, resolve_model, rich_track
+
+
+@click.command("export")
+@click.argument("model")
+@click.argument("outdir", type=click.Path(file_okay=False))
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Validation atol.")
+@click.option("--rtol", type=float, default=1e-3, show_default=True, help="Validation rtol.")
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUTDIR.")
+@model_factory_option
+@click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False),
+              help="Example inputs for a model that takes tensors (.safetensors/.pt: name -> "
+              "tensor, samples on dim 0); needed with --model-factory.")
+@json_option
+def export_command(model, outdir, atol, rtol, opset, overwrite, model_factory, inputs_file,
+                   json_out):
+    """Export MODEL (an HF directory or a lowrank output) to OUTDIR/model.onnx and validate it
+    against PyTorch on three random inputs; exit 4 when they differ beyond atol/rtol."""
+    source = Path(resolve_model(model))
+    outdir = Path(outdir)
+    check_output_path(outdir, [source], overwrite)
+    if model_factory and not inputs_file:
+        raise click.UsageError("--model-factory needs --inputs FILE (example input tensors)")
+    inputs = read_calibration_tensors(inputs_file, 8, warn=False) if inputs_file else None
+    network = load_any(source, model_factory)
+    with atomic_directory(outdir) as tmp, rich_track("export", 1) as advance:
+        result = export_onnx(network, tmp / "model.onnx", ExportSettings(opset, atol, rtol),
+                             inputs)
+        advance("validated")
+        data = {k: v for k, v in result.to_json().items() if k != "path"}
+        data["path"] = str(outdir / "model.onnx")
+        write_json(tmp / "export.json", data)
+    if json_out:
+        emit_json(data, json_out)
+        if json_out == "-":
+            return
+    for v in data["validation"]:
+        out.print(f"input {'x'.join(map(str, v['shape']))}: max abs diff {v['max_abs_diff']:.2e}, "
+                  f"{v['within_tolerance']:.2%} within atol={atol}/rtol={rtol}")
+    out.print(f"{data['factors']['factors']} factors in the graph; {decimal(data['bytes'])} "
+              f"written to {data['path']}")

@@ -1,0 +1,1 @@
+"""Reading checkpoints and sample files, writing safetensors and output directories."""

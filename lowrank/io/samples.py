@@ -1,0 +1,115 @@
+"""Sample files for calibration, recovery and evaluation: text (one sample per line) or, for
+non-text models, a safetensors/.pt file of input tensors stacked on dim 0."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError, LowrankWarning, first_line
+
+# Small texts shipped with lowrank, disjoint (lowrank/data/README.md): calibrate, then evaluate.
+DEFAULT_CALIBRATION = Path(__file__).parents[1] / "data" / "calibration.txt"
+
+
+def read_calibration_text(path: str | Path | None, samples: int, warn: bool = True,
+                          purpose: str = "calibration") -> list[str]:
+    """Non-empty lines of ``path`` (the bundled text when None), at most ``samples`` of them."""
+    path = Path(path) if path else DEFAULT_CALIBRATION
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: calibration file not found") from e
+    except OSError as e:
+        raise InputError(f"{path}: cannot read calibration file ({e.strerror})") from e
+    if b"\x00" in raw:
+        raise InputError(f"{path}: calibration file is binary; expected text, one sample per line")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: calibration file is not UTF-8 text") from e
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise InputError(f"{path}: calibration file is empty")
+    if warn and len(lines) < samples:
+        warnings.warn(f"{path}: {len(lines)} {purpose} samples, fewer than the {samples} "
+                      f"asked for; using all of them", LowrankWarning, stacklevel=2)
+    return lines[:samples]
+
+
+TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+Samples = list[str] | dict[str, torch.Tensor]  # text lines, or model inputs stacked on dim 0
+
+
+# A tensor file's ``labels`` entry (class per sample) is never fed to the model: evaluation
+# scores accuracy with it (lowrank.evaluate.evaluate_tensors).
+LABELS = "labels"
+
+
+def is_tensor_file(path) -> bool:
+    return bool(path) and Path(path).suffix in TENSOR_SUFFIXES
+
+
+def read_calibration_tensors(path: str | Path, samples: int, warn: bool = True,
+                             purpose: str = "calibration") -> dict:
+    """Model inputs for non-text models: a safetensors/.pt file of {input name: tensor}, the
+    first dimension indexing samples (e.g. ``pixel_values`` of shape (N, 3, 224, 224))."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: calibration file not found")
+    try:
+        data = (load_file(str(path)) if path.suffix == ".safetensors"
+                else torch.load(path, map_location="cpu", weights_only=True))
+    except pickle.UnpicklingError as e:  # weights_only refused it: never unpickled further
+        raise InputError(f"{path}: not a readable tensor file (refused to unpickle anything but "
+                         f"plain tensors)") from e
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as e:
+        raise InputError(f"{path}: not a readable tensor file ({first_line(e)})") from e
+    if not isinstance(data, dict) or not data or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) and v.dim() >= 1
+            for k, v in data.items()):
+        raise InputError(f"{path}: expected a non-empty dict of input name -> tensor")
+    counts = {v.shape[0] for v in data.values()}
+    if len(counts) != 1 or 0 in counts:
+        raise InputError(f"{path}: every input tensor needs the same, non-zero first (sample) "
+                         f"dimension; got {sorted(counts)}")
+    n = counts.pop()
+    if warn and n < samples:
+        warnings.warn(f"{path}: {n} calibration samples, fewer than the {samples} asked "
+             f"for; using all of them")
+    return {k: v[:samples] for k, v in data.items()}
+
+
+def read_calibration(path: str | Path | None, samples: int, warn: bool = True,
+                     purpose: str = "calibration") -> Samples:
+    """Text lines (the bundled text when None), or input tensors for a tensor file. ``purpose``
+    names the setting that asked for ``samples`` in the fewer-samples warning."""
+    if is_tensor_file(path):
+        return read_calibration_tensors(path, samples, warn, purpose)
+    return read_calibration_text(path, samples, warn, purpose)
+
+
+def num_samples(data: Samples) -> int:
+    return len(data) if isinstance(data, list) else next(iter(data.values())).shape[0]
+
+
+def model_batches(data: Samples, tokenizer, batch_size: int, max_length: int):
+    """(model keyword inputs, real-token mask or None) per batch of ``data``."""
+    for start in range(0, num_samples(data), batch_size):
+        if isinstance(data, dict):
+            yield {k: v[start:start + batch_size] for k, v in data.items() if k != LABELS}, None
+        else:
+            batch = tokenizer(data[start:start + batch_size], padding=True, truncation=True,
+                              max_length=max_length, return_tensors="pt")
+            yield dict(batch), batch["attention_mask"].bool()
+
+
+DEFAULT_EVALUATION = Path(__file__).parents[1] / "data" / "evaluation.txt"

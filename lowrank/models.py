@@ -1,0 +1,185 @@
+"""Building models: the one way every stage gets a dense model, an architecture-only model (meta
+device), or a tokenizer for a checkpoint — the HF directory's, or a model factory's.
+
+A model factory is ``package.module:function`` (imported from the current directory too) or the
+function itself: a zero-argument callable returning the dense ``nn.Module`` whose state-dict
+names match the checkpoint. It lets calibration, recovery, evaluation, export and benchmarks run
+non-HF models.
+"""
+
+from __future__ import annotations
+
+import os
+import pkgutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import InputError, LowrankError, first_line
+from .io.checkpoint import Checkpoint, open_checkpoint
+from .nn.swap import instantiate, model_ties
+
+ModelFactory = str | Callable[[], nn.Module]
+
+
+def build_hf_model(model_dir: Path) -> nn.Module:
+    """The transformers model named by ``config.json``'s ``architectures`` (AutoModel otherwise),
+    with freshly initialized weights (build it under ``torch.device("meta")`` for shapes only)."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{model_dir}/config.json: {first_line(e)}") from e
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+    return model.eval()
+
+
+def factory_name(factory: ModelFactory) -> str:
+    if isinstance(factory, str):
+        return factory
+    return f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', factory)}"
+
+
+def resolve_factory(spec: str) -> Callable[[], nn.Module]:
+    """``package.module:function`` -> the function. The module is imported like ``python -m``
+    would, from the current directory too: this is the user's own code, named by the user."""
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise InputError(f"model factory {spec!r}: expected package.module:function")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        found = pkgutil.resolve_name(spec)
+    except ImportError as e:
+        raise InputError(f"model factory {spec}: cannot import {module} ({first_line(e)})") from e
+    except AttributeError as e:
+        raise InputError(f"model factory {spec}: {module} has no {attr!r}") from e
+    except Exception as e:  # the user's module raised while importing
+        raise InputError(f"model factory {spec}: importing {module} raised "
+                         f"{type(e).__name__}: {first_line(e)}") from e
+    if not callable(found):
+        raise InputError(f"model factory {spec}: {attr} is not callable "
+                         f"({type(found).__name__})")
+    return found
+
+
+def make_model(factory: ModelFactory) -> nn.Module:
+    """Call the factory (resolving ``package.module:function`` first); it must return an
+    ``nn.Module``. Errors are one-line InputErrors naming the factory."""
+    fn = resolve_factory(factory) if isinstance(factory, str) else factory
+    name = factory_name(factory)
+    try:
+        model = fn()
+    except LowrankError:
+        raise
+    except Exception as e:
+        raise InputError(f"model factory {name} raised {type(e).__name__}: "
+                         f"{first_line(e)}") from e
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model factory {name} returned {type(model).__name__}, "
+                         f"not a torch nn.Module")
+    return model.eval()
+
+
+@dataclass
+class Models:
+    """How to build the models of one checkpoint; ``factory`` gives the architecture of a
+    non-HF checkpoint (see :data:`ModelFactory`). Every stage builds its models through this."""
+
+    checkpoint: Checkpoint
+    factory: ModelFactory | None = None
+
+    @property
+    def runnable(self) -> bool:
+        """Whether there is an architecture to run (an HF directory or a factory)."""
+        return self.factory is not None or self.checkpoint.model_dir is not None
+
+    def architecture(self, meta: bool = False) -> nn.Module:
+        """A fresh dense model to load or swap factors into (on the meta device: shapes and
+        ties only, no memory)."""
+        if self.factory is not None:
+            return make_model(self.factory)
+        if self.checkpoint.model_dir is None:
+            raise InputError(f"{self.checkpoint.path}: not an HF model directory (no "
+                             f"config.json); give the architecture as a model factory "
+                             f"(package.module:function)")
+        if meta:
+            with torch.device("meta"):
+                return build_hf_model(self.checkpoint.model_dir)
+        return build_hf_model(self.checkpoint.model_dir)
+
+    def dense(self) -> nn.Module:
+        """The dense model with the checkpoint's weights (names must match the architecture)."""
+        model = self.architecture()
+        ckpt = self.checkpoint
+        result = model.load_state_dict({n: ckpt.get(n) for n in ckpt.names()}, strict=False)
+        if self.factory is not None:
+            tied = {n for group in model_ties(model) for n in group}
+            missing = [k for k in result.missing_keys if k not in tied]
+            extra = result.unexpected_keys
+            if missing or extra:
+                what = (f"lacks {missing[0]!r}, which the model needs" if missing
+                        else f"holds {extra[0]!r}, which the model has no place for")
+                raise InputError(f"{ckpt.path}: the checkpoint {what} (does the model factory "
+                                 f"{factory_name(self.factory)} build the same architecture?)")
+        return model.eval()
+
+    def compressed(self, tensors, layers: dict) -> nn.Module:
+        """The architecture with factored modules swapped in for ``layers`` (tensor name ->
+        :class:`~lowrank.stages.factored.LayerResult` or its JSON) and ``tensors`` loaded."""
+        return instantiate(dict(tensors), layers, self.architecture(), str(self.checkpoint.path))
+
+    def tokenizer(self):
+        """The HF directory's tokenizer; text needs one."""
+        ckpt = self.checkpoint
+        if ckpt.model_dir is None:
+            raise InputError(f"{ckpt.path}: text needs a tokenizer (an HF model directory); for "
+                             f"this model give a .safetensors/.pt file of input tensors")
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(ckpt.model_dir, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{ckpt.model_dir}: no usable tokenizer ({first_line(e)}); for a "
+                             f"non-text model give a .safetensors/.pt file of input "
+                             f"tensors") from e
+
+    def runnable_model(self, need_tokenizer: bool = True):
+        """(dense model, tokenizer or None), or a clear error saying what is missing."""
+        if not self.runnable:
+            raise InputError(
+                f"{self.checkpoint.path}: calibration, sensitivity, recovery, evaluation and "
+                f"benchmarks run the model, and this checkpoint has no architecture: give an HF "
+                f"model directory (config.json + tokenizer) or a model factory "
+                f"(package.module:function)")
+        tokenizer = self.tokenizer() if need_tokenizer else None
+        return self.dense(), tokenizer
+
+
+def load_dense(model_dir: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """The dense HF model of a checkpoint directory, for comparisons (offline, no download)."""
+    model = Models(open_checkpoint(model_dir)).dense()
+    return model.to(dtype) if dtype else model
+
+
+def output_tensor(out) -> torch.Tensor:
+    """The main tensor of a model's output: the tensor itself, ``logits``, ``last_hidden_state``,
+    or the first element of a tuple (an LSTM's ``(output, state)``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for name in ("logits", "last_hidden_state"):
+        value = out.get(name) if isinstance(out, dict) else getattr(out, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(out, (tuple, list)) and out:
+        return output_tensor(out[0])
+    if isinstance(out, dict) and out:
+        return output_tensor(next(iter(out.values())))
+    raise InputError(f"cannot find the output tensor of a {type(out).__name__}")

@@ -1,0 +1,1 @@
+"""Factored layers, the one module swap, and adapters on factors."""

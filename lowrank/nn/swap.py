@@ -1,0 +1,139 @@
+"""The one module swap: dense modules -> factored ones in any ``nn.Module``, ties kept."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import LowrankError
+from ..naming import RECURRENT, module_name, split_owner
+from .layers import TiedLowRankLinear, lowrank_like
+from .recurrent import LowRankRNN
+
+
+def _recurrent_owner(model: nn.Module, fqn: str) -> str | None:
+    """``lstm`` for ``lstm.weight_hh_l0`` when ``lstm`` is an LSTM/GRU/RNN, else None."""
+    parent, attr = split_owner(fqn)
+    try:
+        owner = model.get_submodule(parent) if parent else model
+    except AttributeError:
+        return None
+    return parent if isinstance(owner, nn.RNNBase) and RECURRENT.match(attr) else None
+
+
+def swap_lowrank_(model: nn.Module, ranks: dict[str, int],
+                  factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> nn.Module:
+    """Replace, in place, each module named in ``ranks`` (fqn -> rank) by its low-rank version.
+
+    A recurrent weight is named by its tensor (``lstm.weight_hh_l0``): the weights of one
+    LSTM/GRU/RNN are gathered and the module becomes one :class:`LowRankRNN`. Biases are
+    copied from the dense modules; the factors are ``factors[fqn] = (A, B)`` when given, else
+    uninitialized (load them with ``load_state_dict``).
+    """
+    recurrent: dict[str, dict[str, int]] = {}
+    for fqn, rank in ranks.items():
+        owner = _recurrent_owner(model, fqn)
+        if owner is not None:
+            recurrent.setdefault(owner, {})[split_owner(fqn)[1]] = rank
+            continue
+        try:
+            old = model.get_submodule(fqn) if fqn else model
+        except AttributeError as e:
+            raise LowrankError(f"the model has no module {fqn!r} to factor") from e
+        new = lowrank_like(old, rank)
+        if getattr(old, "bias", None) is not None:
+            with torch.no_grad():
+                new.bias.copy_(old.bias)
+        replace_module(model, fqn, new)
+    for fqn, weights in recurrent.items():
+        replace_module(model, fqn, LowRankRNN(model.get_submodule(fqn) if fqn else model, weights))
+    with torch.no_grad():
+        for fqn, (A, B) in (factors or {}).items():
+            module = model.get_submodule(fqn)
+            module.A.copy_(A)
+            module.B.copy_(B)
+    return model
+
+
+def replace_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    """Put ``new`` where module ``fqn`` of ``model`` is (the one way lowrank swaps modules)."""
+    if not fqn:
+        raise LowrankError("cannot swap the root module itself; wrap it in a parent module")
+    parent_name, _, child = fqn.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _field(entry, key: str):  # a lowrank_config.json entry (dict) or a LayerResult
+    return entry.get(key) if isinstance(entry, dict) else getattr(entry, key, None)
+
+
+def tied_module(alias: nn.Module, source: nn.Module, name: str) -> nn.Module:
+    """What replaces module ``name`` whose weight was tied to the now low-rank ``source``."""
+    shape = (source.A.shape[0], source.B.shape[1])
+    if isinstance(alias, nn.Linear) and tuple(alias.weight.shape) == shape:
+        return TiedLowRankLinear(source, alias.bias)  # logits = (h·Bᵀ)·Aᵀ, factors shared
+    if type(alias) is type(source) or (isinstance(alias, nn.Embedding)
+                                       and tuple(alias.weight.shape) == shape):
+        return source  # the same table twice: share the module
+    raise LowrankError(f"cannot keep {name} ({type(alias).__name__}) tied to a factored "
+                       f"{type(source).__name__}")
+
+
+def restore_ties_(model: nn.Module, ties: dict[str, str], factored: set[str]) -> set[str]:
+    """Keep each tie {alias tensor: primary tensor} on the swapped ``model``: an alias of a
+    factored primary becomes a module on the same factors, an alias of a dense primary gets
+    its very parameter. Returns the alias names the state dict need not hold."""
+    unneeded = set()
+    for alias, primary in ties.items():
+        alias_module, primary_module = module_name(alias), module_name(primary)
+        if alias_module in factored:  # factored on its own (an untied checkpoint): keep
+            continue
+        if primary_module in factored:
+            old = model.get_submodule(alias_module)
+            replace_module(model, alias_module,
+                     tied_module(old, model.get_submodule(primary_module), alias_module))
+        else:
+            owner, attr = split_owner(alias)
+            setattr(model.get_submodule(owner) if owner else model, attr,
+                    model.get_parameter(primary))
+        unneeded.add(alias)
+    return unneeded
+
+
+def instantiate(state: dict[str, torch.Tensor], layers: dict, model: nn.Module,
+                source: str = "checkpoint") -> nn.Module:
+    """Swap low-rank modules into the dense ``model`` for ``layers`` (tensor name -> entry with
+    ``rank``, and ``tied_to`` for a tied name) and load the low-rank ``state``.
+
+    Ties are kept: those recorded in ``layers`` and those of the model itself (an LM head
+    tied to its input embedding): the alias of a factored embedding becomes a
+    :class:`~lowrank.layers.TiedLowRankLinear` on the embedding's own A and B."""
+    ranks = {module_name(n): _field(e, "rank") for n, e in layers.items()}
+    ranks = {n: r for n, r in ranks.items() if r is not None}
+    ties = {}
+    for group in model_ties(model):
+        primary = next((n for n in group if module_name(n) in ranks), group[0])
+        ties.update({n: primary for n in group if n != primary})
+    ties.update({n: _field(e, "tied_to") for n, e in layers.items() if _field(e, "tied_to")})
+    swap_lowrank_(model, ranks)
+    unneeded = restore_ties_(model, ties, set(ranks))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in unneeded]
+    if missing:
+        raise LowrankError(f"{source}: the checkpoint lacks {len(missing)} tensor(s) the model "
+                           f"needs, e.g. {missing[0]!r} (was it made for another architecture?)")
+    # Unexpected keys are tolerated as transformers does (e.g. non-persistent position_ids
+    # saved by older versions), unless they are factors that found no module.
+    stray = [k for k in unexpected if k.endswith((".A", ".B"))]
+    if stray:
+        raise LowrankError(f"{source}: factor {stray[0]!r} has no low-rank module to go into")
+    return model.eval()
+
+
+def model_ties(model: nn.Module) -> list[list[str]]:
+    """Names of the parameters ``model`` shares (e.g. ``lm_head.weight`` and
+    ``model.embed_tokens.weight`` under ``tie_word_embeddings``), one list per shared one."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]

@@ -1,0 +1,225 @@
+"""Singular-value spectra of weight matrices: energy curve, effective ranks, break-even rank.
+
+A tensor of shape (out, in, *kernel) is viewed as an out × (in·prod(kernel)) matrix, the
+matrix a factored conv computes. Spectra are exact (``torch.linalg.svdvals``) when the smaller
+side is at most ``exact_max_dim``; above that, the top-k values come from seeded randomized SVD
+with k = the break-even rank, because a layer factored beyond break-even is kept dense anyway.
+The total energy ‖W‖_F² is always exact, so energy fractions stay correct with a partial
+spectrum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..io.checkpoint import Checkpoint
+from ..io.files import check_format
+from ..linalg import layer_seed, matrix_view, randomized_svd, squared_norm, weighted
+from ..parallel import fixed_threads, open_source, ordered_map
+from ..pipeline.stage import Context, Stage, json_loader, json_saver, register_stage
+
+SPECTRA_FORMAT, SPECTRA_VERSION = "lowrank.spectra", 1
+
+ENERGY_LEVELS = (0.90, 0.95, 0.99)
+
+
+@dataclass(frozen=True)
+class AnalyzeSettings:
+    # Above this smaller-side size, only the top break-even-rank values are computed (randomized).
+    exact_max_dim: int = 2048
+    # Randomized SVD: extra columns beyond k, and power iterations (accuracy vs time).
+    oversample: int = 10
+    niter: int = 4
+    seed: int = 0
+
+
+@dataclass
+class Spectrum:
+    name: str
+    shape: tuple[int, ...]
+    rows: int
+    cols: int
+    singular_values: list[float]  # descending; all min(rows, cols) when exact, else the top k
+    total_energy: float  # ‖W‖_F², exact
+    exact: bool
+    finite: bool = True  # False when the tensor holds NaN/Inf (no spectrum computed)
+
+    @property
+    def break_even(self) -> float:
+        """Factoring at rank r saves parameters only while r < mn / (m + n)."""
+        return self.rows * self.cols / (self.rows + self.cols)
+
+    @property
+    def stable_rank(self) -> float:
+        top = self.singular_values[0] ** 2 if self.singular_values else 0.0
+        return self.total_energy / top if top > 0 else 0.0
+
+    def energy_at(self, rank: int) -> float | None:
+        """Fraction of ‖W‖_F² kept by the best rank-``rank`` approximation (None: not computed)."""
+        if self.total_energy == 0:
+            return 1.0
+        if rank > len(self.singular_values) and not self.exact:
+            return None
+        return min(1.0, sum(s * s for s in self.singular_values[:rank]) / self.total_energy)
+
+    def energy_curve(self) -> list[float]:
+        """energy_curve()[r-1] = energy_at(r), for each computed rank."""
+        total, acc, curve = self.total_energy or 1.0, 0.0, []
+        for s in self.singular_values:
+            acc += s * s
+            curve.append(min(1.0, acc / total))
+        return curve
+
+    def rank_for_energy(self, energy: float) -> int | None:
+        """Smallest rank keeping ``energy`` of ‖W‖_F², or None when beyond the computed values."""
+        if self.total_energy == 0:
+            return 1
+        for r, kept in enumerate(self.energy_curve(), start=1):
+            if kept >= energy - 1e-12:
+                return r
+        return min(self.rows, self.cols) if self.exact else None
+
+    def params_saved(self, rank: int) -> int:
+        return self.rows * self.cols - rank * (self.rows + self.cols)
+
+    def summary(self) -> dict:
+        ranks = {f"{e:.2f}": self.rank_for_energy(e) if self.finite else None for e in ENERGY_LEVELS}
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "matrix": [self.rows, self.cols],
+            "params": self.rows * self.cols,
+            "exact": self.exact,
+            "finite": self.finite,
+            "stable_rank": round(self.stable_rank, 3),
+            "break_even_rank": math.floor(self.break_even),
+            "rank_at_energy": ranks,
+            "params_saved_at_energy": {
+                k: (self.params_saved(r) if r is not None else None) for k, r in ranks.items()
+            },
+        }
+
+
+@dataclass
+class Spectra:
+    """The analyze stage's artifact: one :class:`Spectrum` per float matrix of a checkpoint."""
+
+    settings: AnalyzeSettings
+    matrices: dict[str, Spectrum] = field(default_factory=dict)
+    total_params: int = 0  # every tensor of the checkpoint, 1-D and integer ones included
+    format_version: int = SPECTRA_VERSION
+
+    def to_json(self) -> dict:
+        return {
+            "format": SPECTRA_FORMAT,
+            "version": self.format_version,
+            "settings": asdict(self.settings),
+            "total_params": self.total_params,
+            "matrices": [asdict(s) for s in self.matrices.values()],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Spectra:
+        check_format(data, SPECTRA_FORMAT, SPECTRA_VERSION, "spectra")
+        matrices = {}
+        for m in data["matrices"]:
+            m = dict(m, shape=tuple(m["shape"]))
+            matrices[m["name"]] = Spectrum(**m)
+        return cls(AnalyzeSettings(**data["settings"]), matrices, data["total_params"],
+                   data["version"])
+
+
+def is_matrix(dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
+    return dtype.is_floating_point and len(shape) >= 2 and min(shape) > 0
+
+
+def matrix_infos(ckpt: Checkpoint) -> list:
+    """The tensors :func:`analyze` covers (also the length of its progress)."""
+    return [i for i in ckpt.infos() if is_matrix(i.dtype, i.shape)]
+
+
+def analyze_matrix(name: str, tensor: torch.Tensor, settings: AnalyzeSettings,
+                   weighting=None) -> Spectrum:
+    """Spectrum of one tensor; of its data-aware weighted matrix when ``weighting`` is given
+    (see :mod:`lowrank.linalg`), so energies are output energies on calibration data."""
+    w = matrix_view(tensor)
+    rows, cols = w.shape
+    # Non-finite too: float64 values so large (> ~1e154) that the energy ‖W‖² overflows.
+    if not torch.isfinite(w).all() or (
+            w.dtype == torch.float64 and not math.isfinite(squared_norm(w))):
+        return Spectrum(name, tuple(tensor.shape), rows, cols, [], 0.0, exact=True, finite=False)
+    if weighting is not None:
+        w = weighted(w.double(), weighting)
+    total = squared_norm(w)
+    if min(rows, cols) <= settings.exact_max_dim:
+        values = torch.linalg.svdvals(w)
+        exact = True
+    else:
+        k = max(1, math.floor(rows * cols / (rows + cols)))
+        _, values, _ = randomized_svd(w, k, settings.oversample, settings.niter,
+                                      layer_seed(settings.seed, name))
+        exact = False
+    return Spectrum(name, tuple(tensor.shape), rows, cols, [float(v) for v in values], total, exact)
+
+
+def analyze_task(source, name: str, settings: AnalyzeSettings, weighting=None) -> Spectrum:
+    """:func:`analyze_matrix` of one tensor of checkpoint ``source`` (open, or its path in a
+    worker process), with a fixed thread count so results don't depend on the parallel layout."""
+    with fixed_threads():
+        return analyze_matrix(name, open_source(source).get(name), settings, weighting)
+
+
+def analyze(
+    ckpt: Checkpoint,
+    settings: AnalyzeSettings = AnalyzeSettings(),
+    on_matrix: Callable[[str], None] | None = None,
+    stats=None,
+    workers: int = 1,
+    executor: str = "process",
+) -> Spectra:
+    """Compute the spectrum of every floating-point tensor with two or more dimensions.
+
+    Args:
+        ckpt: an open checkpoint (tensors are read one at a time).
+        settings: exact/randomized cut-over and randomized-SVD parameters.
+        on_matrix: called with each tensor name after it is analyzed (progress bars).
+        stats: :class:`~lowrank.stages.calibrate.ActivationStats`; when given, layers with calibration
+            data get their calibrated (output-energy) spectrum.
+        workers, executor: matrices in parallel (see :mod:`lowrank.parallel`); same result.
+
+    Returns:
+        :class:`Spectra`, JSON-serializable with :meth:`Spectra.to_json`.
+    """
+    spectra = Spectra(settings, total_params=ckpt.num_params())
+    infos = matrix_infos(ckpt)
+    source = str(ckpt.path) if workers > 1 or executor != "process" else ckpt
+
+    def tasks():
+        for info in infos:
+            cols = math.prod(info.shape[1:])
+            yield (source, info.name, settings,
+                   stats.weighting(info.name, cols) if stats is not None else None)
+
+    for spectrum in ordered_map(analyze_task, tasks(), workers, executor):
+        spectra.matrices[spectrum.name] = spectrum
+        if on_matrix:
+            on_matrix(spectrum.name)
+    return spectra
+
+
+def _run(ctx: Context, settings: AnalyzeSettings, calibrate=None) -> Spectra:
+    with ctx.track("analyze", len(matrix_infos(ctx.checkpoint))) as advance:
+        return analyze(ctx.checkpoint, settings, advance, stats=calibrate,
+                       workers=ctx.workers, executor=ctx.executor)
+
+
+register_stage(Stage(
+    "analyze", (), AnalyzeSettings, _run,
+    save=json_saver("spectra.json", Spectra.to_json),
+    load=json_loader("spectra.json", Spectra.from_json),
+    uses=("calibrate",),
+))

@@ -1,0 +1,259 @@
+"""Calibration: activation statistics of a model on sample text, through forward hooks.
+
+For every Linear the input Gram matrix G = Σ x xᵀ over real (non-padding) tokens, in float64,
+streamed over batches, plus Σ|x| for activation-scaling; for every Embedding the count of each
+row looked up. A Conv1d/Conv2d's rows are its input patches (unfolded to in·kernel columns,
+the layout of its factored matrix); an LSTM/GRU/RNN's weight_ih_l{k} sees its layer's inputs
+and weight_hh_l{k} the previous hidden states, traced by re-running the recurrence on the dense
+weights (:func:`lowrank.nn.recurrent.dense_rnn_forward`; padding is not masked there). These drive
+data-aware factorization (:mod:`lowrank.linalg`): truncating W G^½ instead of W keeps the
+layer's *outputs* on this data as well as rank r allows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from ..errors import InputError
+from ..io.checkpoint import Checkpoint
+from ..io.files import check_format, write_json
+from ..io.safetensors import save_tensors
+from ..io.samples import Samples, model_batches, num_samples, read_calibration
+from ..linalg import METHODS, make_weighting
+from ..models import Models
+from ..naming import weight_name
+from ..nn.recurrent import dense_rnn_forward
+from ..pipeline.stage import Context, Stage, register_stage
+
+STATS_FORMAT, STATS_VERSION = "lowrank.stats", 1
+
+
+@dataclass(frozen=True)
+class CalibrateSettings:
+    # Text, one sample per line; None = the small text shipped with lowrank.
+    calibration_file: str | None = None
+    samples: int = 256  # lines used (the first N)
+    max_length: int = 128  # tokens per sample; longer samples are truncated
+    batch_size: int = 16
+    # How the statistics weight the SVD (lowrank.data_aware): "whiten" (optimal output error)
+    # or "scale" (ASVD-style, input channels scaled by mean|x|^scale_alpha).
+    method: str = "whiten"
+    scale_alpha: float = 0.5
+    token_smoothing: float = 1.0  # added to every embedding row's count: unseen rows still count
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise InputError(f"calibration method must be one of {', '.join(METHODS)}, "
+                             f"got {self.method!r}")
+        if self.samples < 1 or self.max_length < 1 or self.batch_size < 1:
+            raise InputError("calibration samples, max_length and batch_size must be >= 1")
+
+
+@dataclass
+class ActivationStats:
+    """The calibrate stage's artifact, keyed by weight name (``<module>.weight``)."""
+
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ x xᵀ, float64 (in × in)
+    abs_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ |x|, float64 (in,)
+    token_counts: dict[str, torch.Tensor] = field(default_factory=dict)  # rows looked up (num,)
+    tokens: int = 0  # real tokens seen
+    samples: int = 0
+    settings: CalibrateSettings = CalibrateSettings()
+
+    def weighting(self, name: str, cols: int):
+        """The data-aware weighting of tensor ``name`` (None: no data seen, use plain SVD)."""
+        s = self.settings
+        return make_weighting(name, self, s.method, s.scale_alpha, s.token_smoothing, cols)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for kind, d in (("gram", self.grams), ("abs", self.abs_sums), ("count", self.token_counts)):
+            out.update({f"{kind}:{name}": t.contiguous() for name, t in d.items()})
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], tokens: int, samples: int,
+                     settings: CalibrateSettings):
+        stats = cls(tokens=tokens, samples=samples, settings=settings)
+        target = {"gram": stats.grams, "abs": stats.abs_sums, "count": stats.token_counts}
+        for key, t in tensors.items():
+            kind, name = key.split(":", 1)
+            target[kind][name] = t
+        return stats
+
+
+def conv_patches(conv: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """(batch, positions, in·kernel): the input patch each output position multiplies, in the
+    column order of the (out, in·kernel) view of the kernel."""
+    one_d = conv.weight.dim() == 3
+    if x.dim() == conv.weight.dim() - 1:  # unbatched
+        x = x.unsqueeze(0)
+    if one_d:  # a 1-D conv is a 2-D one of height 1
+        x = x.unsqueeze(2)
+
+    def pad2(v, fill):  # 1-D settings as the width of a height-1 2-D conv
+        return (fill, v[0]) if one_d else tuple(v)
+
+    kernel, stride, dilation = (pad2(conv.kernel_size, 1), pad2(conv.stride, 1),
+                                pad2(conv.dilation, 1))
+    padding = conv.padding
+    if isinstance(padding, str):  # "valid" or "same" (stride 1): pad explicitly, maybe unevenly
+        padding = (0, 0)
+        if conv.padding == "same":
+            total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            x = F.pad(x, [total[1] // 2, total[1] - total[1] // 2,
+                          total[0] // 2, total[0] - total[0] // 2])
+    else:
+        padding = pad2(padding, 0)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    return cols.transpose(1, 2)
+
+
+class _Recorder:
+    """Forward hooks that accumulate statistics for named Linear, Embedding, Conv1d/2d and
+    LSTM/GRU/RNN modules."""
+
+    def __init__(self, model: nn.Module, stats: ActivationStats, only: set[str] | None = None):
+        self.stats, self.mask, self.handles = stats, None, []
+        for fqn, module in model.named_modules():
+            if isinstance(module, nn.RNNBase):
+                self._hook_rnn(fqn, module, only)
+                continue
+            name = weight_name(fqn)
+            if only is not None and name not in only:
+                continue
+            if isinstance(module, nn.Linear):
+                self.handles.append(module.register_forward_pre_hook(self._linear(name)))
+            elif isinstance(module, nn.Embedding):
+                self.handles.append(module.register_forward_pre_hook(self._embedding(name, module)))
+            elif isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1 \
+                    and module.padding_mode == "zeros":
+                self.handles.append(module.register_forward_pre_hook(self._conv(name, module)))
+
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        s = self.stats
+        if name in s.grams:
+            s.grams[name] += x.T @ x
+            s.abs_sums[name] += x.abs().sum(0)
+        else:
+            s.grams[name], s.abs_sums[name] = x.T @ x, x.abs().sum(0)
+
+    def _conv(self, name, module):
+        def hook(mod, args):
+            patches = conv_patches(mod, args[0].detach())
+            if self.mask is not None and patches.shape[:2] == self.mask.shape:
+                patches = patches[self.mask]  # a same-padded 1-D conv over tokens
+            self._accumulate(name, patches)
+        return hook
+
+    def _hook_rnn(self, fqn: str, module: nn.RNNBase, only: set[str] | None) -> None:
+        if type(module) not in (nn.LSTM, nn.GRU, nn.RNN) or getattr(module, "proj_size", 0):
+            return
+        prefix = f"{fqn}." if fqn else ""
+
+        def record(weight: str, x: torch.Tensor) -> None:
+            if only is None or prefix + weight in only:
+                self._accumulate(prefix + weight, x.detach())
+
+        def hook(mod, args, kwargs):
+            inputs = list(args) + [kwargs[k] for k in ("input", "hx") if k in kwargs]
+            if not inputs or isinstance(inputs[0], nn.utils.rnn.PackedSequence):
+                return  # packed sequences: no statistics, plain SVD for this module
+            dense_rnn_forward(mod, inputs[0], inputs[1] if len(inputs) > 1 else None, record)
+
+        self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        # Padding tokens are not data: drop them when the leading dims are (batch, seq).
+        if self.mask is not None and x.shape[:-1] == self.mask.shape:
+            return x[self.mask]
+        return x.reshape(-1, x.shape[-1])
+
+    def _linear(self, name):
+        def hook(module, args):
+            self._accumulate(name, self._rows(args[0].detach()))
+        return hook
+
+    def _embedding(self, name, module):
+        def hook(mod, args):
+            ids = args[0].detach()
+            ids = ids[self.mask] if self.mask is not None and ids.shape == self.mask.shape else ids
+            counts = torch.bincount(ids.reshape(-1), minlength=module.num_embeddings).double()
+            s = self.stats.token_counts
+            s[name] = s[name] + counts if name in s else counts
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def collect_stats(model: nn.Module, tokenizer, data: Samples, settings: CalibrateSettings,
+                  on_batch=None, only: set[str] | None = None) -> ActivationStats:
+    """Run ``model`` over ``data`` (text lines or input tensors) in batches and accumulate
+    :class:`ActivationStats` (for the weights named in ``only``, or all)."""
+    stats = ActivationStats(samples=num_samples(data), settings=settings)
+    recorder = _Recorder(model, stats, only)
+    done = 0
+    try:
+        with torch.inference_mode():
+            for inputs, mask in model_batches(data, tokenizer, settings.batch_size,
+                                              settings.max_length):
+                recorder.mask = mask
+                first = next(iter(inputs.values()))
+                stats.tokens += int(mask.sum()) if mask is not None else first.shape[0]
+                model(**inputs)
+                done += first.shape[0]
+                if on_batch:
+                    on_batch(f"{done} samples")
+    finally:
+        recorder.remove()
+    return stats
+
+
+def calibrate(ckpt: Checkpoint, settings: CalibrateSettings = CalibrateSettings(),
+              on_batch=None, factory=None) -> ActivationStats:
+    """Activation statistics of ``ckpt``'s dense model on the calibration text (or tensors);
+    ``factory`` builds the model of a non-HF checkpoint (:data:`lowrank.models.ModelFactory`).
+
+    Example:
+        >>> stats = calibrate(open_checkpoint("all-MiniLM-L6-v2/"))  # doctest: +SKIP
+        >>> stats.grams["encoder.layer.0.attention.self.query.weight"].shape  # doctest: +SKIP
+        torch.Size([384, 384])
+    """
+    data = read_calibration(settings.calibration_file, settings.samples)
+    models = Models(ckpt, factory)
+    model, tokenizer = models.runnable_model(need_tokenizer=isinstance(data, list))
+    return collect_stats(model, tokenizer, data, settings, on_batch)
+
+
+def save_stats(stats: ActivationStats, directory: Path) -> None:
+    save_tensors(directory / "stats.safetensors", stats.to_tensors())
+    write_json(directory / "stats.json", {"format": STATS_FORMAT, "version": STATS_VERSION,
+                                          "tokens": stats.tokens, "samples": stats.samples,
+                                          "settings": asdict(stats.settings)})
+
+
+def load_stats(directory: Path) -> ActivationStats:
+    meta = check_format(json.loads((directory / "stats.json").read_text()), STATS_FORMAT,
+                        STATS_VERSION, directory / "stats.json")
+    return ActivationStats.from_tensors(load_file(str(directory / "stats.safetensors")),
+                                        meta["tokens"], meta["samples"],
+                                        CalibrateSettings(**meta["settings"]))
+
+
+def _run(ctx: Context, settings: CalibrateSettings) -> ActivationStats:
+    batches = -(-settings.samples // settings.batch_size)
+    with ctx.track("calibrate", batches) as advance:
+        return calibrate(ctx.checkpoint, settings, advance, ctx.models.factory)
+
+
+register_stage(Stage("calibrate", (), CalibrateSettings, _run, save_stats, load_stats))

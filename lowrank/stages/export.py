@@ -1,0 +1,283 @@
+"""ONNX export of a dense or low-rank HF model, validated against PyTorch.
+
+The graph computes each factored layer as two MatMuls, x·Bᵀ then ·Aᵀ — never a folded A·B
+(onnxruntime has no MatMul→MatMul fusion and would keep the folded dense weight) — and :func:`check_factors`
+proves it by finding every factor among the saved initializers. Encoders follow Optimum's names:
+inputs ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model takes it), output
+``last_hidden_state``; causal LMs output ``logits``; dynamic axes ``batch_size`` and
+``sequence_length``. Models over 2 GB are saved with external data (``model.onnx_data``).
+
+Other models (a model factory's: CNNs, LSTMs) are exported from example tensor inputs (a
+.safetensors/.pt file, samples on dim 0): inputs keep the file's names, the output is
+``logits`` (or ``output``), only the batch axis is dynamic, and validation runs real samples.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..backends import require
+from ..errors import InputError, ValidationError
+from ..io.files import write_json
+from ..io.samples import LABELS, is_tensor_file, num_samples, read_calibration_tensors
+from ..models import output_tensor
+from ..nn.adapters import lowrank_modules
+from ..pipeline.stage import Context, Stage, register_stage
+from .evaluate import is_causal_lm
+from .factored import LowRankCheckpoint
+
+TWO_GB = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    opset: int = 17
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    # Validation inputs: (batch, sequence) pairs of random token ids.
+    shapes: tuple[tuple[int, int], ...] = ((1, 8), (2, 16), (4, 33))
+    seed: int = 0
+    # Models that take tensors (a model factory's): example inputs, a .safetensors/.pt file of
+    # name -> tensor (samples on dim 0); `compress` with a factory uses the calibration file.
+    inputs_file: str | None = None
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    inputs: list[str]
+    outputs: list[str]
+    validation: list[dict] = field(default_factory=list)  # per input shape
+    factors: dict = field(default_factory=dict)  # check_factors' result
+    bytes: int = 0
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+class _Wrapper(nn.Module):
+    """Named tensor inputs in, one named tensor out (what onnxruntime users feed and read)."""
+
+    def __init__(self, model: nn.Module, inputs: list[str], output: str):
+        super().__init__()
+        self.model, self.inputs, self.output = model, inputs, output
+
+    def forward(self, *args):
+        out = self.model(**dict(zip(self.inputs, args)))
+        if isinstance(out, torch.Tensor):
+            return out
+        return getattr(out, self.output, None) if hasattr(out, self.output) else output_tensor(out)
+
+
+def model_io(model: nn.Module) -> tuple[list[str], str]:
+    params = inspect.signature(model.forward).parameters
+    inputs = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in params]
+    return inputs, "logits" if is_causal_lm(model) else "last_hidden_state"
+
+
+def _example(inputs: list[str], batch: int, seq: int, vocab: int, generator) -> list[torch.Tensor]:
+    tensors = []
+    for name in inputs:
+        if name == "input_ids":
+            tensors.append(torch.randint(0, vocab, (batch, seq), generator=generator))
+        elif name == "attention_mask":
+            mask = torch.ones(batch, seq, dtype=torch.long)
+            mask[1:, seq // 2:] = 0  # padded rows exercise the mask
+            tensors.append(mask)
+        else:
+            tensors.append(torch.zeros(batch, seq, dtype=torch.long))
+    return tensors
+
+
+def tensor_feeds(data: dict[str, torch.Tensor]) -> tuple[list[str], list[list[torch.Tensor]]]:
+    """Input names (labels left out) and validation feeds of 1, 2 and 4 samples from ``data``."""
+    names = [k for k in data if k != LABELS]
+    n, feeds, start = num_samples(data), [], 0
+    for size in (1, 2, 4):
+        if start >= n:
+            break
+        feeds.append([data[k][start:start + size] for k in names])
+        start += size
+    return names, feeds
+
+
+def export_onnx(model: nn.Module, path: Path, settings: ExportSettings = ExportSettings(),
+                inputs: dict[str, torch.Tensor] | None = None) -> ExportResult:
+    """Write ``model`` to ``path`` (ONNX), validate it with onnxruntime, check the factors.
+
+    ``inputs`` (name -> tensor, samples on dim 0) exports a model that takes tensors, not
+    token ids: traced on two samples, validated on 1, 2 and 4 others.
+
+    Raises:
+        ValidationError: onnxruntime's outputs differ from PyTorch's beyond atol/rtol on any
+            validation input, or a factor is missing from the graph.
+    """
+    onnx = require("onnx")
+
+    model = model.eval()
+    vocab = model.config.vocab_size if hasattr(model, "config") else 100
+    generator = torch.Generator().manual_seed(settings.seed)
+    if inputs is None:
+        names, output = model_io(model)
+        example = tuple(_example(names, 2, 8, vocab, generator))
+        axes = {n: {0: "batch_size", 1: "sequence_length"} for n in (*names, output)}
+        feeds = None
+    else:
+        names, feeds = tensor_feeds(inputs)
+        with torch.no_grad():
+            out = model(**{n: inputs[n][:2] for n in names})
+        output = "logits" if isinstance(out, torch.Tensor) or hasattr(out, "logits") else "output"
+        example = tuple(inputs[n][:2] for n in names)
+        axes = {n: {0: "batch_size"} for n in (*names, output)}
+    inputs = names
+    wrapper = _Wrapper(model, inputs, output).eval()  # export restores this mode: keep eval
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter, not user-facing
+        torch.onnx.export(wrapper, example, str(path), input_names=inputs, output_names=[output],
+                          dynamic_axes=axes, opset_version=settings.opset, dynamo=False,
+                          # keep initializer names, so check_factors can find every factor
+                          do_constant_folding=False)
+    if n_bytes > TWO_GB:  # protobuf's limit: move the weights next to the graph
+        proto = onnx.load(str(path))
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + "_data")
+    result = ExportResult(path, inputs, [output])
+    result.factors = check_factors(model, path)
+    result.validation = validate(wrapper, path, inputs, vocab, settings, feeds)
+    result.bytes = sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
+    failed = [v for v in result.validation if not v["ok"]]
+    if failed:
+        v = failed[0]
+        raise ValidationError(
+            f"{path}: onnxruntime differs from PyTorch on input {v['shape']}: max abs diff "
+            f"{v['max_abs_diff']:.3g}, {v['within_tolerance']:.4%} of elements within "
+            f"atol={settings.atol}/rtol={settings.rtol}")
+    return result
+
+
+def check_factors(model: nn.Module, path: Path) -> dict:
+    """Every low-rank factor used by the graph must be an initializer of its own, so onnxruntime
+    multiplies by B then A. The export keeps parameter names (no exporter constant folding), so
+    a module whose factors are both absent was pruned as unused by the output (e.g. BERT's
+    pooler for ``last_hidden_state``); one factor without the other means A·B was folded."""
+    onnx = require("onnx")
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    names = {i.name.removeprefix("model.") for i in graph.initializer}
+    found, unused = 0, []
+    for name, module in lowrank_modules(model).items():
+        present = [f"{name}.{f}" in names for f in ("A", "B")]
+        if all(present):
+            found += 2
+        elif not any(present):
+            unused.append(name)
+        else:
+            raise ValidationError(f"{path}: only one factor of {name} is in the graph (was A·B "
+                                  f"folded into one weight?)")
+    if found == 0 and unused:
+        raise ValidationError(f"{path}: no low-rank factor is in the graph")
+    return {"factors": found, "unused_modules": unused}
+
+
+def validate(wrapper: nn.Module, path: Path, inputs: list[str], vocab: int,
+             settings: ExportSettings, feeds: list[list[torch.Tensor]] | None = None) -> list[dict]:
+    """Max abs diff and share of elements within tolerance, per random input shape (or per
+    given feed: lists of input tensors in the order of ``inputs``)."""
+    ort = require("onnxruntime")
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 0, 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+    results = []
+    if feeds is None:
+        feeds = [_example(inputs, batch, seq, vocab, generator) for batch, seq in settings.shapes]
+    for feed in feeds:  # shape: (batch, sequence) of token ids, or the first input tensor's
+        with torch.no_grad():
+            expected = wrapper(*feed).float().numpy()
+        got = session.run(None, {n: t.numpy() for n, t in zip(inputs, feed)})[0]
+        close = np.isclose(got, expected, atol=settings.atol, rtol=settings.rtol)
+        diff = float(np.abs(got - expected).max()) if got.size else 0.0
+        results.append({"shape": list(feed[0].shape), "max_abs_diff": diff,
+                        "within_tolerance": float(close.mean()), "ok": bool(close.all())})
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline stage: its artifact is an ONNX model on disk, never its bytes in memory (models
+# over 2 GB come with external data).
+
+
+@dataclass
+class OnnxArtifact:
+    directory: Path  # model.onnx (+ model.onnx_data) and nothing else
+    result: dict  # ExportResult.to_json() without the path (or the int8 stage's info)
+    owner: tempfile.TemporaryDirectory | None = None  # a scratch directory, removed with this
+
+    @property
+    def path(self) -> Path:
+        return self.directory / "model.onnx"
+
+
+def write_onnx(artifact: OnnxArtifact, directory: Path) -> None:
+    """``directory``/model.onnx (+ its data) and export.json: what OUTPUT/onnx holds."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for file in artifact.directory.iterdir():
+        shutil.copyfile(file, directory / file.name)
+    write_json(directory / "export.json", artifact.result)
+
+
+def save_onnx(artifact: OnnxArtifact, directory: Path) -> None:
+    """The cache keeps the model files apart from export.json, so loading needs no copy."""
+    write_onnx(artifact, directory / "model")
+    (directory / "model" / "export.json").replace(directory / "export.json")
+
+
+def load_onnx(directory: Path) -> OnnxArtifact:
+    return OnnxArtifact(directory / "model", json.loads((directory / "export.json").read_text()))
+
+
+def onnx_scratch(ctx: Context, stage: str) -> tempfile.TemporaryDirectory:
+    """Where a stage writes its ONNX files: beside OUTPUT when the run has a work directory."""
+    return ctx.scratch(stage) or tempfile.TemporaryDirectory(prefix=f"lowrank-{stage}-")
+
+
+def _run(ctx: Context, settings: ExportSettings, factorize: LowRankCheckpoint,
+         recover=None) -> OnnxArtifact:
+    final = recover or factorize
+    if not ctx.models.runnable:
+        raise InputError(f"{ctx.checkpoint.path}: ONNX export needs an architecture: give an HF "
+                         f"model directory (config.json) or a model factory")
+    example = (read_calibration_tensors(settings.inputs_file, 8, warn=False)
+               if is_tensor_file(settings.inputs_file) else None)
+    if example is None and ctx.checkpoint.model_dir is None:
+        raise InputError("ONNX export of a model factory's model needs example inputs: a "
+                         "tensor calibration file or [export] inputs_file")
+    model = ctx.models.compressed(final.tensors, final.layers)
+    scratch = onnx_scratch(ctx, "export")
+    with ctx.track("export", 1) as advance:
+        result = export_onnx(model, Path(scratch.name) / "model.onnx", settings, example)
+        advance("validated")
+    return OnnxArtifact(Path(scratch.name), {k: v for k, v in result.to_json().items()
+                                             if k != "path"}, scratch)
+
+
+register_stage(Stage(
+    "export", ("factorize",), ExportSettings, _run, save=save_onnx, load=load_onnx,
+    emit=lambda artifact, out, ctx: write_onnx(artifact, out / "onnx"),
+    uses=("recover",),
+))

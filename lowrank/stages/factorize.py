@@ -1,0 +1,270 @@
+"""Factorization: W ≈ A·B by truncated SVD (exact or seeded randomized) for every planned matrix,
+data-aware when calibration statistics are given (:mod:`lowrank.linalg`).
+
+:func:`factorize` streams a checkpoint to a factored one (the pipeline's stage);
+:func:`factorize_` factors a model a user already holds, in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import InputError, LowrankError
+from ..io.checkpoint import Checkpoint, LazyTensors
+from ..io.safetensors import ShardWriter
+from ..linalg import Weighting, factorize_matrix, layer_seed, matrix_view
+from ..models import Models, model_ties
+from ..naming import RECURRENT, factor_names, module_name, split_owner
+from ..nn.swap import swap_lowrank_
+from ..parallel import fixed_threads, open_source, ordered_map
+from ..pipeline.stage import Context, Stage, register_stage
+from ..version import __version__
+from .analyze import matrix_infos
+from .factored import LayerResult, LowRankCheckpoint, load_lowrank, save_lowrank
+from .plan import RankPlan
+from .sequential import sequential_factors
+
+
+@dataclass(frozen=True)
+class FactorizeSettings:
+    # "auto": exact SVD when min(m, n) <= exact_max_dim, else randomized (torch.svd_lowrank).
+    method: str = "auto"
+    exact_max_dim: int = 2048
+    oversample: int = 10  # randomized: extra sketch columns beyond the rank
+    niter: int = 4  # randomized: power iterations (more = closer to exact, slower)
+    seed: int = 0
+    # With calibration: recollect each layer group's statistics on the model with upstream
+    # layers already factored (lowrank.stages.sequential); one forward pass per block.
+    sequential: bool = False
+
+    def __post_init__(self):
+        if self.method not in ("auto", "exact", "randomized"):
+            raise InputError(f"factorize method must be auto, exact or randomized, "
+                             f"got {self.method!r}")
+
+
+def choose_method(rows: int, cols: int, settings: FactorizeSettings) -> str:
+    if settings.method != "auto":
+        return settings.method
+    return "exact" if min(rows, cols) <= settings.exact_max_dim else "randomized"
+
+
+def find_ties(ckpt: Checkpoint, model=None) -> dict[str, str]:
+    """Matrices of ``ckpt`` that are one weight under two names: {alias: primary}, the primary
+    being the first name in checkpoint order. Found by shared storage (a torch state dict saved
+    with tied parameters) and, given the dense architecture ``model`` (the meta device will do),
+    by the parameters it shares (``tie_word_embeddings``) when both names are in the checkpoint.
+    """
+    names = [i.name for i in matrix_infos(ckpt)]
+    groups: list[list[str]] = []
+    if ckpt.kind == "torch":
+        by_storage: dict[tuple, list[str]] = {}
+        for name in names:
+            t = ckpt.get(name)
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+            by_storage.setdefault(key, []).append(name)
+        groups += list(by_storage.values())
+    if model is not None:
+        groups += model_ties(model)
+    order = {n: i for i, n in enumerate(names)}
+    ties: dict[str, str] = {}
+    for group in groups:
+        present = sorted({n for n in group if n in order}, key=order.__getitem__)
+        for alias in present[1:]:
+            ties[alias] = ties.get(present[0], present[0])
+    return ties
+
+
+def factor_task(source, name: str, rank: int, settings: FactorizeSettings,
+                weighting: Weighting | None) -> tuple[str, torch.Tensor, torch.Tensor, LayerResult]:
+    """Factor one matrix of checkpoint ``source`` (an open one, or its path in a worker process).
+
+    Runs with a fixed thread count (:func:`lowrank.parallel.fixed_threads`), so the bytes do not
+    depend on whether it ran serially, in a process pool or on Ray.
+    """
+    ckpt = open_source(source)
+    info = ckpt.info(name)
+    with fixed_threads():
+        w = matrix_view(ckpt.get(name))
+        method = choose_method(*w.shape, settings)
+        A, B, energy, err = factorize_matrix(
+            w, rank, method, layer_seed(settings.seed, name), settings.oversample,
+            settings.niter, weighting,
+        )
+    if weighting is not None:
+        method = f"{method}+{weighting.kind}"
+    return (name, A.to(info.dtype), B.to(info.dtype),
+            LayerResult(list(info.shape), rank, method, energy, err))
+
+
+def factorize(
+    ckpt: Checkpoint,
+    plan: RankPlan,
+    settings: FactorizeSettings = FactorizeSettings(),
+    on_layer: Callable[[str], None] | None = None,
+    stats=None,
+    ties: dict[str, str] | None = None,
+    out_dir: Path | None = None,
+    workers: int = 1,
+    executor: str = "process",
+) -> LowRankCheckpoint:
+    """Replace each planned matrix of ``ckpt`` by its factors; copy every other tensor.
+
+    With calibration ``stats`` (:class:`~lowrank.stages.calibrate.ActivationStats`), layers that
+    saw data are factored data-aware (:mod:`lowrank.linalg`). ``ties`` ({alias: primary}, see
+    :func:`find_ties`; shared storage is always detected) keeps tied weights tied: the alias
+    is not written and follows its primary (factored once, whatever the plan says of it).
+
+    Memory: tensors are read one at a time. With ``out_dir`` the output is streamed into
+    safetensors files there (:class:`~lowrank.io.safetensors.ShardWriter`) and the result's ``tensors``
+    read from them lazily, so peak memory is a few times the largest tensor, not the model.
+    ``workers`` > 1 factors matrices in that many processes (``executor="ray"``: Ray tasks);
+    the output is byte-identical to a serial run.
+    """
+    infos = {info.name: info for info in ckpt.infos()}
+    ties = {**find_ties(ckpt), **(ties or {})}
+    planned = {n: layer.rank for n, layer in plan.layers.items()
+               if layer.rank is not None and n in infos and n not in ties}
+    parallel = workers > 1 or executor != "process"
+    source = str(ckpt.path) if parallel else ckpt
+
+    def weighting(name: str) -> Weighting | None:
+        return stats.weighting(name, math.prod(infos[name].shape[1:])) if stats is not None else None
+
+    done = {}
+    if stats is not None and settings.sequential:
+        recurrent = [n for n in planned if RECURRENT.match(split_owner(n)[1])]
+        if recurrent:
+            raise LowrankError(f"sequential statistics handle module weights only, not "
+                               f"{recurrent[0]} (leave it out, or factor without sequential)")
+
+        def factor(name: str, w: Weighting | None):
+            _, A, B, result = factor_task(ckpt, name, planned[name], settings, w)
+            if on_layer:
+                on_layer(name)
+            return A, B, result
+
+        done = sequential_factors(Models(ckpt), planned, stats, factor)
+    order = sorted(infos)
+    jobs = [n for n in order if n in planned and n not in done]
+    results = ordered_map(factor_task, ((source, n, planned[n], settings, weighting(n))
+                                        for n in jobs), workers, executor)
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, LayerResult] = {}
+    writer = ShardWriter(out_dir, {"lowrank_version": __version__}) if out_dir else None
+    put = writer.add if writer else tensors.__setitem__
+    with writer or contextlib.nullcontext(), contextlib.closing(results):
+        for name in order:
+            info, layer = infos[name], plan.layers.get(name)
+            if name in ties:
+                primary = ties[name]
+                shares = "factors" if primary in planned else "weight"
+                layers[name] = LayerResult(list(info.shape), None, reason=f"tied to {primary} "
+                                           f"(shares its {shares})", tied_to=primary)
+                continue
+            if name not in planned:
+                put(name, ckpt.get(name))
+                if layer is not None:
+                    layers[name] = LayerResult(list(info.shape), None, reason=layer.reason)
+                continue
+            if name in done:
+                A, B, result = done.pop(name)
+            else:
+                got, A, B, result = next(results)
+                assert got == name, (got, name)  # ordered_map keeps task order
+                if on_layer:
+                    on_layer(name)
+            a_name, b_name = factor_names(name)
+            put(a_name, A)
+            put(b_name, B)
+            layers[name] = result
+    layers = {n: layers[n] for n in infos if n in layers}  # checkpoint order, as before
+    stored = LazyTensors.open(out_dir) if out_dir else tensors
+    return LowRankCheckpoint(stored, layers, ckpt.num_params(), asdict(settings))
+
+
+def factorize_(model: nn.Module, plan: RankPlan | dict[str, int],
+               settings: FactorizeSettings = FactorizeSettings(), stats=None,
+               filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+    """Factor, in place, the weights of a model you already hold.
+
+    Args:
+        model: any ``nn.Module`` (its factored modules become :mod:`lowrank.nn.layers` ones).
+        plan: a :class:`RankPlan` or {tensor name: rank}, e.g. ``{"fc.weight": 16}``.
+        settings: SVD method and seed.
+        stats: calibration :class:`~lowrank.stages.calibrate.ActivationStats` for data-aware
+            factors (keyed by the same tensor names).
+        filter_fn: ``(module, fqn) -> bool`` picks which planned modules to factor.
+
+    Example:
+        >>> factorize_(model, {"0.weight": 8})  # doctest: +SKIP
+    """
+    ranks = ({n: layer.rank for n, layer in plan.layers.items() if layer.rank is not None}
+             if isinstance(plan, RankPlan) else dict(plan))
+    params = dict(model.named_parameters())
+    factors, module_ranks = {}, {}
+    for name, rank in ranks.items():
+        if name not in params:
+            raise InputError(f"the model has no weight {name!r} to factor")
+        fqn = module_name(name)
+        owner = model.get_submodule(split_owner(name)[0]) if "." in name else model
+        if filter_fn is not None and not filter_fn(owner, fqn):
+            continue
+        w = matrix_view(params[name].detach())
+        weighting = stats.weighting(name, w.shape[1]) if stats is not None else None
+        method = choose_method(*w.shape, settings)
+        with fixed_threads():
+            A, B, _, _ = factorize_matrix(w, rank, method, layer_seed(settings.seed, name),
+                                          settings.oversample, settings.niter, weighting)
+        factors[fqn], module_ranks[fqn] = (A.to(w.dtype), B.to(w.dtype)), rank
+    return swap_lowrank_(model, module_ranks, factors)
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline stage
+
+
+def _run(ctx: Context, settings: FactorizeSettings, plan: RankPlan,
+         calibrate=None) -> LowRankCheckpoint:
+    if settings.sequential and ctx.models.factory is not None:
+        raise InputError("sequential statistics run HF models only, not a model factory's")
+    scratch = ctx.scratch("factorize")
+    with ctx.track("factorize", len(plan.factored())) as advance:
+        result = factorize(ctx.checkpoint, plan, settings, advance, stats=calibrate,
+                           ties=find_ties(ctx.checkpoint, _tie_model(ctx)),
+                           out_dir=Path(scratch.name) if scratch else None,
+                           workers=ctx.workers, executor=ctx.executor)
+    if scratch:
+        result.tensors.owner = scratch
+    return result
+
+
+def _tie_model(ctx: Context) -> nn.Module | None:
+    """The architecture (meta device), for the ties it declares (tie_word_embeddings); None
+    when it cannot be built: ties by shared storage are still found, and loading restores the
+    model's own."""
+    if not ctx.models.runnable:
+        return None
+    try:
+        return ctx.models.architecture(meta=ctx.models.factory is None)
+    except (ValueError, KeyError, OSError, ImportError):
+        return None
+    except LowrankError:
+        if ctx.models.factory is not None:
+            raise
+        return None
+
+
+register_stage(Stage(
+    "factorize", ("plan",), FactorizeSettings, _run,
+    save=save_lowrank, load=load_lowrank,
+    emit=lambda artifact, out, ctx: save_lowrank(artifact, out, ctx.max_shard_bytes),
+    uses=("calibrate",), provides="checkpoint",
+))

@@ -1,0 +1,375 @@
+"""Rank planning: policies -> :class:`RankPlan`, a JSON file users can read, edit and re-apply.
+
+Keys are tensor names (``encoder.layer.0.attention.self.query.weight``); a layer whose rank is
+``null`` stays dense, with the reason recorded.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import InputError, LowrankError
+from ..io.files import check_format, read_json_file
+from ..naming import FACTORABLE, weight_name
+from ..pipeline.stage import Context, Stage, json_loader, json_saver, register_stage
+from ..timing import LatencyTable, machine_key
+from .allocate import Cost, allocate_budget, latency_cost, round_rank
+from .analyze import Spectra, Spectrum
+from .sensitivity import layer_weights
+
+PLAN_FORMAT, PLAN_VERSION = "lowrank.plan", 1
+
+POLICIES = ("energy", "rank", "rank_fraction", "param_ratio", "latency_ratio")
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """Exactly one policy field is set. Ranks are per matrix (out × in·kernel view)."""
+
+    energy: float | None = None  # keep this fraction of each matrix's spectral energy
+    rank: int | None = None  # the same rank for every matrix
+    rank_fraction: float | None = None  # rank = ceil(fraction × min(m, n))
+    param_ratio: float | None = None  # keep this fraction of the whole checkpoint's parameters
+    # Keep this fraction of the Linears' dense matmul time on this CPU, measured at the largest
+    # of latency_tokens (2048 when empty); other matrices (embeddings) stay dense.
+    latency_ratio: float | None = None
+    # Keep a matrix dense when its rank reaches guard × mn/(m+n): near break-even, factoring
+    # saves little and costs a second matmul (slower on CPUs, see DESIGN.md).
+    guard: float = 0.8
+    multiple: int = 1  # round ranks up to a multiple of this (SIMD/tile-friendly shapes)
+    min_numel: int = 4096  # smaller matrices stay dense: nothing worth saving
+    include: tuple[str, ...] = ()  # glob patterns on tensor names; empty = all
+    exclude: tuple[str, ...] = ()
+    # Keep a Linear dense when its factors are not faster than dense on this CPU at every one
+    # of these token counts (batch × sequence), by a cached microbenchmark (lowrank.latency).
+    latency_tokens: tuple[int, ...] = ()
+    latency_threads: int = 2
+
+    def __post_init__(self):
+        chosen = [p for p in POLICIES if getattr(self, p) is not None]
+        if len(chosen) != 1:
+            raise InputError(
+                "choose exactly one rank policy: energy, rank, rank_fraction, param_ratio or "
+                "latency_ratio"
+                + (f" (got {', '.join(chosen)})" if chosen else "")
+            )
+        for name in ("energy", "rank_fraction", "param_ratio", "latency_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise InputError(f"{name.replace('_', '-')} must be in (0, 1], got {value}")
+        if self.rank is not None and self.rank < 1:
+            raise InputError(f"rank must be >= 1, got {self.rank}")
+        if not 0 < self.guard <= 1:
+            raise InputError(f"guard must be in (0, 1], got {self.guard}")
+        if self.multiple < 1:
+            raise InputError(f"multiple must be >= 1, got {self.multiple}")
+
+    @property
+    def policy(self) -> str:
+        return next(p for p in POLICIES if getattr(self, p) is not None)
+
+
+@dataclass
+class LayerPlan:
+    shape: list[int]
+    rank: int | None  # None: keep dense
+    reason: str | None = None  # why it stays dense
+    energy: float | None = None  # expected fraction of spectral energy kept at ``rank``
+
+    def params(self) -> int:
+        m, n = self.shape[0], math.prod(self.shape[1:])
+        return m * n if self.rank is None else self.rank * (m + n)
+
+
+@dataclass
+class RankPlan:
+    layers: dict[str, LayerPlan]
+    total_params: int  # the whole checkpoint, dense
+    policy: dict = field(default_factory=dict)
+    format_version: int = PLAN_VERSION
+
+    @property
+    def params_after(self) -> int:
+        matrices_before = sum(math.prod(p.shape) for p in self.layers.values())
+        return self.total_params - matrices_before + sum(p.params() for p in self.layers.values())
+
+    def factored(self) -> dict[str, LayerPlan]:
+        return {k: v for k, v in self.layers.items() if v.rank is not None}
+
+    def to_json(self) -> dict:
+        layers = {}
+        for name, p in self.layers.items():
+            entry = {"shape": p.shape, "rank": p.rank}
+            if p.reason:
+                entry["reason"] = p.reason
+            if p.energy is not None:
+                entry["energy"] = round(p.energy, 6)
+            layers[name] = entry
+        after = self.params_after
+        return {
+            "format": PLAN_FORMAT,
+            "version": self.format_version,
+            "policy": self.policy,
+            "params": {"before": self.total_params, "after": after,
+                       "ratio": round(after / self.total_params, 6)},
+            "layers": layers,
+        }
+
+
+def _candidate_reason(name: str, s: Spectrum, settings: PlanSettings) -> str | None:
+    """Why a matrix cannot be factored at all, or None if it is a candidate."""
+    if settings.include and not any(fnmatch.fnmatchcase(name, p) for p in settings.include):
+        return "not included"
+    if any(fnmatch.fnmatchcase(name, p) for p in settings.exclude):
+        return "excluded"
+    if not FACTORABLE.search(name):
+        return ("not a module weight (factored: <module>.weight and the weight_ih/weight_hh_l<k> "
+                "of LSTM/GRU/RNN)")
+    if not s.finite:
+        return "contains NaN/Inf; kept as is"
+    if min(s.rows, s.cols) < 2:
+        return f"a {s.rows}x{s.cols} matrix: rank 1 saves nothing"
+    if s.rows * s.cols < settings.min_numel:
+        return f"tiny (< {settings.min_numel} elements)"
+    return None
+
+
+def _guarded(rank: int | None, s: Spectrum, settings: PlanSettings, why: str) -> LayerPlan:
+    shape = list(s.shape)
+    limit = settings.guard * s.break_even
+    if rank is None:
+        return LayerPlan(shape, None, f"{why} needs rank >= {math.floor(limit)} "
+                                      f"(guard {settings.guard} x break-even {s.break_even:.0f})")
+    if rank >= limit:
+        return LayerPlan(shape, None, f"rank {rank} >= guard {settings.guard} x break-even "
+                                      f"{s.break_even:.0f}: factoring would not pay")
+    return LayerPlan(shape, rank, energy=s.energy_at(rank))
+
+
+def make_plan(spectra: Spectra, settings: PlanSettings,
+              weights: dict[str, float] | None = None, latency=None,
+              matmul_names: set[str] | None = None) -> RankPlan:
+    """Choose a rank (or dense) for every matrix of ``spectra`` under ``settings``' policy.
+
+    ``weights`` (tensor name -> factor, default 1) scale each layer's energy in the global
+    ``param_ratio`` allocation; :func:`lowrank.sensitivity.layer_weights` measures them.
+    With ``settings.latency_tokens`` and a :class:`~lowrank.latency.LatencyTable`, every factored
+    matrix in ``matmul_names`` (Linear weights; default: names without "embed") whose factors
+    are not faster than dense on this CPU stays dense, and a budget is re-allocated without it.
+
+    Example:
+        >>> plan = make_plan(spectra, PlanSettings(param_ratio=0.6))  # doctest: +SKIP
+        >>> plan.params_after / plan.total_params  # doctest: +SKIP
+        0.5996
+    """
+    slow: dict[str, str] = {}  # matrices the latency check keeps dense, with the reason
+    for _ in range(10):  # each pass can only add to `slow`; a budget settles in a few
+        layers = _plan_layers(spectra, settings, weights or {}, slow, latency, matmul_names)
+        if not settings.latency_tokens or latency is None:
+            break
+        newly = {}
+        for name, layer in layers.items():
+            if layer.rank is None or name in slow:
+                continue
+            if not _is_matmul(name, matmul_names):
+                continue
+            s = spectra.matrices[name]
+            why = _slower_factored(latency, s, layer.rank, settings.latency_tokens)
+            if why:
+                newly[name] = why
+        if not newly:
+            break
+        slow.update(newly)
+    ordered = {name: layers[name] for name in spectra.matrices}
+    policy = {k: v for k, v in asdict(settings).items() if v is not None and v != ()}
+    return RankPlan(ordered, spectra.total_params, policy)
+
+
+def _budget_layers(candidates, costs, budget, settings, weights) -> dict[str, LayerPlan]:
+    ranks = allocate_budget(candidates, costs, budget, settings, weights)
+    return {n: _guarded(ranks[n], s, settings, "budget") if ranks[n] is not None
+            else LayerPlan(list(s.shape), None,
+                           "budget allows dense: its rank would pass the break-even guard")
+            for n, s in candidates.items()}
+
+
+def _slower_factored(latency, s: Spectrum, rank: int, tokens_list) -> str | None:
+    """Why rank-``rank`` factors of ``s`` do not pay on this CPU, or None when they are faster
+    than dense at every token count."""
+    for tokens in tokens_list:
+        dense, factored = latency.ms(s.rows, s.cols, None, tokens), latency.ms(s.rows, s.cols, rank, tokens)
+        if factored >= dense:
+            return (f"factored is not faster on this CPU: {factored:.3f} ms vs dense "
+                    f"{dense:.3f} ms at {tokens} tokens")
+    return None
+
+
+def _is_matmul(name: str, matmul_names: set[str] | None) -> bool:
+    return name in matmul_names if matmul_names is not None else "embed" not in name
+
+
+def _plan_layers(spectra: Spectra, settings: PlanSettings, weights: dict[str, float],
+                 forced_dense: dict[str, str], latency=None,
+                 matmul_names: set[str] | None = None) -> dict[str, LayerPlan]:
+    layers: dict[str, LayerPlan] = {}
+    candidates: dict[str, Spectrum] = {}
+    for name, s in spectra.matrices.items():
+        reason = forced_dense.get(name) or _candidate_reason(name, s, settings)
+        if reason:
+            layers[name] = LayerPlan(list(s.shape), None, reason)
+        else:
+            candidates[name] = s
+    if settings.param_ratio is not None:
+        costs = {n: Cost(s.rows + s.cols, 0.0, s.rows * s.cols) for n, s in candidates.items()}
+        fixed = spectra.total_params - sum(s.rows * s.cols for s in candidates.values())
+        budget = settings.param_ratio * spectra.total_params - fixed
+        layers.update(_budget_layers(candidates, costs, budget, settings, weights))
+        return layers
+    if settings.latency_ratio is not None:
+        if latency is None:
+            raise LowrankError("latency_ratio needs latency measurements (the plan stage "
+                               "takes them; make_plan needs latency=LatencyTable)")
+        matmuls = {n: s for n, s in candidates.items() if _is_matmul(n, matmul_names)}
+        for name in set(candidates) - set(matmuls):
+            layers[name] = LayerPlan(list(candidates[name].shape), None,
+                                     "not a matmul: factoring cannot save time")
+        costs = {n: latency_cost(latency, s, settings) for n, s in matmuls.items()}
+        budget = settings.latency_ratio * sum(c.dense for c in costs.values())
+        layers.update(_budget_layers(matmuls, costs, budget, settings, weights))
+        return layers
+    for name, s in candidates.items():
+        if settings.energy is not None:
+            rank, why = s.rank_for_energy(settings.energy), f"{settings.energy:.0%} energy"
+        elif settings.rank is not None:
+            rank, why = min(settings.rank, s.rows, s.cols), "rank"
+        else:
+            rank, why = math.ceil(settings.rank_fraction * min(s.rows, s.cols)), "rank"
+        if rank is not None:
+            rank = round_rank(rank, s, settings.multiple)
+        layers[name] = _guarded(rank, s, settings, why)
+    return layers
+
+
+# --------------------------------------------------------------------------------------------
+# Plan files
+
+
+def save_plan(plan: RankPlan, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def read_plan_file(path: Path) -> dict:
+    data = read_json_file(path, "plan file")
+    if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
+        raise InputError(f"{path}: not a plan file (no \"layers\" object)")
+    if "format" in data:  # hand-written plans may give only "layers"
+        check_format(data, PLAN_FORMAT, PLAN_VERSION, path)
+    return data
+
+
+def apply_plan(data: dict, spectra: Spectra, source: str = "plan") -> RankPlan:
+    """Re-apply an (edited) plan file to a checkpoint's spectra, validating every entry.
+
+    Matrices the plan does not list stay dense. Names that match no matrix, ranks that are not
+    integers in [1, min(m, n)] and shapes that differ from the checkpoint are errors.
+    """
+    unknown = [n for n in data["layers"] if n not in spectra.matrices]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        raise InputError(f"{source}: {len(unknown)} layer(s) match no matrix in the checkpoint: {shown}")
+    layers = {}
+    for name, s in spectra.matrices.items():
+        entry = data["layers"].get(name)
+        if entry is None:
+            layers[name] = LayerPlan(list(s.shape), None, "not in plan")
+            continue
+        if not isinstance(entry, dict):
+            raise InputError(f"{source}: layer {name}: expected an object with a \"rank\"")
+        shape = entry.get("shape")
+        if shape is not None and (not isinstance(shape, list) or shape != list(s.shape)):
+            raise InputError(f"{source}: layer {name}: shape {shape} but the checkpoint has "
+                             f"{list(s.shape)} (was the plan made for another model?)")
+        rank, reason = entry.get("rank"), entry.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise InputError(f"{source}: layer {name}: \"reason\" must be a string")
+        if rank is None:
+            layers[name] = LayerPlan(list(s.shape), None, reason or "dense in plan")
+            continue
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(s.rows, s.cols):
+            raise InputError(f"{source}: layer {name}: rank {rank!r} must be an integer in "
+                             f"[1, {min(s.rows, s.cols)}] or null (dense)")
+        if not s.finite:
+            raise InputError(f"{source}: layer {name}: holds NaN/Inf and cannot be factored")
+        layers[name] = LayerPlan(list(s.shape), rank, energy=s.energy_at(rank))
+    policy = data.get("policy") or {}
+    if not isinstance(policy, dict):
+        raise InputError(f"{source}: \"policy\" must be an object")
+    policy = dict(policy, applied_from=source)
+    return RankPlan(layers, spectra.total_params, policy)
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline stage
+
+
+@dataclass(frozen=True)
+class PlanStageSettings(PlanSettings):
+    plan_file: str | None = None  # re-apply this (edited) plan instead of a policy
+
+    def __post_init__(self):
+        if self.plan_file is None:
+            super().__post_init__()
+        elif any(getattr(self, p) is not None for p in POLICIES):
+            raise InputError("a plan file and a rank policy exclude each other; give one")
+
+
+def _run(ctx: Context, settings: PlanStageSettings, spectra: Spectra,
+              sensitivity=None) -> RankPlan:
+    if settings.plan_file:
+        return apply_plan(read_plan_file(Path(settings.plan_file)), spectra, settings.plan_file)
+    policy = {f.name: getattr(settings, f.name) for f in fields(PlanSettings)}
+    weights = layer_weights(sensitivity, spectra) if sensitivity else None
+    latency, matmuls = None, None
+    if settings.latency_tokens or settings.latency_ratio is not None:
+        latency = LatencyTable.for_machine(ctx.cache_dir, settings.latency_threads)
+        matmuls = linear_weight_names(ctx)
+    plan = make_plan(spectra, PlanSettings(**policy), weights, latency, matmuls)
+    if latency is not None:
+        latency.save()
+    if weights:
+        plan.policy["sensitivity_weights"] = {n: round(w, 4) for n, w in weights.items()}
+    return plan
+
+
+def _plan_from_json(data: dict) -> RankPlan:
+    layers = {n: LayerPlan(e["shape"], e["rank"], e.get("reason"), e.get("energy"))
+              for n, e in data["layers"].items()}
+    return RankPlan(layers, data["params"]["before"], data["policy"], data["version"])
+
+
+def linear_weight_names(ctx: Context) -> set[str] | None:
+    """Weights of nn.Linear modules (from the architecture, on the meta device), or None when
+    there is no architecture (raw state dicts)."""
+    if not ctx.models.runnable:
+        return None
+    model = ctx.models.architecture(meta=True)
+    return {weight_name(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+register_stage(Stage(
+    "plan", ("analyze",), PlanStageSettings, _run,
+    save=json_saver("plan.json", RankPlan.to_json),
+    load=json_loader("plan.json", _plan_from_json),
+    emit=json_saver("plan.json", RankPlan.to_json),
+    uses=("sensitivity",),
+    machine=lambda settings: (machine_key(settings.latency_threads)
+                              if settings.latency_tokens or settings.latency_ratio else None),
+))

@@ -1,0 +1,246 @@
+"""Recovery: train small adapters on the factors by distillation from the dense model, then merge.
+
+No labels: the dense model is the teacher, unlabeled text the data. The loss compares hidden
+states (every layer, real tokens only, each layer's MSE normalized by the teacher's mean square)
+for encoders, or the logits (KL divergence) when the model has an LM head. A model that is not
+a transformers model (``--model-factory``) is compared on its output tensor (MSE normalized
+by the teacher's mean square: ``outputs``).
+
+Adapters act on the factors, never on A·B, so merging is exact and the rank stays the planned r:
+
+- ``lora``: each factor F (A: out × r, B: r × in) gets F + (alpha/q)·up·down with up zero-init, so
+  training starts at the compressed model. Stored in PEFT's layout, one adapter per factor viewed
+  as a linear map (``<module>.B`` maps in → r, ``<module>.A`` maps r → out).
+- ``orthogonal``: B gets B·R with R a block-diagonal orthogonal matrix (OFT-style, blocks of
+  ``block_size``; ``torch.nn.utils.parametrizations.orthogonal``, starting at the identity).
+  A rotation keeps each factor's singular values: a gentler, norm-preserving correction.
+- ``factors``: A and B themselves are trained (no adapter files).
+
+Biases and LayerNorm weights are trained too when ``train_norms`` is set (few parameters, no
+change in size).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..io.samples import model_batches, num_samples, read_calibration
+from ..models import Models, output_tensor
+from ..nn.adapters import adapter_config, adapter_state, add_adapters_, merge_adapters_
+from ..pipeline.stage import Context, Stage, register_stage
+from .factored import LowRankCheckpoint, load_lowrank, save_lowrank
+
+METHODS = ("lora", "orthogonal", "factors")
+# Learning rates measured on MiniLM at 50% (reports/quality-minilm.md): adapters start at zero
+# change and take a larger step; the factors themselves need a smaller one.
+DEFAULT_LR = {"lora": 3e-3, "orthogonal": 3e-3, "factors": 3e-4}
+LOSSES = ("auto", "hidden", "logits", "outputs")
+
+
+@dataclass(frozen=True)
+class RecoverSettings:
+    method: str = "lora"  # lora | orthogonal | factors
+    rank: int = 32  # LoRA rank q
+    alpha: float = 32.0  # LoRA scale alpha/q
+    block_size: int = 32  # orthogonal: size of R's diagonal blocks
+    lr: float | None = None  # None: the measured default of the method (DEFAULT_LR)
+    steps: int = 300
+    batch_size: int = 32
+    max_length: int = 128
+    seed: int = 0
+    train_norms: bool = True  # also train biases and LayerNorm weights
+    # hidden | logits | outputs | auto (logits for LMs, hidden for other transformers models,
+    # outputs for any other nn.Module)
+    loss: str = "auto"
+    # hidden: add this weight × (1 − cosine) of mean-pooled last hidden states (what sentence
+    # embeddings compare).
+    pooled_weight: float = 0.0
+    # Training text, one sample per line; None = the calibration text shipped with lowrank.
+    calibration_file: str | None = None
+    samples: int = 1024
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise InputError(f"recovery method must be one of {', '.join(METHODS)}, "
+                             f"got {self.method!r}")
+        if self.loss not in LOSSES:
+            raise InputError(f"recovery loss must be one of {', '.join(LOSSES)}, "
+                             f"got {self.loss!r}")
+        if min(self.rank, self.block_size, self.steps, self.batch_size, self.samples,
+               self.max_length) < 1 or (self.lr is not None and self.lr <= 0):
+            raise InputError("recovery rank, block_size, steps, batch_size, samples, max_length "
+                             "and lr must be positive")
+
+
+# --------------------------------------------------------------------------------------------
+# Adapters as parametrizations of the factors: merging = removing the parametrization.
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation
+
+
+def distillation_loss(student_out, teacher_out, mask: torch.Tensor | None, kind: str,
+                      pooled_weight: float = 0.0) -> torch.Tensor:
+    """Hidden states: mean over layers of masked MSE / teacher mean square (+ pooled_weight ×
+    (1 − cosine of mean-pooled last hidden states)). Logits: KL(teacher ‖ student). Outputs:
+    MSE / teacher mean square of the models' output tensors."""
+    def real(x):  # real tokens only; every position when there is no mask (tensor inputs)
+        return (x[mask] if mask is not None else x.reshape(-1, x.shape[-1])).float()
+
+    if kind == "outputs":
+        s, t = output_tensor(student_out).float(), output_tensor(teacher_out).float()
+        return (s - t).pow(2).mean() / t.pow(2).mean().clamp(min=1e-12)
+
+    if kind == "logits":
+        s, t = real(student_out.logits).log_softmax(-1), real(teacher_out.logits).log_softmax(-1)
+        return nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
+    losses = []
+    for s, t in zip(student_out.hidden_states, teacher_out.hidden_states):
+        s, t = real(s), real(t)
+        losses.append((s - t).pow(2).mean() / t.pow(2).mean().clamp(min=1e-12))
+    loss = torch.stack(losses).mean()
+    if pooled_weight:
+        s, t = student_out.hidden_states[-1].float(), teacher_out.hidden_states[-1].float()
+        w = mask[..., None].float() if mask is not None else torch.ones_like(s[..., :1])
+        cos = nn.functional.cosine_similarity((s * w).sum(1), (t * w).sum(1), dim=-1)
+        loss = loss + pooled_weight * (1 - cos).mean()
+    return loss
+
+
+@dataclass
+class RecoveryLog:
+    """What training did: the loss curve, the held-back loss before/after, adapter sizes."""
+
+    settings: RecoverSettings
+    losses: list[float] = field(default_factory=list)  # per step, training batches
+    heldout_before: float | None = None  # distillation loss on held-back samples
+    heldout_after: float | None = None
+    trainable_params: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        every = max(1, len(self.losses) // 50)  # a readable curve, not every step
+        return {"method": self.settings.method, "settings": asdict(self.settings),
+                "trainable_params": self.trainable_params,
+                "heldout_loss_before": self.heldout_before, "heldout_loss_after": self.heldout_after,
+                "loss_curve": [round(x, 6) for x in self.losses[::every]],
+                "seconds": round(self.seconds, 2)}
+
+
+def loss_kind(settings: RecoverSettings, model: nn.Module) -> str:
+    if settings.loss != "auto":
+        return settings.loss
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):  # no hidden_states to ask for: compare outputs
+        return "outputs"
+    return "logits" if hasattr(model, "get_output_embeddings") and \
+        model.get_output_embeddings() is not None else "hidden"
+
+
+def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
+            settings: RecoverSettings = RecoverSettings(),
+            on_step: Callable[[str], None] | None = None) -> RecoveryLog:
+    """Attach adapters to ``student`` and train them to match ``teacher`` on ``data`` (text
+    lines, or input tensors stacked on dim 0: see :func:`lowrank.calibrate.read_calibration`).
+
+    One batch in eight (at least one) is held back to measure the loss before and after.
+    The adapters stay attached: read them with :func:`adapter_state`, then
+    :func:`merge_adapters_`.
+    """
+    start = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    if isinstance(data, list):
+        data = list(data)
+        random.Random(settings.seed).shuffle(data)
+    else:
+        perm = torch.randperm(num_samples(data), generator=torch.Generator().manual_seed(settings.seed))
+        data = {k: v[perm] for k, v in data.items()}
+    batches = list(model_batches(data, tokenizer, settings.batch_size, settings.max_length))
+    held = batches[:max(1, len(batches) // 8)] if len(batches) > 1 else batches
+    train = batches[len(held):] or batches
+    kind = loss_kind(settings, teacher)
+    teacher.eval()
+    student.eval()  # no dropout: the target is the deterministic dense model
+
+    def run(model, inputs, grad):
+        extra = {"output_hidden_states": True} if kind == "hidden" else {}
+        with torch.set_grad_enabled(grad):
+            return model(**inputs, **extra)
+
+    def heldout_loss() -> float:
+        with torch.no_grad():
+            return float(sum(distillation_loss(run(student, b, False), run(teacher, b, False),
+                                               mask, kind, settings.pooled_weight)
+                             for b, mask in held) / len(held))
+
+    trainable = add_adapters_(student, settings)
+    log = RecoveryLog(settings, trainable_params=sum(p.numel() for p in trainable))
+    log.heldout_before = heldout_loss()
+    lr = settings.lr or DEFAULT_LR[settings.method]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    warmup = max(1, settings.steps // 10)  # linear warm-up, then cosine decay to zero
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup)
+                                                 * 0.5 * (1 + math.cos(math.pi * step / settings.steps)))
+    order = random.Random(settings.seed + 1)
+    for step in range(settings.steps):
+        batch, mask = train[order.randrange(len(train))] if step >= len(train) else train[step]
+        with torch.no_grad():
+            target = run(teacher, batch, False)
+        loss = distillation_loss(run(student, batch, True), target, mask, kind,
+                                 settings.pooled_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        log.losses.append(loss.item())
+        if on_step:
+            on_step(f"loss {log.losses[-1]:.4f}")
+    log.heldout_after = heldout_loss()
+    log.seconds = time.perf_counter() - start
+    return log
+
+
+def recover(factored: LowRankCheckpoint, models: Models,
+            settings: RecoverSettings = RecoverSettings(),
+            on_step: Callable[[str], None] | None = None) -> LowRankCheckpoint:
+    """Distill the factored checkpoint toward the dense model on ``settings.calibration_file``
+    (the bundled text when None) and return it with the adapters merged into its factors.
+
+    ``models`` builds the dense teacher and the student (:class:`lowrank.models.Models` of the
+    dense checkpoint). LoRA adapters are also kept in the result (``adapters``,
+    ``adapter_config``) and written beside the checkpoint as ``adapters/``.
+    """
+    data = read_calibration(settings.calibration_file, settings.samples, purpose="recovery")
+    teacher, tokenizer = models.runnable_model(need_tokenizer=isinstance(data, list))
+    student = models.compressed(factored.tensors, factored.layers)
+    log = distill(student, teacher, tokenizer, data, settings, on_step)
+    adapters = adapter_state(student)
+    config = adapter_config(student, settings, str(models.checkpoint.path)) if adapters else None
+    state = merge_adapters_(student).state_dict()
+    tensors = {k: state[k].detach().to(t.dtype).contiguous() if k in state else t
+               for k, t in factored.tensors.items()}
+    return LowRankCheckpoint(tensors, factored.layers, factored.params_before,
+                             factored.settings, {"recovery": log.to_json()}, adapters, config)
+
+
+def _run(ctx: Context, settings: RecoverSettings, factorize: LowRankCheckpoint) -> LowRankCheckpoint:
+    with ctx.track("recover", settings.steps) as advance:
+        return recover(factorize, ctx.models, settings, advance)
+
+
+register_stage(Stage(
+    "recover", ("factorize",), RecoverSettings, _run,
+    save=save_lowrank, load=load_lowrank,
+    emit=lambda artifact, out, ctx: save_lowrank(artifact, out, ctx.max_shard_bytes),
+    provides="checkpoint",
+))

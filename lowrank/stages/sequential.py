@@ -1,0 +1,80 @@
+"""Sequential statistics: each layer's calibration inputs computed with upstream layers already
+factored, so a layer's factors correct for the error that reaches it (as GPTQ and SVD-LLM do).
+
+Layers are processed in groups in execution order: the blocks of the model's largest
+``nn.ModuleList`` (the transformer layers), anything before the first block (embeddings), and
+anything after the last. Each group costs one forward pass over the calibration text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..io.samples import model_batches, read_calibration
+from ..models import Models
+from ..naming import module_name
+from ..nn.swap import swap_lowrank_
+from .calibrate import ActivationStats, collect_stats
+
+
+def _blocks_prefix(model: nn.Module) -> str | None:
+    """Name of the largest ModuleList (e.g. ``encoder.layer``), None when there is none."""
+    lists = [(len(m), n) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n]
+    return max(lists)[1] if lists else None
+
+
+def execution_groups(model: nn.Module, inputs: dict, names: list[str]) -> list[list[str]]:
+    """Weight names grouped by block and sorted by when their module first runs."""
+    order: dict[str, int] = {}
+    handles = []
+
+    def first_call(name):
+        def hook(module, args):  # returns None: the inputs pass unchanged
+            order.setdefault(name, len(order))
+        return hook
+
+    for name in names:
+        module = model.get_submodule(module_name(name))
+        handles.append(module.register_forward_pre_hook(first_call(name)))
+    try:
+        with torch.inference_mode():
+            model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    prefix = _blocks_prefix(model)
+
+    def group_of(name: str) -> str:
+        if prefix and name.startswith(prefix + "."):
+            return prefix + "." + name[len(prefix) + 1:].split(".")[0]
+        return name  # outside the blocks: a group of its own
+
+    groups: dict[str, list[str]] = {}
+    never = len(order)  # modules that did not run go last, in name order
+    for name in sorted(names, key=lambda n: (order.get(n, never), n)):
+        groups.setdefault(group_of(name), []).append(name)
+    return list(groups.values())
+
+
+def sequential_factors(models: Models, ranks: dict[str, int], stats: ActivationStats,
+                       factor: Callable) -> dict:
+    """Factor the weights in ``ranks`` group by group, recollecting statistics before each group
+    on the partly factored model. ``factor(name, weighting) -> (A, B, result)`` does one layer;
+    returns {name: (A, B, result)}."""
+    data = read_calibration(stats.settings.calibration_file, stats.settings.samples, warn=False)
+    model, tokenizer = models.runnable_model(need_tokenizer=isinstance(data, list))
+    first_batch, _ = next(model_batches(data, tokenizer, 1, stats.settings.max_length))
+    results = {}
+    for i, group in enumerate(execution_groups(model, first_batch, list(ranks))):
+        # The first group sees the dense model's inputs: the statistics we already have.
+        current = stats if i == 0 else collect_stats(model, tokenizer, data, stats.settings,
+                                                     only=set(group))
+        for name in group:
+            weight = models.checkpoint.get(name)
+            A, B, result = factor(name, current.weighting(name, weight[0].numel()))
+            swap_lowrank_(model, {module_name(name): A.shape[1]}, {module_name(name): (A, B)})
+            results[name] = (A, B, result)
+    return results
