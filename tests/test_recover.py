@@ -1,6 +1,7 @@
 """Recovery by distillation, the evaluate stage, sequential statistics and the sensitivity probe,
 on small randomly initialized HF models (quality claims are in benchmarks/quality.py)."""
 
+import copy
 import json
 
 import pytest
@@ -10,8 +11,11 @@ from transformers import AutoTokenizer
 
 import lowrank
 from lowrank.io.samples import read_calibration_text
-from lowrank.models import load_dense
-from lowrank.nn.adapters import BlockRotation, adapter_state, lowrank_modules, merge_adapters_
+from lowrank.models import load_dense, output_tensor
+from lowrank.nn.adapters import (BlockRotation, adapter_config, adapter_state, add_adapters_,
+                                 lowrank_modules, merge_adapters_, peft_key, save_adapters)
+from lowrank.nn.layers import LowRankConv, LowRankEmbedding, LowRankLinear
+from lowrank.nn.recurrent import LowRankRNN
 from lowrank.stages.recover import RecoverSettings, distill
 
 
@@ -63,10 +67,111 @@ def test_lora_adapters_use_peft_layout(tiny_bert_dir, factored):
     distill(student, load_dense(tiny_bert_dir), AutoTokenizer.from_pretrained(tiny_bert_dir),
             read_calibration_text(None, 64), settings)
     state = adapter_state(student)
-    key = "base_model.model.encoder.layer.0.attention.self.query.B"
-    assert state[f"{key}.lora_A.weight"].shape == (4, 64)  # (q, in) of B viewed as in -> r
+    # PEFT's LoRA on parameters: B's wrapper is outermost, A's one base_layer deeper.
+    key = "base_model.model.encoder.layer.0.attention.self.query"
+    assert state[f"{key}.lora_A.weight"].shape == (4, 64)  # B (8 x 64): (q, in)
     assert state[f"{key}.lora_B.weight"].shape == (8, 4)  # (r, q)
-    assert len(state) == 4 * len(lowrank_modules(student))
+    assert state[f"{key}.base_layer.lora_A.weight"].shape == (4, 8)  # A (64 x 8): (q, r)
+    assert state[f"{key}.base_layer.lora_B.weight"].shape == (64, 4)  # (out, q)
+    assert sum(".lora_" in k for k in state) == 4 * len(lowrank_modules(student))
+    # The biases and norms trained with them (train_norms), under the PeftModel's names.
+    assert state[f"{key}.base_layer.base_layer.bias"].shape == (64,)
+    assert state["base_model.model.embeddings.LayerNorm.weight"].shape == (64,)
+    trained = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert len(state) == len(trained)  # every trained tensor, once
+    config = adapter_config(student, settings, None)
+    assert config["target_modules"] == [] and config["rank_pattern"] == {}
+    assert len(config["target_parameters"]) == 2 * len(lowrank_modules(student))
+    assert "encoder.layer.0.attention.self.query.A" in config["target_parameters"]
+
+
+def assert_peft_reproduces_merged(base, student, settings, tmp_path, inputs):
+    """Save ``student``'s LoRA adapters, load them with PEFT over ``base`` (the same model
+    before adapters), and compare with ``student`` merged."""
+    from peft import PeftModel
+
+    save_adapters(adapter_state(student), adapter_config(student, settings, None), tmp_path)
+    peft_model = PeftModel.from_pretrained(base, tmp_path).eval()
+    merge_adapters_(student)
+    with torch.no_grad():
+        expected, got = output_tensor(student(**inputs)), output_tensor(peft_model(**inputs))
+        with peft_model.disable_adapter():
+            before = output_tensor(peft_model(**inputs))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert (before - expected).abs().max() > 1e-3  # the adapters did change the model
+
+
+# PEFT 0.21 checks rank_pattern keys against targeted modules only and warns that the
+# per-parameter keys matched nothing, although it applies them (the shapes would not load
+# otherwise).
+peft_rank_warning = pytest.mark.filterwarnings("ignore:The following rank_pattern keys")
+
+
+@peft_rank_warning
+def test_peft_loads_the_adapters_over_the_factored_model(tiny_bert_dir, tmp_path):
+    pytest.importorskip("peft")
+    # An energy plan gives ranks from 1 to 31: with q = 4 some factors get the full q and
+    # some are narrower (their own rank in rank_pattern).
+    factored = compress(tiny_bert_dir, tmp_path, plan={"rank": None, "energy": 0.5})
+    student = lowrank.load(factored.output)
+    base = copy.deepcopy(student)  # the factors before recovery, which the adapters apply to
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    texts = read_calibration_text(None, 64)
+    settings = RecoverSettings(method="lora", rank=4, alpha=8, steps=4, batch_size=16,
+                               samples=64, lr=1e-2)
+    distill(student, load_dense(tiny_bert_dir), tokenizer, texts, settings)
+    config = adapter_config(student, settings, None)
+    assert config["rank_pattern"] and len(config["rank_pattern"]) < len(config["target_parameters"])
+    inputs = dict(tokenizer(texts[:8], padding=True, return_tensors="pt"))
+    assert_peft_reproduces_merged(base, student, settings, tmp_path / "adapters", inputs)
+
+
+@peft_rank_warning
+def test_peft_over_the_unrecovered_output_equals_the_recovered_output(tiny_bert_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    recover = {"method": "lora", "steps": 5, "samples": 64, "rank": 4, "lr": 1e-2}
+    recovered = compress(tiny_bert_dir, tmp_path, stages=("recover",), recover=recover).output
+    plain = compress(tiny_bert_dir, tmp_path, name="plain").output  # factorize from the cache
+    model = peft.PeftModel.from_pretrained(lowrank.load(plain), recovered / "adapters").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    batch = tokenizer(read_calibration_text(None, 8), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = lowrank.load(recovered)(**batch).last_hidden_state
+        torch.testing.assert_close(model(**batch).last_hidden_state, expected, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(lowrank.load(plain)(**batch).last_hidden_state, expected, atol=1e-3)
+
+
+class FactorZoo(torch.nn.Module):
+    """One of each low-rank module type: embedding, conv, LSTM factors, linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = LowRankEmbedding(50, 12, 3)
+        self.conv = LowRankConv(torch.nn.Conv1d(12, 10, 3, padding=1), 5)
+        self.lstm = LowRankRNN(torch.nn.LSTM(10, 8, batch_first=True), {"weight_ih_l0": 6})
+        self.head = LowRankLinear(8, 4, 2)
+        for p in self.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+
+    def forward(self, ids):
+        x = self.conv(self.emb(ids).transpose(1, 2)).transpose(1, 2)
+        return self.head(self.lstm(x)[0])
+
+
+@peft_rank_warning
+def test_peft_loads_adapters_on_every_factor_type(tmp_path):
+    pytest.importorskip("peft")
+    student = FactorZoo()
+    base = copy.deepcopy(student)
+    settings = RecoverSettings(method="lora", rank=4, alpha=6)
+    add_adapters_(student, settings)
+    with torch.no_grad():  # as if trained: a nonzero correction on every factor
+        for name, p in student.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(std=0.3)
+    ids = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(1))
+    assert_peft_reproduces_merged(base, student, settings, tmp_path, {"ids": ids})
 
 
 def test_compress_with_recovery_and_evaluation_writes_report(tiny_bert_dir, tmp_path):
@@ -82,8 +187,10 @@ def test_compress_with_recovery_and_evaluation_writes_report(tiny_bert_dir, tmp_
     config = json.loads((out / "adapters" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4
     adapters = load_file(str(out / "adapters" / "adapter_model.safetensors"))
-    assert {k.rsplit(".lora_", 1)[0].removeprefix("base_model.model.") for k in adapters} \
-        == set(config["target_modules"])
+    assert config["target_modules"] == [] and config["target_parameters"]
+    assert {k for k in adapters if ".lora_" in k} == {
+        f"{peft_key(*name.rsplit('.', 1))}.lora_{ab}.weight"
+        for name in config["target_parameters"] for ab in "AB"}
     # The recovered factors replaced the plain ones, at the same ranks.
     model = lowrank.load(out)
     assert all(m.rank == 8 for m in lowrank_modules(model).values())

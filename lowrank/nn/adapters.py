@@ -1,13 +1,16 @@
 """Adapters on the factors, as torch parametrizations: merging = removing the parametrization,
 exact, and the rank stays the planned r (see :mod:`lowrank.stages.recover` for training).
 
-- LoRA: each factor F (A: out × r, B: r × in) gets F + (alpha/q)·up·down, up zero-initialized.
+- LoRA: each factor F (A: out × r, B: r × in) gets F + (alpha/q)·up·down, up zero-initialized;
+  written as a PEFT adapter on the parameters (``LoraConfig(target_parameters=...)``, PEFT >=
+  0.18.1) that ``PeftModel.from_pretrained`` loads over the factored model before recovery.
 - Orthogonal: B gets B·R with R block-diagonal orthogonal (OFT-style, Cayley map).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,18 +101,40 @@ def add_adapters_(model: nn.Module, settings: RecoverSettings) -> list[nn.Parame
     return unique
 
 
+def peft_key(module: str, attr: str) -> str:
+    """Where a PeftModel keeps the LoRA on factor ``attr`` of ``module`` (``<key>.lora_A.weight``).
+
+    PEFT wraps each targeted parameter in a ``ParamWrapper``; the two of one module nest in its
+    parameter order (A, then B), so B's wrapper is the outer one, A's adapter sits one
+    ``base_layer`` deeper and the module's own tensors (bias) two."""
+    return f"base_model.model.{module}" + (".base_layer" if attr == "A" else "")
+
+
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """LoRA adapters in PEFT's layout: ``base_model.model.<module>.<A|B>.lora_<A|B>.weight``."""
+    """LoRA adapters as PEFT saves LoRA on parameters: ``<peft_key>.lora_A.weight`` (q × cols)
+    and ``<peft_key>.lora_B.weight`` (rows × q), delta = (alpha/q)·lora_B·lora_A as LoRADelta;
+    plus the biases and norms that trained with them (``train_norms``)."""
     state = {}
+    wrapped = set()
     for name, module in lowrank_modules(model).items():
-        if not parametrize.is_parametrized(module):
-            continue
-        for attr, plist in module.parametrizations.items():
+        for attr, plist in (getattr(module, "parametrizations", None) or {}).items():
             for p in plist:
                 if isinstance(p, LoRADelta):
-                    prefix = f"base_model.model.{name}.{attr}" if name else f"base_model.model.{attr}"
+                    wrapped.add(name)
+                    prefix = peft_key(name, attr)
                     state[f"{prefix}.lora_A.weight"] = p.lora_A.detach().clone().contiguous()
                     state[f"{prefix}.lora_B.weight"] = p.lora_B.detach().clone().contiguous()
+    if not state:
+        return state
+    # Without the trained biases and norms, PEFT would rebuild a different model from the one
+    # merged. They go in whole, under the PeftModel's parameter names: PeftModel.from_pretrained
+    # loads such keys into the base model (as it does biases saved with bias="all").
+    for name, p in model.named_parameters():
+        if p.requires_grad and ".parametrizations." not in f".{name}":  # trained, not LoRA
+            module, _, leaf = name.rpartition(".")
+            module += ".base_layer.base_layer" if module in wrapped else ""
+            state[f"base_model.model.{module}.{leaf}" if module else f"base_model.model.{leaf}"] \
+                = p.detach().clone().contiguous()
     return state
 
 
@@ -124,20 +149,24 @@ def merge_adapters_(model: nn.Module) -> nn.Module:
 
 
 def adapter_config(model: nn.Module, settings: RecoverSettings, base_model: str | None) -> dict:
-    """PEFT's ``adapter_config.json`` for :func:`adapter_state`'s adapters."""
-    state = adapter_state(model)
-    ranks = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight"): t.shape[0]
-             for k, t in state.items() if k.endswith(".lora_A.weight")}
-    # A factor narrower than the LoRA rank gets a smaller adapter: PEFT's per-module override.
-    pattern = {f"^{name}$": r for name, r in ranks.items() if r != settings.rank}
+    """PEFT's ``adapter_config.json`` for :func:`adapter_state`'s adapters: LoRA on the
+    parameters ``<module>.A`` and ``<module>.B`` (``target_parameters``; ``target_modules`` name
+    modules and would wrap the low-rank module itself)."""
+    ranks = {}
+    for name, module in lowrank_modules(model).items():
+        for attr, plist in (getattr(module, "parametrizations", None) or {}).items():
+            ranks.update({f"{name}.{attr}": p.lora_A.shape[0] for p in plist
+                          if isinstance(p, LoRADelta)})
+    # A factor narrower than q gets a smaller adapter (LoRADelta: min(q, rows, cols)): PEFT's
+    # per-target rank, matched against the parameter's full name. The scale stays alpha/rank, so
+    # no alpha_pattern. (PEFT 0.21 warns that these keys "did not match any targeted module": its
+    # check looks at modules only; the ranks are applied.)
+    pattern = {f"^{re.escape(name)}$": r for name, r in ranks.items() if r != settings.rank}
     return {"peft_type": "LORA", "r": settings.rank, "lora_alpha": settings.alpha,
-            "rank_pattern": pattern, "alpha_pattern": {p: settings.alpha for p in pattern},
-            "lora_dropout": 0.0, "bias": "none", "target_modules": sorted(ranks),
+            "rank_pattern": pattern, "alpha_pattern": {}, "lora_dropout": 0.0, "bias": "none",
+            "target_modules": [], "target_parameters": sorted(ranks),
             "base_model_name_or_path": base_model, "inference_mode": True,
-            "fan_in_fan_out": False, "init_lora_weights": True,
-            "lowrank_note": "LoRA on the low-rank factors <module>.A (r -> out) and <module>.B "
-                            "(in -> r) of the lowrank checkpoint; already merged into its "
-                            "model.safetensors"}
+            "fan_in_fan_out": False, "init_lora_weights": True}
 
 
 def save_adapters(state: dict[str, torch.Tensor], config: dict, directory: Path) -> None:

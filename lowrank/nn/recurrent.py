@@ -132,7 +132,8 @@ class LowRankRNN(nn.Module):
 
     def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:
         w = getattr(self, name)
-        return w(x) if isinstance(w, LowRankFactors) else F.linear(x, w)
+        # Call any module, not just LowRankFactors: PEFT wraps a targeted one in its own module.
+        return w(x) if isinstance(w, nn.Module) else F.linear(x, w)
 
     def forward(self, input, hx=None):
         return recurrent_forward(self, self._project, lambda n: getattr(self, n), input, hx)

@@ -225,7 +225,8 @@ def recover(factored: LowRankCheckpoint, models: Models,
     student = models.compressed(factored.tensors, factored.layers)
     log = distill(student, teacher, tokenizer, data, settings, on_step)
     adapters = adapter_state(student)
-    config = adapter_config(student, settings, str(models.checkpoint.path)) if adapters else None
+    # The adapters apply to the factored model before recovery, which has no path of its own.
+    config = adapter_config(student, settings, None) if adapters else None
     state = merge_adapters_(student).state_dict()
     tensors = {k: state[k].detach().to(t.dtype).contiguous() if k in state else t
                for k, t in factored.tensors.items()}
