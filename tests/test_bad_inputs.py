@@ -19,6 +19,7 @@ import resource
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -869,3 +870,34 @@ def test_read_json_file_errors(tmp_path):
         path.write_bytes(text.encode("utf-8", "surrogatepass"))
         with pytest.raises(InputError):
             read_json_file(path, "plan file")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_mid_run_leaves_no_scratch(tmp_path, toy_checkpoint, sig, code):
+    """SIGTERM (a CI job cancelled) or Ctrl-C while factorize streams its scratch files beside
+    OUTPUT: the run stops with 128+signal, and neither OUTPUT nor scratch is left."""
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import sys, time
+        import lowrank.stages.factorize as factorize
+        real = factorize.factor_task
+        def slow(*args):
+            print("factoring", flush=True)
+            time.sleep(60)
+            return real(*args)
+        factorize.factor_task = slow
+        from lowrank.cli import main
+        sys.argv = ["lowrank", "compress", {str(toy_checkpoint)!r}, {str(out)!r}, "--rank", "4",
+                    "--min-numel", "0", "--no-cache"]
+        main()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    assert proc.stdout.readline().strip() == "factoring"
+    assert list(tmp_path.glob(".lowrank-factorize-*"))  # the scratch this test is about
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not out.exists() and left == [], left

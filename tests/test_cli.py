@@ -148,3 +148,50 @@ def test_data_flags_need_what_they_need(tmp_path, toy_checkpoint, args, message)
     result = CliRunner().invoke(main, ["compress", str(toy_checkpoint), str(tmp_path / "o"), *args])
     assert result.exit_code in (2, 3) and message in result.output + result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_max_shard_size_writes_shards_that_load_and_report(tmp_path, toy_checkpoint, toy_model):
+    """Outputs over --max-shard-size are shards + index (transformers' layout); lowrank.load
+    and the report read them whole."""
+    import lowrank
+    from tests.conftest import ToyNet
+
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    args = ("--rank", 8, "--min-numel", 0, "--no-cache")
+    assert invoke("compress", toy_checkpoint, single, *args).exit_code == 0
+    result = invoke("compress", toy_checkpoint, sharded, *args, "--max-shard-size", "20KB",
+                    "--json")
+    assert result.exit_code == 0, result.output
+    shards = sorted(sharded.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and not (sharded / "model.safetensors").exists()
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    per_shard = {s.name: sum(v == s.name for v in index["weight_map"].values()) for s in shards}
+    header = 1_000  # each file's JSON header comes on top of the data
+    assert all(s.stat().st_size <= 20_000 + header or per_shard[s.name] == 1 for s in shards)
+    report = json.loads(result.stdout)
+    assert report["bytes"]["after"] == sum(s.stat().st_size for s in shards)
+    ids = torch.randint(0, 200, (2, 7))
+    with torch.no_grad():
+        expected = lowrank.load(single, ToyNet())(ids)
+        torch.testing.assert_close(lowrank.load(sharded, ToyNet())(ids), expected)
+    bad = invoke("compress", toy_checkpoint, tmp_path / "bad", *args, "--max-shard-size", "lots")
+    assert bad.exit_code == 3 and "max_shard_size 'lots'" in bad.stderr
+    assert bad.stderr.count("\n") == 1 and not (tmp_path / "bad").exists()
+
+
+def test_warnings_are_one_line_and_name_their_setting(tmp_path, tiny_bert_dir):
+    """lowrank's warnings print as one `warning:` line, without Python's category and source
+    line; the fewer-samples warning names the setting that asked (calibration, recovery)."""
+    few = tmp_path / "few.txt"
+    few.write_text("one line of text\nanother line of text\n")
+    result = invoke("compress", tiny_bert_dir, tmp_path / "out", "--rank", 4, "--calibration",
+                    few, "--recover", "lora", "--recover-steps", 1, "--recover-text", few,
+                    "--no-cache")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert f"warning: {few}: 2 calibration samples, fewer than the 256 asked for; using all of " \
+           f"them" in lines
+    assert f"warning: {few}: 2 recovery samples, fewer than the 1024 asked for; using all of " \
+           f"them" in lines
+    assert "UserWarning" not in result.stderr and "warnings.warn" not in result.stderr

@@ -27,7 +27,9 @@ def output_error(w, A, B, x):
 @pytest.mark.parametrize("method", ["whiten", "scale"])
 def test_data_aware_beats_plain_svd_on_output_error(method):
     x = correlated_inputs()
-    w = torch.randn(48, 64, dtype=torch.float64)
+    # Seeded: the global RNG depends on which tests ran before. Whitening is optimal for any W;
+    # ASVD scaling is a heuristic that beat plain SVD at all three ranks on 17 of 20 seeds.
+    w = torch.randn(48, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     stats = stats_for("fc.weight", x, method)
     for rank in (4, 8, 16):
         A0, B0, _, _ = factorize_matrix(w, rank)

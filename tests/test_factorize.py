@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import lowrank
 from lowrank.io.checkpoint import open_checkpoint
 from lowrank.linalg import factorize_matrix
 from lowrank.stages.analyze import analyze
@@ -55,3 +56,33 @@ def test_factorize_checkpoint_replaces_weights_by_factors(toy_checkpoint):
     dense = reconstruct_dense(result.tensors, result.lowrank_config())
     assert dense["conv.weight"].shape == (64, 48, 3) and set(dense) == set(ckpt.names())
     assert result.params_after == plan.params_after
+
+
+def test_factorize_in_place_on_a_model_you_hold(toy_model):
+    """factorize_ swaps factored modules into the model itself; its outputs equal the dense
+    model with W replaced by A·B, and the error falls as the rank grows."""
+    import copy
+
+    from lowrank import factorize_
+    from lowrank.nn.layers import LowRankConv, LowRankLinear
+
+    ids = torch.randint(0, 200, (2, 9))
+    with torch.no_grad():
+        dense_out = toy_model(ids)
+    errors = []
+    for rank in (2, 8, 24):
+        model = factorize_(copy.deepcopy(toy_model), {"fc1.weight": rank, "conv.weight": rank})
+        assert isinstance(model.fc1, LowRankLinear) and model.fc1.rank == rank
+        assert isinstance(model.conv, LowRankConv) and model.conv.rank == rank
+        reference = copy.deepcopy(toy_model)
+        with torch.no_grad():
+            reference.fc1.weight.copy_(model.fc1.A @ model.fc1.B)
+            reference.conv.weight.copy_((model.conv.A @ model.conv.B).view_as(reference.conv.weight))
+            torch.testing.assert_close(model(ids), reference(ids), atol=1e-5, rtol=1e-4)
+            errors.append(float((model(ids) - dense_out).pow(2).mean()))
+    assert errors[0] > errors[1] > errors[2]
+    only_fc1 = factorize_(copy.deepcopy(toy_model), {"fc1.weight": 4, "conv.weight": 4},
+                          filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear))
+    assert isinstance(only_fc1.fc1, LowRankLinear) and isinstance(only_fc1.conv, torch.nn.Conv1d)
+    with pytest.raises(lowrank.InputError, match="no weight 'nope.weight'"):
+        factorize_(copy.deepcopy(toy_model), {"nope.weight": 4})

@@ -391,3 +391,21 @@ def test_factory_of_another_architecture_is_refused(digits, tmp_path):
     with pytest.raises(lowrank.InputError, match="does the model factory .*digits_cnn build"):
         lowrank.run_pipeline(_spec(files, {"rank": 4}), files["model"], tmp_path / "out",
                              model_factory=f"{HERE}:digits_cnn")
+
+
+def test_model_factory_runs_static_int8_and_bench(digits, tmp_path):
+    """Every stage that builds a model goes through the same builder, the factory included:
+    static int8 (calibrated on the tensor file) and the dense-vs-compressed benchmark."""
+    files = digits["cnn"]
+    spec = _spec(files, {"rank": 8}, export=True)
+    spec.stages = [s for s in spec.stages if s != "evaluate"] + ["int8", "bench"]
+    spec.settings["int8"] = {"format": "static", "samples": 16}
+    spec.settings["bench"] = {"batches": [1], "sequences": [1], "runs": 2, "warmup": 1,
+                              "rounds": 1}
+    result = lowrank.run_pipeline(spec, files["model"], tmp_path / "out",
+                                  model_factory=f"{HERE}:digits_cnn")
+    latency = result.report["latency"]
+    assert {r["model"] for r in latency["results"]} == {
+        "dense", "compressed", "dense-int8", "compressed-int8"}
+    assert result.report["int8"]["format"] == "static"
+    assert (tmp_path / "out" / "onnx-int8" / "model.onnx").is_file()

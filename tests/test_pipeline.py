@@ -100,3 +100,54 @@ def test_shipped_pipeline_files_are_valid(path):
     spec = read_pipeline(path)
     for name in spec.stages:
         make_settings(spec, STAGES[name])
+
+
+def test_only_the_last_checkpoint_stage_writes_output(tmp_path, tiny_bert_dir, monkeypatch):
+    """factorize and recover both provide the checkpoint; OUTPUT gets recover's alone, written
+    once, and the ONNX export is a file on disk, never bytes held in memory."""
+    import lowrank.stages.factorize as factorize
+    import lowrank.stages.recover as recover
+
+    written = []
+    for module in (factorize, recover):
+        real = module.save_lowrank
+        monkeypatch.setattr(module, "save_lowrank", lambda artifact, d, *rest, name=module.__name__,
+                            real=real: (written.append(name), real(artifact, d, *rest)))
+    spec = default_pipeline()
+    spec.stages = ["calibrate", *spec.stages, "recover", "export"]
+    spec.settings.update({"calibrate": {"samples": 32}, "plan": {"rank": 8},
+                          "recover": {"steps": 2, "samples": 32, "batch_size": 8}})
+    result = run_pipeline(spec, tiny_bert_dir, tmp_path / "out", cache_dir=None)
+    assert written == ["lowrank.stages.recover"]
+    assert "recovery" in json.loads((tmp_path / "out" / "lowrank_config.json").read_text())
+    onnx = result.artifacts["export"]
+    assert onnx.path.is_file() and not hasattr(onnx, "files")
+    result.release()
+    assert not onnx.path.exists()  # scratch beside OUTPUT, gone with the run
+
+
+def test_artifact_format_versions_are_checked(tmp_path, toy_checkpoint):
+    """A plan, a lowrank output or a report from a newer lowrank is refused with a clear
+    error; an older one is read with a warning."""
+    from lowrank.stages.factored import read_lowrank_config
+    from lowrank.stages.plan import read_plan_file
+    from lowrank.stages.report import read_report
+
+    out = tmp_path / "out"
+    run_pipeline(spec_with(rank=4, min_numel=0), toy_checkpoint, out, cache_dir=None)
+    for name, read, key in (("plan.json", read_plan_file, "version"),
+                            ("lowrank_config.json", lambda p: read_lowrank_config(p.parent),
+                             "format_version"),
+                            ("report.json", read_report, "version")):
+        data = json.loads((out / name).read_text())
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        for version, outcome in ((99, "newer"), (0, "older")):
+            copy = tmp_path / f"v{version}" / name
+            copy.parent.mkdir(exist_ok=True)
+            copy.write_text(json.dumps({**data, key: version}))
+            if outcome == "newer":
+                with pytest.raises(InputError, match="newer than this lowrank reads"):
+                    read(copy)
+            else:
+                with pytest.warns(lowrank.LowrankWarning, match="older"):
+                    read(copy)

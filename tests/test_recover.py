@@ -12,8 +12,16 @@ from transformers import AutoTokenizer
 import lowrank
 from lowrank.io.samples import read_calibration_text
 from lowrank.models import load_dense, output_tensor
-from lowrank.nn.adapters import (BlockRotation, adapter_config, adapter_state, add_adapters_,
-                                 lowrank_modules, merge_adapters_, peft_key, save_adapters)
+from lowrank.nn.adapters import (
+    BlockRotation,
+    adapter_config,
+    adapter_state,
+    add_adapters_,
+    lowrank_modules,
+    merge_adapters_,
+    peft_key,
+    save_adapters,
+)
 from lowrank.nn.layers import LowRankConv, LowRankEmbedding, LowRankLinear
 from lowrank.nn.recurrent import LowRankRNN
 from lowrank.stages.recover import RecoverSettings, distill

@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from ..errors import LowrankError, OptionError, first_line
 from ..pipeline.runner import Terminated
-from ..stages.gate import describe
+from ..stages.report import describe
 from ..version import __version__
 from .analyze import analyze_command
 from .bench import bench_command

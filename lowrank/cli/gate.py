@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
-from ..stages.gate import Goal, check, describe, raise_if_failed, read_report
+from ..stages.gate import Goal, check, raise_if_failed
+from ..stages.report import describe, read_report
 from .console import emit_json, json_option, out
 
 

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from ..errors import GateFailed, InputError
-from ..io.files import read_json_file
 from ..pipeline.stage import Stage, json_loader, json_saver, register_stage
 
 GOAL_TYPES = ("threshold", "min-improvement", "max-degradation", "percent-min-improvement",
@@ -112,26 +110,6 @@ def check(report: dict, goals: list[Goal], allow_missing: bool = False) -> list[
         results.append({"metric": goal.metric, "type": goal.type, "goal": goal.value,
                         "value": value, "baseline": baseline, "passed": bool(passed)})
     return results
-
-
-def describe(result: dict) -> str:
-    """One line per check, e.g. ``PASS cosine 0.9512 >= 0.95 (threshold; dense 1)``."""
-    if result["passed"] is None:
-        return f"SKIP {result['metric']}: not measured"
-    higher = METRICS[result["metric"]][0]
-    relation = {"threshold": ">=" if higher else "<=", "min-improvement": "improves by >=",
-                "max-degradation": "degrades by <=", "percent-min-improvement": "improves by >= %",
-                "percent-max-degradation": "degrades by <= %"}[result["type"]]
-    verdict = "PASS" if result["passed"] else "FAIL"
-    return (f"{verdict} {result['metric']} {result['value']:.6g} ({relation} {result['goal']:g}; "
-            f"dense {result['baseline']:.6g})")
-
-
-def read_report(path: Path) -> dict:
-    report = read_json_file(path, "report")
-    if not isinstance(report, dict) or report.get("format") != "lowrank.report":
-        raise InputError(f"{path}: not a lowrank report (no \"format\": \"lowrank.report\")")
-    return report
 
 
 def raise_if_failed(results: list[dict], hint: str = "", attach: bool = False) -> None:

@@ -19,10 +19,11 @@ from pathlib import Path
 
 from rich.filesize import decimal
 
+from ..errors import InputError
 from ..io.checkpoint import Checkpoint
-from ..io.files import write_json
+from ..io.files import check_format, read_json_file, write_json
 from .evaluate import describe_tensor_scores
-from .gate import describe
+from .gate import METRICS
 
 REPORT_FORMAT, REPORT_VERSION = "lowrank.report", 1
 
@@ -68,6 +69,26 @@ def build_report(ckpt: Checkpoint, artifacts: dict, manifest: dict, written: Pat
     if "bench" in artifacts:
         report["latency"] = artifacts["bench"]
     return report
+
+
+def read_report(path: Path) -> dict:
+    report = read_json_file(path, "report")
+    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
+        raise InputError(f"{path}: not a lowrank report (no \"format\": \"{REPORT_FORMAT}\")")
+    return check_format(report, REPORT_FORMAT, REPORT_VERSION, path)
+
+
+def describe(result: dict) -> str:
+    """One line per check, e.g. ``PASS cosine 0.9512 >= 0.95 (threshold; dense 1)``."""
+    if result["passed"] is None:
+        return f"SKIP {result['metric']}: not measured"
+    higher = METRICS[result["metric"]][0]
+    relation = {"threshold": ">=" if higher else "<=", "min-improvement": "improves by >=",
+                "max-degradation": "degrades by <=", "percent-min-improvement": "improves by >= %",
+                "percent-max-degradation": "degrades by <= %"}[result["type"]]
+    verdict = "PASS" if result["passed"] else "FAIL"
+    return (f"{verdict} {result['metric']} {result['value']:.6g} ({relation} {result['goal']:g}; "
+            f"dense {result['baseline']:.6g})")
 
 
 # --------------------------------------------------------------------------------------------
