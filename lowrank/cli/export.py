@@ -17,8 +17,13 @@ from .console import emit_json, json_option, model_factory_option, out, resolve_
 @click.command("export")
 @click.argument("model")
 @click.argument("outdir", type=click.Path(file_okay=False))
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="Validation atol.")
-@click.option("--rtol", type=float, default=1e-3, show_default=True, help="Validation rtol.")
+@click.option("--atol", type=float, help="Fixed validation tolerance |Δ| ≤ atol + rtol·|PyTorch| "
+              f"per element; given (or --rtol), it replaces the default rule, max |Δ| ≤ "
+              f"{ExportSettings.rel_tol:g} × the RMS of PyTorch's output.")
+@click.option("--rtol", type=float, help="See --atol.")
+@click.option("--logprob-tol", type=float, default=ExportSettings.logprob_tol, show_default=True,
+              help="Causal LMs: max |Δ log-prob| (nats) on real tokens; top-1 may differ only "
+              "at ties this close.")
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUTDIR.")
 @model_factory_option
@@ -26,10 +31,10 @@ from .console import emit_json, json_option, model_factory_option, out, resolve_
               help="Example inputs for a model that takes tensors (.safetensors/.pt: name -> "
               "tensor, samples on dim 0); needed with --model-factory.")
 @json_option
-def export_command(model, outdir, atol, rtol, opset, overwrite, model_factory, inputs_file,
-                   json_out):
+def export_command(model, outdir, atol, rtol, logprob_tol, opset, overwrite, model_factory,
+                   inputs_file, json_out):
     """Export MODEL (an HF directory or a lowrank output) to OUTDIR/model.onnx and validate it
-    against PyTorch on three random inputs; exit 4 when they differ beyond atol/rtol."""
+    against PyTorch on three random inputs; exit 4 when they differ beyond the rule."""
     source = Path(resolve_model(model))
     outdir = Path(outdir)
     check_output_path(outdir, [source], overwrite)
@@ -38,8 +43,8 @@ def export_command(model, outdir, atol, rtol, opset, overwrite, model_factory, i
     inputs = read_calibration_tensors(inputs_file, 8, warn=False) if inputs_file else None
     network = load_any(source, model_factory)
     with atomic_directory(outdir) as tmp, rich_track("export", 1) as advance:
-        result = export_onnx(network, tmp / "model.onnx", ExportSettings(opset, atol, rtol),
-                             inputs)
+        settings = ExportSettings(opset, atol=atol, rtol=rtol, logprob_tol=logprob_tol)
+        result = export_onnx(network, tmp / "model.onnx", settings, inputs)
         advance("validated")
         data = {k: v for k, v in result.to_json().items() if k != "path"}
         data["path"] = str(outdir / "model.onnx")
@@ -48,8 +53,11 @@ def export_command(model, outdir, atol, rtol, opset, overwrite, model_factory, i
         emit_json(data, json_out)
         if json_out == "-":
             return
+    out.print(f"validation: {data['rule']}")
     for v in data["validation"]:
-        out.print(f"input {'x'.join(map(str, v['shape']))}: max abs diff {v['max_abs_diff']:.2e}, "
-                  f"{v['within_tolerance']:.2%} within atol={atol}/rtol={rtol}")
+        lm = (f"; top-1 agreement {v['top1_agreement']:.2%}, max |Δ log-prob| "
+              f"{v['max_logprob_diff']:.2e}" if "top1_agreement" in v else "")
+        out.print(f"input {'x'.join(map(str, v['shape']))}: max abs diff {v['max_abs_diff']:.2e} = "
+                  f"{v['rel_error']:.1e} × RMS {v['scale']:.3g}{lm}")
     out.print(f"{data['factors']['factors']} factors in the graph; {decimal(data['bytes'])} "
               f"written to {data['path']}")

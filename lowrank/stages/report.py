@@ -122,9 +122,13 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                      f"{r['heldout_loss_before']:.4f} → {r['heldout_loss_after']:.4f}"))
     if "export" in report:
         e = report["export"]
-        worst = max(v["max_abs_diff"] for v in e["validation"])
+        worst = max(e["validation"], key=lambda v: v["rel_error"])
+        lm = (f", top-1 agreement {min(v['top1_agreement'] for v in e['validation']):.2%}, max "
+              f"|Δ log-prob| {max(v['max_logprob_diff'] for v in e['validation']):.2e}"
+              if "top1_agreement" in worst else "")
         rows.append(("ONNX", f"{_fmt_bytes(e['bytes'])}, validated on {len(e['validation'])} "
-                     f"inputs, max abs diff {worst:.2e}"))
+                     f"inputs, max abs diff {worst['max_abs_diff']:.2e} "
+                     f"({worst['rel_error']:.1e} × RMS){lm}"))
     if "int8" in report and "export" in report:
         rows.append(("ONNX int8", f"{_fmt_bytes(report['int8']['bytes'])} "
                      f"({report['int8']['bytes'] / report['export']['bytes']:.1%} of fp32)"))
