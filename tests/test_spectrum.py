@@ -22,7 +22,7 @@ def test_exact_spectrum_energy_and_ranks():
 
 def test_randomized_top_k_matches_exact_on_low_rank_matrix():
     w = low_rank_matrix(300, 200, rank=10, noise=1e-3)
-    exact = analyze_matrix("w", w, AnalyzeSettings())
+    exact = analyze_matrix("w", w, AnalyzeSettings(method="exact"))
     partial = analyze_matrix("w", w, AnalyzeSettings(exact_max_dim=100))
     assert exact.exact and not partial.exact
     assert len(partial.singular_values) == math.floor(300 * 200 / 500)  # the break-even rank

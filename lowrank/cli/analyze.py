@@ -6,6 +6,7 @@ import click
 from rich.table import Table
 
 from ..io.checkpoint import open_checkpoint
+from ..linalg import SVD_METHODS
 from ..stages.analyze import AnalyzeSettings, analyze, matrix_infos
 from .console import (
     emit_json,
@@ -21,16 +22,20 @@ from .console import (
 @click.command("analyze")
 @click.argument("model")
 @json_option
-@click.option("--exact-max-dim", type=int, default=2048, show_default=True,
-              help="Exact SVD up to this min(m, n); randomized top-k above.")
+@click.option("--method", type=click.Choice(SVD_METHODS), default="auto", show_default=True,
+              help="gram (float64 Gram eigenvalues), exact (LAPACK SVD), randomized (top-k), "
+              "or auto: gram up to --exact-max-dim, randomized above.")
+@click.option("--exact-max-dim", type=int, default=AnalyzeSettings.exact_max_dim,
+              show_default=True, help="auto: the whole spectrum up to this min(m, n); "
+              "randomized top-k above.")
 @workers_option
 @executor_option
-def analyze_command(model, json_out, exact_max_dim, workers, executor):
+def analyze_command(model, json_out, method, exact_max_dim, workers, executor):
     """Singular-value spectrum of every weight matrix of MODEL."""
     ckpt = open_checkpoint(resolve_model(model))
+    settings = AnalyzeSettings(method=method, exact_max_dim=exact_max_dim)
     with rich_track("analyze", len(matrix_infos(ckpt))) as advance:
-        spectra = analyze(ckpt, AnalyzeSettings(exact_max_dim=exact_max_dim), advance,
-                          workers=workers, executor=executor)
+        spectra = analyze(ckpt, settings, advance, workers=workers, executor=executor)
     rows = [s.summary() for s in spectra.matrices.values()]
     if json_out:
         emit_json({"model": str(ckpt.path), "total_params": spectra.total_params,

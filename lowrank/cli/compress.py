@@ -8,9 +8,11 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
+from ..linalg import SVD_METHODS
 from ..pipeline.cache import default_cache_dir
 from ..pipeline.runner import run_pipeline
 from ..pipeline.spec import compress_spec, read_pipeline
+from ..stages.factorize import FactorizeSettings
 from ..stages.report import summary_rows
 from .console import (
     cache_dir_option,
@@ -104,8 +106,10 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
               help="int8: 7-bit weights (default: on when the CPU lacks VNNI).")
 @click.option("--bench", is_flag=True, help="Measure dense vs compressed ONNX latency (batch "
               "1, 16 x sequence 16, 128) into the report (needs --export onnx).")
-@click.option("--method", type=click.Choice(["auto", "exact", "randomized"]),
-              help="SVD: exact, randomized (torch.svd_lowrank), or auto by size (default).")
+@click.option("--method", type=click.Choice(SVD_METHODS),
+              help="SVD: gram (float64 Gram eigensolver), exact (LAPACK), randomized "
+              f"(torch.svd_lowrank), or auto by size (default: gram, randomized when min(m, n) > "
+              f"{FactorizeSettings.exact_max_dim}).")
 @click.option("--seed", type=int, help="Randomized SVD seed.")
 @click.option("--oversample", type=int, help="Randomized SVD oversampling (default 10).")
 @click.option("--niter", type=int, help="Randomized SVD power iterations (default 4).")

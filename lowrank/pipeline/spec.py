@@ -17,7 +17,7 @@ from .stage import STAGES, Stage
 # (a test keeps the two equal).
 DEFAULT_STAGES = ["analyze", "plan", "factorize"]
 DEFAULT_SETTINGS = {
-    "analyze": {"exact_max_dim": 2048},
+    "analyze": {"method": "auto", "exact_max_dim": 8192},
     "plan": {"param_ratio": 0.6, "guard": 0.8, "multiple": 1},
     "factorize": {"method": "auto", "seed": 0},
 }

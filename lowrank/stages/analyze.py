@@ -1,11 +1,13 @@
 """Singular-value spectra of weight matrices: energy curve, effective ranks, break-even rank.
 
 A tensor of shape (out, in, *kernel) is viewed as an out × (in·prod(kernel)) matrix, the
-matrix a factored conv computes. Spectra are exact (``torch.linalg.svdvals``) when the smaller
-side is at most ``exact_max_dim``; above that, the top-k values come from seeded randomized SVD
-with k = the break-even rank, because a layer factored beyond break-even is kept dense anyway.
-The total energy ‖W‖_F² is always exact, so energy fractions stay correct with a partial
-spectrum.
+matrix a factored conv computes. With ``method="auto"`` the whole spectrum comes from the
+float64 Gram matrix's eigenvalues (:func:`lowrank.linalg.gram_svdvals`, accuracy discussed
+there) when the smaller side is at most ``exact_max_dim``; above that, the top-k values come
+from seeded randomized SVD with k = the break-even rank, because a layer factored beyond
+break-even is kept dense anyway. ``method="exact"`` (LAPACK ``svdvals``), ``"gram"`` and
+``"randomized"`` force one solver at any size. The total energy ‖W‖_F² is always exact, so
+energy fractions stay correct with a partial spectrum.
 """
 
 from __future__ import annotations
@@ -16,9 +18,19 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from ..io.files import check_format
-from ..linalg import layer_seed, matrix_view, randomized_svd, squared_norm, weighted
+from ..linalg import (
+    SVD_METHODS,
+    choose_svd_method,
+    gram_svdvals,
+    layer_seed,
+    matrix_view,
+    randomized_svd,
+    squared_norm,
+    weighted,
+)
 from ..parallel import fixed_threads, open_source, ordered_map
 from ..pipeline.stage import Context, Stage, json_loader, json_saver, register_stage
 
@@ -29,12 +41,22 @@ ENERGY_LEVELS = (0.90, 0.95, 0.99)
 
 @dataclass(frozen=True)
 class AnalyzeSettings:
-    # Above this smaller-side size, only the top break-even-rank values are computed (randomized).
-    exact_max_dim: int = 2048
+    # "auto": all values (Gram eigensolver) up to exact_max_dim, randomized top-k above;
+    # "gram", "exact" (LAPACK svdvals), "randomized": that solver at every size.
+    method: str = "auto"
+    # Above this smaller-side size, "auto" computes only the top break-even-rank values. Gram
+    # eigenvalues (all of them) take less time than randomized top-k up to here: 6.5 vs 29 s at
+    # 4096×4096, 69 s at 8192×8192 against ~230 s (reports/spectra-speed*.md).
+    exact_max_dim: int = 8192
     # Randomized SVD: extra columns beyond k, and power iterations (accuracy vs time).
     oversample: int = 10
     niter: int = 4
     seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in SVD_METHODS:
+            raise InputError(f"analyze method must be one of {', '.join(SVD_METHODS)}, "
+                             f"got {self.method!r}")
 
 
 @dataclass
@@ -45,7 +67,7 @@ class Spectrum:
     cols: int
     singular_values: list[float]  # descending; all min(rows, cols) when exact, else the top k
     total_energy: float  # ‖W‖_F², exact
-    exact: bool
+    exact: bool  # the whole spectrum (exact SVD or Gram); False: the top k (randomized)
     finite: bool = True  # False when the tensor holds NaN/Inf (no spectrum computed)
 
     @property
@@ -155,14 +177,16 @@ def analyze_matrix(name: str, tensor: torch.Tensor, settings: AnalyzeSettings,
     if weighting is not None:
         w = weighted(w.double(), weighting)
     total = squared_norm(w)
-    if min(rows, cols) <= settings.exact_max_dim:
+    method = choose_svd_method(settings.method, rows, cols, settings.exact_max_dim)
+    exact = method != "randomized"
+    if method == "gram":
+        values = gram_svdvals(w)
+    elif method == "exact":
         values = torch.linalg.svdvals(w)
-        exact = True
     else:
         k = max(1, math.floor(rows * cols / (rows + cols)))
         _, values, _ = randomized_svd(w, k, settings.oversample, settings.niter,
                                       layer_seed(settings.seed, name))
-        exact = False
     return Spectrum(name, tuple(tensor.shape), rows, cols, [float(v) for v in values], total, exact)
 
 
@@ -185,7 +209,7 @@ def analyze(
 
     Args:
         ckpt: an open checkpoint (tensors are read one at a time).
-        settings: exact/randomized cut-over and randomized-SVD parameters.
+        settings: solver, full/randomized cut-over and randomized-SVD parameters.
         on_matrix: called with each tensor name after it is analyzed (progress bars).
         stats: :class:`~lowrank.stages.calibrate.ActivationStats`; when given, layers with calibration
             data get their calibrated (output-energy) spectrum.
