@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..errors import InputError, first_line
+from ..errors import InputError
 from ..io.checkpoint import LazyTensors, numel
-from ..io.files import check_format, write_json
+from ..io.files import check_format, read_json_file, write_json
 from ..io.safetensors import DEFAULT_MAX_SHARD_BYTES, SAFETENSORS_INDEX, write_tensors
 from ..naming import FACTOR_LAYOUT, factor_names, module_name
 from ..nn.adapters import save_adapters
@@ -80,12 +80,9 @@ class LowRankCheckpoint:
 def read_lowrank_config(path: Path) -> dict:
     """The parsed ``lowrank_config.json`` of output directory ``path``, format checked."""
     file = Path(path) / CONFIG_FILE
-    try:
-        config = json.loads(file.read_text())
-    except FileNotFoundError as e:
-        raise InputError(f"{path}: not a lowrank output (no {CONFIG_FILE})") from e
-    except (OSError, ValueError, RecursionError) as e:
-        raise InputError(f"{file}: unreadable ({first_line(e)})") from e
+    if not file.is_file():
+        raise InputError(f"{path}: not a lowrank output (no {CONFIG_FILE})")
+    config = read_json_file(file, "lowrank config")
     check_format(config, FORMAT, FORMAT_VERSION, file, version_key="format_version")
     if not isinstance(config.get("layers"), dict):
         raise InputError(f"{file}: not a lowrank config (no \"layers\" object)")

@@ -40,7 +40,7 @@ class PlanSettings:
     # of latency_tokens (2048 when empty); other matrices (embeddings) stay dense.
     latency_ratio: float | None = None
     # Keep a matrix dense when its rank reaches guard × mn/(m+n): near break-even, factoring
-    # saves little and costs a second matmul (slower on CPUs, see DESIGN.md).
+    # saves little and costs a second matmul (slower on CPUs: measured, lowrank.timing).
     guard: float = 0.8
     multiple: int = 1  # round ranks up to a multiple of this (SIMD/tile-friendly shapes)
     min_numel: int = 4096  # smaller matrices stay dense: nothing worth saving
