@@ -29,7 +29,7 @@ def test_analyze_minilm(minilm_path):
     spectra = lowrank.analyze(lowrank.open_checkpoint(minilm_path))
     emb = spectra.matrices["embeddings.word_embeddings.weight"]
     assert (emb.rows, emb.cols) == (30522, 384) and emb.exact
-    # DESIGN.md: 90% of the embedding table's energy needs a rank in the 260s of 384
+    # ../shared/DESIGN.md (measured): 90% of the embedding table's energy needs a rank in the 260s of 384
     assert 240 <= emb.rank_for_energy(0.90) <= 290
     assert "embeddings.position_ids" not in spectra.matrices  # integer buffer
 

@@ -22,6 +22,7 @@ from rich.filesize import decimal
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from ..io.files import check_format, read_json_file, write_json
+from ..naming import module_name
 from .evaluate import describe_tensor_scores
 from .gate import METRICS
 
@@ -215,7 +216,7 @@ def plots(report: dict, spectra=None) -> dict[str, str]:
     ys = range(len(names))
     ax.barh(ys, [report["layers"][n]["params_before"] for n in names], color="#bbb", label="before")
     ax.barh(ys, [report["layers"][n]["params_after"] for n in names], color="#2a7", label="after")
-    ax.set_yticks(list(ys), [n.removesuffix(".weight") for n in names], fontsize=6)
+    ax.set_yticks(list(ys), [module_name(n) for n in names], fontsize=6)
     ax.invert_yaxis()
     ax.set(xlabel="parameters", title="Parameters per layer")
     ax.legend()
