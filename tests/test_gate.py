@@ -110,3 +110,37 @@ def test_edge_pipeline_writes_reports_and_gates(tiny_bert_dir, tmp_path):
                              cache_dir=tmp_path / "cache")
     assert info.value.results[0]["passed"] is False
     assert json.loads((tmp_path / "fail" / "report.json").read_text())["gate"][0]["passed"] is False
+
+
+def test_optimize_fuses_validates_and_benches_against_an_optimized_dense(tiny_bert_dir, tmp_path):
+    """--optimize: onnxruntime's transformer optimizer on the export, validated; int8 quantizes
+    the fused graph and the benchmark's dense baseline gets the same treatment."""
+    result = CliRunner().invoke(main, ["compress", str(tiny_bert_dir), str(tmp_path / "out"),
+                                       "--rank", "8", "--export", "onnx", "--optimize", "--int8",
+                                       "--no-cache", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["optimize"]["fused"].get("SkipLayerNormalization", 0) > 0
+    assert all(v["ok"] for v in report["optimize"]["validation"])
+    assert (tmp_path / "out" / "onnx-optimized" / "model.onnx").is_file()
+    bad = CliRunner().invoke(main, ["compress", str(tiny_bert_dir), str(tmp_path / "o2"),
+                                    "--optimize"])
+    assert bad.exit_code == 2 and "--optimize needs --export onnx" in bad.output
+
+
+def test_bench_pairs_each_compressed_variant_with_its_dense_twin(tiny_bert_dir, tmp_path):
+    spec = lowrank.default_pipeline()
+    spec.stages += ["export", "optimize", "int8", "bench"]
+    spec.settings["plan"] = {"rank": 8}
+    spec.settings["bench"] = {"batches": [1], "sequences": [8], "runs": 2, "warmup": 1,
+                              "rounds": 1}
+    latency = lowrank.run_pipeline(spec, tiny_bert_dir, tmp_path / "out").report["latency"]
+    assert {r["model"] for r in latency["results"]} == {
+        "dense", "compressed", "dense-optimized", "compressed-optimized", "dense-int8",
+        "compressed-int8"}
+    pairs = {(p["model"], p["baseline"]): p["speedup"] for p in latency["pairs"]}
+    assert set(pairs) == {("compressed", "dense"), ("compressed-optimized", "dense-optimized"),
+                          ("compressed-int8", "dense-int8")}
+    p50 = {r["model"]: r["p50_ms"] for r in latency["results"]}
+    assert pairs[("compressed-int8", "dense-int8")] == pytest.approx(
+        p50["dense-int8"] / p50["compressed-int8"], rel=1e-3)

@@ -99,6 +99,9 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
               "FILE, the evaluation text shipped with lowrank); written to report.json.")
 @click.option("--export", type=click.Choice(["onnx"]),
               help="Also write OUTPUT/onnx/model.onnx, validated against PyTorch.")
+@click.option("--optimize", is_flag=True, help="Also write OUTPUT/onnx-optimized/model.onnx: "
+              "onnxruntime's transformer optimizer (fused LayerNorm, GELU, attention where it "
+              "matches), validated; int8 and bench then use it, the dense baseline too.")
 @click.option("--int8", is_flag=True, help="Also write OUTPUT/onnx-int8/model.onnx (dynamic "
               "int8 quantization of the export; needs --export onnx).")
 @click.option("--per-channel", is_flag=True, help="int8: one scale per output channel.")

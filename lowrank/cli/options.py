@@ -59,7 +59,7 @@ def calibration_settings(flags: dict) -> dict:
 FLAGS = {"calibration_file": "--calibration",
          "calibration settings": "--calibration-samples/--max-length/--data-method options",
          "sequential": "--sequential", "recover settings": "--recover-* options",
-         "recover_method": "--recover", "int8": "--int8", "bench": "--bench",
+         "recover_method": "--recover", "optimize": "--optimize", "int8": "--int8", "bench": "--bench",
          "export": "--export onnx"}
 
 

@@ -134,6 +134,7 @@ def compress_spec(
     recover: dict | None = None,
     eval_file: str | None = None,
     export: str | None = None,
+    optimize: bool = False,
     int8: dict | None = None,
     bench: bool = False,
     model_factory: str | None = None,
@@ -151,7 +152,8 @@ def compress_spec(
         factorize: [factorize] settings (method, seed, oversample, niter).
         recover_method, recover: the recover stage and its settings (steps, lr, ...).
         eval_file: the evaluate stage on this file; ``""`` for the bundled evaluation text.
-        export: ``"onnx"``; ``int8`` (dict of [int8] settings, maybe empty) and ``bench`` need it.
+        export: ``"onnx"``; ``optimize`` (fusions by onnxruntime's transformer optimizer),
+            ``int8`` (dict of [int8] settings, maybe empty) and ``bench`` need it.
         model_factory: the architecture of a non-HF checkpoint.
         max_shard_size: largest checkpoint file written into OUTPUT.
 
@@ -183,13 +185,15 @@ def compress_spec(
         spec.settings["recover"] = {"method": recover_method, **recover}
     elif recover:
         raise OptionError("recover settings", "recover_method")
-    for option, given in (("int8", int8 is not None), ("bench", bench)):
+    for option, given in (("optimize", optimize), ("int8", int8 is not None), ("bench", bench)):
         if given and not export:
             raise OptionError(option, "export")
     if export:
         spec.stages.append("export")
         if model_factory and calibration_file:  # its tensors are the example inputs
             spec.settings["export"] = {"inputs_file": calibration_file}
+    if optimize:
+        spec.stages.append("optimize")
     if int8 is not None:
         spec.stages.append("int8")
         spec.settings["int8"] = _given(**int8)

@@ -30,6 +30,9 @@ from ..timing import machine
 from .export import OnnxArtifact, load_onnx, onnx_scratch, save_onnx, write_onnx
 
 FORMATS = ("dynamic", "static")
+# Shape inference cannot type the outputs of onnxruntime's fused contrib ops (an optimized
+# graph: lowrank.stages.optimize); everything lowrank exports is float32.
+FUSED_GRAPH_TYPES = {"DefaultTensorType": 1}  # onnx.TensorProto.FLOAT
 
 
 @dataclass(frozen=True)
@@ -79,14 +82,15 @@ def quantize_int8(source: Path, target: Path, settings: Int8Settings = Int8Setti
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         if settings.format == "dynamic":
             quantize_dynamic(str(prepared), str(target), per_channel=settings.per_channel,
-                             reduce_range=reduce_range, weight_type=QuantType.QInt8)
+                             reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                             extra_options=FUSED_GRAPH_TYPES)
         else:
             if not calibration_feeds:
                 raise InputError("static int8 quantization needs calibration inputs")
             quantize_static(str(prepared), str(target), _Feeds(calibration_feeds),
                             quant_format=QuantFormat.QDQ, per_channel=settings.per_channel,
                             reduce_range=reduce_range, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8)
+                            weight_type=QuantType.QInt8, extra_options=FUSED_GRAPH_TYPES)
     return {"format": settings.format, "per_channel": settings.per_channel,
             "reduce_range": reduce_range, "bytes": Path(target).stat().st_size}
 
@@ -102,8 +106,10 @@ def int8_feeds(models: Models, settings: Int8Settings, calibration_file: str | N
             for inputs, _ in model_batches(data, tokenizer, 8, 128)]
 
 
-def _run(ctx: Context, settings: Int8Settings, export: OnnxArtifact, calibrate=None) -> OnnxArtifact:
+def _run(ctx: Context, settings: Int8Settings, export: OnnxArtifact, calibrate=None,
+         optimize=None) -> OnnxArtifact:
     source = calibrate.settings.calibration_file if calibrate is not None else None
+    export = optimize or export  # quantize the fused graph when the pipeline optimizes
     scratch = onnx_scratch(ctx, "int8")
     with ctx.track("int8", 1) as advance:
         info = quantize_int8(export.path, Path(scratch.name) / "model.onnx", settings,
@@ -115,5 +121,5 @@ def _run(ctx: Context, settings: Int8Settings, export: OnnxArtifact, calibrate=N
 register_stage(Stage(
     "int8", ("export",), Int8Settings, _run, save=save_onnx, load=load_onnx,
     emit=lambda artifact, out, ctx: write_onnx(artifact, out / "onnx-int8"),
-    uses=("calibrate",),
+    uses=("calibrate", "optimize"),
 ))

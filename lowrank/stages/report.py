@@ -65,6 +65,9 @@ def build_report(ckpt: Checkpoint, artifacts: dict, manifest: dict, written: Pat
                                  else entry["rank"] * (rows + numel // rows))
     if "export" in artifacts:
         report["export"] = {"path": str(output / "onnx" / "model.onnx"), **artifacts["export"].result}
+    if "optimize" in artifacts:
+        report["optimize"] = {"path": str(output / "onnx-optimized" / "model.onnx"),
+                              **artifacts["optimize"].result}
     if "int8" in artifacts:
         report["int8"] = {"path": str(output / "onnx-int8" / "model.onnx"), **artifacts["int8"].result}
     if "bench" in artifacts:
@@ -130,6 +133,14 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         rows.append(("ONNX", f"{_fmt_bytes(e['bytes'])}, validated on {len(e['validation'])} "
                      f"inputs, max abs diff {worst['max_abs_diff']:.2e} "
                      f"({worst['rel_error']:.1e} × RMS){lm}"))
+    if "optimize" in report:
+        o = report["optimize"]
+        rows.append(("ONNX optimized", ", ".join(f"{n} {op}" for op, n in o["fused"].items())
+                     or "nothing fused"))
+    for pair in report.get("latency", {}).get("pairs", []):
+        if pair["baseline"] != "dense":  # plain speedups are in the latency table
+            rows.append((f"{pair['model']} vs {pair['baseline']}",
+                         f"{pair['speedup']:.2f}× at {pair['batch']}×{pair['sequence']}"))
     if "int8" in report and "export" in report:
         rows.append(("ONNX int8", f"{_fmt_bytes(report['int8']['bytes'])} "
                      f"({report['int8']['bytes'] / report['export']['bytes']:.1%} of fp32)"))
