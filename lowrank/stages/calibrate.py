@@ -73,7 +73,7 @@ class ActivationStats:
     tokens: int = 0  # real tokens seen
     samples: int = 0
     settings: CalibrateSettings = CalibrateSettings()
-    # {(Gram content digest, device): G^½}: each eigh runs once per run (see whitening_factor).
+    # {(Gram digest, shape, device): G^½}: each eigh runs once per run (see whitening_factor).
     memo: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
 
     def weighting(self, name: str, cols: int, device: str | None = None):
@@ -87,12 +87,13 @@ class ActivationStats:
         """G^½ of ``gram``, memoized by content: analysis and factorization of one run, and
         layers fed the same input (query, key and value), share one eigendecomposition.
         Hashing G reads n² numbers; the eigh it saves costs ~n³."""
-        key = (hashlib.blake2b(gram.contiguous().numpy().data, digest_size=16).digest(),
+        data = gram.detach().cpu().contiguous().view(torch.uint8).numpy()
+        key = (hashlib.blake2b(data.data, digest_size=16).digest(), tuple(gram.shape),
                float64_device(device))
         if key in self.memo:
             self.memo.move_to_end(key)
             return self.memo[key]
-        root = psd_sqrt(gram, key[1])
+        root = psd_sqrt(gram, key[2])
         self.memo[key] = root
         held = sum(t.numel() * t.element_size() for t in self.memo.values())
         while held > WHITENING_MEMO_BYTES and len(self.memo) > 1:
