@@ -46,22 +46,26 @@ class Weighting:
     factor: torch.Tensor  # G^½ (in × in) | s (in,) | d (rows,), float64
 
 
-def psd_sqrt(g: torch.Tensor) -> torch.Tensor:
-    """Symmetric square root of a positive semi-definite matrix (negative noise clipped)."""
-    vals, vecs = torch.linalg.eigh(g)
-    return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+def psd_sqrt(g: torch.Tensor, device: str | None = None) -> torch.Tensor:
+    """Symmetric square root of a positive semi-definite matrix (negative noise clipped),
+    computed on ``device`` (float64-capable: see :func:`lowrank.device.float64_device`) and
+    returned where ``g`` lives."""
+    vals, vecs = torch.linalg.eigh(g.to(device) if device else g)
+    return ((vecs * vals.clamp(min=0).sqrt()) @ vecs.T).to(g.device)
 
 
 def make_weighting(name: str, stats, method: str = "whiten", alpha: float = 0.5,
-                   smoothing: float = 1.0, cols: int | None = None) -> Weighting | None:
+                   smoothing: float = 1.0, cols: int | None = None,
+                   sqrt=psd_sqrt) -> Weighting | None:
     """The weighting for tensor ``name`` from :class:`~lowrank.stages.calibrate.ActivationStats`, or
-    None when the calibration saw no data for it (plain SVD then)."""
+    None when the calibration saw no data for it (plain SVD then). ``sqrt`` computes G^½
+    (:meth:`~lowrank.stages.calibrate.ActivationStats.weighting` passes a memoized one)."""
     if name in stats.token_counts:
         counts = stats.token_counts[name]
         return Weighting("rows", (counts + smoothing).sqrt())
     if name in stats.grams and (cols is None or stats.grams[name].shape[0] == cols):
         if method == "whiten":
-            return Weighting("whiten", psd_sqrt(stats.grams[name]))
+            return Weighting("whiten", sqrt(stats.grams[name]))
         if method == "scale":
             mean_abs = stats.abs_sums[name] / max(stats.tokens, 1)
             return Weighting("scale", mean_abs.clamp(min=1e-8) ** alpha)
@@ -70,7 +74,7 @@ def make_weighting(name: str, stats, method: str = "whiten", alpha: float = 0.5,
 
 
 def weighted(w: torch.Tensor, wt: Weighting) -> torch.Tensor:
-    f = wt.factor.to(w.dtype)
+    f = wt.factor.to(w.device, w.dtype)
     if wt.kind == "whiten":
         return w @ f
     if wt.kind == "scale":
@@ -83,7 +87,7 @@ def factors_from_svd(w, wt: Weighting, U, S, Vh):
     root = S.sqrt()
     if wt.kind == "whiten":
         return U.contiguous(), (U.T @ w).contiguous()
-    f = wt.factor.to(w.dtype)
+    f = wt.factor.to(w.device, w.dtype)
     if wt.kind == "scale":
         return (U * root).contiguous(), ((root[:, None] * Vh) / f).contiguous()
     return ((U * root) / f[:, None]).contiguous(), (root[:, None] * Vh).contiguous()
@@ -142,7 +146,7 @@ def gram_matrix(w: torch.Tensor) -> torch.Tensor:
     """The smaller Gram matrix of ``w`` (W·Wᵀ when m <= n, else Wᵀ·W) in float64, accumulated
     from float64 blocks in a fixed order (deterministic; no whole float64 copy of ``w``)."""
     x, _ = _short_side(w)
-    g = torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64)
+    g = torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
     for _, block in _blocks(x):
         g.addmm_(block, block.T)
     return g
@@ -170,8 +174,8 @@ def gram_svd(w: torch.Tensor, rank: int):
     vecs = torch.linalg.eigh(gram_matrix(x)).eigenvectors  # ascending eigenvalues
     q = vecs[:, vecs.shape[1] - r:].flip(1).contiguous()  # top r, descending
     del vecs
-    p = torch.empty(r, x.shape[1], dtype=w.dtype)
-    s2 = torch.zeros(r, dtype=torch.float64)
+    p = torch.empty(r, x.shape[1], dtype=w.dtype, device=w.device)
+    s2 = torch.zeros(r, dtype=torch.float64, device=w.device)
     for j, block in _blocks(x):
         pj = q.T @ block
         s2 += pj.pow(2).sum(1)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
+from ..device import resolve_device
 from ..io.checkpoint import open_checkpoint
 from ..linalg import SVD_METHODS
 from ..stages.analyze import AnalyzeSettings, analyze, matrix_infos
 from .console import (
+    device_option,
     emit_json,
     executor_option,
     json_option,
@@ -30,12 +32,14 @@ from .console import (
               "randomized top-k above.")
 @workers_option
 @executor_option
-def analyze_command(model, json_out, method, exact_max_dim, workers, executor):
+@device_option
+def analyze_command(model, json_out, method, exact_max_dim, workers, executor, device):
     """Singular-value spectrum of every weight matrix of MODEL."""
     ckpt = open_checkpoint(resolve_model(model))
     settings = AnalyzeSettings(method=method, exact_max_dim=exact_max_dim)
     with rich_track("analyze", len(matrix_infos(ckpt))) as advance:
-        spectra = analyze(ckpt, settings, advance, workers=workers, executor=executor)
+        spectra = analyze(ckpt, settings, advance, workers=workers, executor=executor,
+                          device=resolve_device(device))
     rows = [s.summary() for s in spectra.matrices.values()]
     if json_out:
         emit_json({"model": str(ckpt.path), "total_params": spectra.total_params,

@@ -16,6 +16,7 @@ from ..stages.factorize import FactorizeSettings
 from ..stages.report import summary_rows
 from .console import (
     cache_dir_option,
+    device_option,
     emit_json,
     executor_option,
     json_option,
@@ -33,6 +34,7 @@ from .options import PLAN_KEYS, calibration_options, calibration_settings, polic
 run_options = options(
     workers_option,
     executor_option,
+    device_option,
     cache_dir_option,
     click.option("--no-cache", is_flag=True, help="Recompute every stage; cache nothing."),
     click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUTPUT."),
@@ -41,11 +43,11 @@ run_options = options(
 
 
 def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out, workers,
-                  executor) -> None:
+                  executor, device) -> None:
     cache = None if no_cache else Path(cache_dir) if cache_dir else default_cache_dir()
     result = run_pipeline(spec, resolve_model(model), output, cache_dir=cache,
                           overwrite=overwrite, track=rich_track, workers=workers,
-                          executor=executor)
+                          executor=executor, device=device)
     result.release()
     report = result.report
     for name, e in report["layers"].items():  # on stderr, with --json too
@@ -122,7 +124,7 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
 @model_factory_option
 @run_options
 def compress_command(model, output, cache_dir, no_cache, overwrite, json_out, workers, executor,
-                     int8, per_channel, reduce_range, **flags):
+                     device, int8, per_channel, reduce_range, **flags):
     """Compress MODEL into the low-rank checkpoint directory OUTPUT.
 
     MODEL is an HF directory, a .safetensors file or index, a .pt/.bin state dict, or
@@ -140,7 +142,7 @@ def compress_command(model, output, cache_dir, no_cache, overwrite, json_out, wo
         int8={"per_channel": per_channel or None, "reduce_range": reduce_range} if int8 else None,
         **flags)
     run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out, workers,
-                  executor)
+                  executor, device)
 
 
 @click.command("run")
@@ -149,11 +151,11 @@ def compress_command(model, output, cache_dir, no_cache, overwrite, json_out, wo
 @click.option("--output", type=click.Path(file_okay=False), help="Output (overrides `output`).")
 @run_options
 def run_command(pipeline_file, model, output, cache_dir, no_cache, overwrite, json_out, workers,
-                executor):
+                executor, device):
     """Run a pipeline file (see pipelines/default.toml)."""
     spec = read_pipeline(pipeline_file)
     model, output = model or spec.model, output or spec.output
     if not model or not output:
         raise click.UsageError("give --model and --output, or set them in the pipeline file")
     run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out, workers,
-                  executor)
+                  executor, device)

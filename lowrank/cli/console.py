@@ -110,6 +110,12 @@ executor_option = click.option(
     help="Where per-matrix work runs: local processes, or Ray tasks (pip install "
     "'lowrank[ray]'; RAY_ADDRESS selects a cluster).")
 
+device_option = click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=None,
+    help="Where calibration, analysis, factorization and recovery compute (default: the "
+    "pipeline file's, else auto: a CUDA or MPS accelerator when torch sees one, else cpu). "
+    "Matrices go to the device one at a time; on MPS the float64 maths stays on CPU.")
+
 cache_dir_option = click.option(
     "--cache-dir", type=click.Path(file_okay=False),
     help="Stage cache (default $LOWRANK_CACHE_DIR or ~/.cache/lowrank).")

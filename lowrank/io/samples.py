@@ -101,15 +101,21 @@ def num_samples(data: Samples) -> int:
     return len(data) if isinstance(data, list) else next(iter(data.values())).shape[0]
 
 
-def model_batches(data: Samples, tokenizer, batch_size: int, max_length: int):
-    """(model keyword inputs, real-token mask or None) per batch of ``data``."""
+def model_batches(data: Samples, tokenizer, batch_size: int, max_length: int,
+                  device: str | None = None):
+    """(model keyword inputs, real-token mask or None) per batch of ``data``, on ``device``
+    (as they are when None)."""
+    def put(t):
+        return t.to(device) if device is not None else t
+
     for start in range(0, num_samples(data), batch_size):
         if isinstance(data, dict):
-            yield {k: v[start:start + batch_size] for k, v in data.items() if k != LABELS}, None
+            yield {k: put(v[start:start + batch_size]) for k, v in data.items()
+                   if k != LABELS}, None
         else:
             batch = tokenizer(data[start:start + batch_size], padding=True, truncation=True,
                               max_length=max_length, return_tensors="pt")
-            yield dict(batch), batch["attention_mask"].bool()
+            yield {k: put(v) for k, v in batch.items()}, put(batch["attention_mask"].bool())
 
 
 DEFAULT_EVALUATION = Path(__file__).parents[1] / "data" / "evaluation.txt"

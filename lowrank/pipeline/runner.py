@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..device import resolve_device
 from ..errors import GateFailed, InputError
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.files import atomic_directory, check_output_path, copy_model_files, write_json
@@ -105,12 +106,15 @@ def execute(
     workers: int = 1,
     executor: str = "process",
     work_dir: Path | None = None,
+    device: str | None = None,
 ) -> RunResult:
     """Run ``spec``'s stages on checkpoint ``model`` without writing an output directory.
 
     ``model_factory`` (or the pipeline file's ``model_factory``): ``package.module:function``
     or a zero-argument callable returning the dense ``nn.Module`` of a non-HF checkpoint.
     ``workers``/``executor``: per-matrix work in parallel (:mod:`lowrank.parallel`).
+    ``device``: ``cpu``, ``cuda`` or ``mps`` (or the pipeline file's ``device``; default: an
+    accelerator when torch sees one, see :mod:`lowrank.device`).
     ``work_dir``: factorize and export put their files in temporary directories there instead
     of memory; they go with the artifacts, or with :meth:`RunResult.release`.
 
@@ -120,6 +124,7 @@ def execute(
     ckpt = open_checkpoint(model)
     model_factory = model_factory or spec.model_factory
     check_executor(executor, workers)
+    device = resolve_device(device or spec.device)
     settings = {name: make_settings(spec, STAGES[name]) for name in spec.stages}
     _check_order(spec)
     cache = Cache(cache_dir)
@@ -130,7 +135,7 @@ def execute(
     if factory_info is not None:  # the architecture is an input too: its name and source
         model_digest = digest([model_digest, factory_info])
     ctx = Context(ckpt, Models(ckpt, model_factory), track, cache_dir, workers, executor,
-                  work_dir, max_shard_bytes(spec.max_shard_size, spec.source))
+                  work_dir, max_shard_bytes(spec.max_shard_size, spec.source), device=device)
     artifacts, records = {}, []
     try:
         with _signals_unwind():
@@ -140,7 +145,7 @@ def execute(
         raise
     cache.save_memo()
     manifest = {"format": "lowrank.manifest", "version": 1, "versions": _versions(),
-                "pipeline": spec.source, "input": {"path": str(ckpt.path), "files": inputs},
+                "pipeline": spec.source, "device": device, "input": {"path": str(ckpt.path), "files": inputs},
                 "stages": records}
     if factory_info is not None:
         manifest["input"]["model_factory"] = factory_info
@@ -158,7 +163,8 @@ def _run_stages(spec: PipelineSpec, ctx: Context, settings: dict, cache: Cache,
         keys[name] = digest({"stage": name, "lowrank": __version__, "model": model_digest,
                              "settings": asdict(stage_settings), "files": file_digests,
                              "machine": stage.machine(stage_settings),
-                             "upstream": [keys[n] for n in (*stage.needs, *used)]})
+                             "upstream": [keys[n] for n in (*stage.needs, *used)],
+                             **_device_key(stage, ctx.device)})
         start = time.perf_counter()
         artifact = cache.get(stage, keys[name])
         cached = artifact is not None
@@ -170,6 +176,12 @@ def _run_stages(spec: PipelineSpec, ctx: Context, settings: dict, cache: Cache,
         records.append({"stage": name, "key": keys[name], "cached": cached,
                         "seconds": round(time.perf_counter() - start, 3),
                         "settings": asdict(stage_settings)})
+
+
+def _device_key(stage, device: str) -> dict:
+    """The device in a stage's cache key, off CPU only: CPU keys stay those of earlier runs."""
+    kind = device.split(":")[0]
+    return {"device": kind} if stage.on_device and kind != "cpu" else {}
 
 
 def _emitting(spec: PipelineSpec) -> list[str]:
@@ -191,6 +203,7 @@ def run_pipeline(
     model_factory=None,
     workers: int = 1,
     executor: str = "process",
+    device: str | None = None,
 ) -> RunResult:
     """Run ``spec``'s stages on checkpoint ``model`` and write the output directory atomically.
 
@@ -206,6 +219,8 @@ def run_pipeline(
             a zero-argument callable returning the dense ``nn.Module`` (see :func:`execute`).
         workers: processes (or Ray tasks) for the per-matrix work; the output is the same.
         executor: ``"process"`` (local) or ``"ray"`` (a Ray cluster; ``RAY_ADDRESS``).
+        device: where calibration, analysis, factorization and recovery compute: ``"cpu"``,
+            ``"cuda"``, ``"mps"``; None: the pipeline file's, else an accelerator if any.
 
     Memory: the factorized checkpoint is streamed to a work directory beside OUTPUT, so peak
     memory stays near a few times the largest tensor whatever the model size. SIGTERM, SIGHUP
@@ -220,7 +235,8 @@ def run_pipeline(
     check_output_path(output, [probe.path, *probe.files], overwrite)
     # Scratch space beside OUTPUT: the same disk, and room for a checkpoint of that size.
     run = execute(spec, model, cache_dir=cache_dir, track=track, model_factory=model_factory,
-                  workers=workers, executor=executor, work_dir=output.resolve().parent)
+                  workers=workers, executor=executor, work_dir=output.resolve().parent,
+                  device=device)
     try:
         with _signals_unwind(), atomic_directory(output) as tmp:
             copy_model_files(run.checkpoint.model_dir, tmp)

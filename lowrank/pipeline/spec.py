@@ -34,6 +34,7 @@ class PipelineSpec:
     # Largest checkpoint file written into OUTPUT ("5GB", "500MB" or bytes), as transformers'
     # save_pretrained(max_shard_size=...): bigger outputs become shards plus an index.
     max_shard_size: str | int | None = None
+    device: str | None = None  # `device = "cuda"` in the file; None: an accelerator if any
 
 
 def read_pipeline(path: str | Path) -> PipelineSpec:
@@ -61,13 +62,16 @@ def read_pipeline(path: str | Path) -> PipelineSpec:
     shard = data.pop("max_shard_size", None)
     if shard is not None:
         max_shard_bytes(shard, path)  # refuse a bad size before any work
+    device = data.pop("device", None)
+    if device is not None and not isinstance(device, str):
+        raise InputError(f"{path}: device must be a string (auto, cpu, cuda, mps)")
     stray = [k for k, v in data.items() if k not in stages]
     if stray:
         raise InputError(f"{path}: settings for stage(s) not in `stages`: {', '.join(stray)}")
     not_tables = [k for k, v in data.items() if not isinstance(v, dict)]
     if not_tables:
         raise InputError(f"{path}: `{not_tables[0]}` must be a table of settings ([{not_tables[0]}])")
-    return PipelineSpec(stages, data, model, output, str(path), factory, shard)
+    return PipelineSpec(stages, data, model, output, str(path), factory, shard, device)
 
 
 def default_pipeline() -> PipelineSpec:

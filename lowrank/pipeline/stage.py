@@ -43,6 +43,8 @@ class Context:
     # Where factorize and export put their files (bounded memory); None keeps them in memory.
     work_dir: Path | None = None
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES  # checkpoint files written into OUTPUT
+    # Where calibration, analysis, factorization and recovery compute (lowrank.device).
+    device: str = "cpu"
     scratch_dirs: list[tempfile.TemporaryDirectory] = field(default_factory=list)
 
     def scratch(self, stage: str) -> tempfile.TemporaryDirectory | None:
@@ -75,6 +77,9 @@ class Stage:
     # What the artifact is, when later stages may refine it ("checkpoint": factorize, then
     # recover): only the last stage that provides it writes it into OUTPUT.
     provides: str | None = None
+    # Computes on Context.device: a run elsewhere than CPU gets cache entries of its own
+    # (results differ in the last bits between devices).
+    on_device: bool = False
 
 
 STAGES: dict[str, Stage] = {}

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..device import on_device
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from ..io.files import check_format
@@ -187,14 +188,19 @@ def analyze_matrix(name: str, tensor: torch.Tensor, settings: AnalyzeSettings,
         k = max(1, math.floor(rows * cols / (rows + cols)))
         _, values, _ = randomized_svd(w, k, settings.oversample, settings.niter,
                                       layer_seed(settings.seed, name))
-    return Spectrum(name, tuple(tensor.shape), rows, cols, [float(v) for v in values], total, exact)
+    return Spectrum(name, tuple(tensor.shape), rows, cols, [float(v) for v in values.cpu()], total,
+                    exact)
 
 
-def analyze_task(source, name: str, settings: AnalyzeSettings, weighting=None) -> Spectrum:
+def analyze_task(source, name: str, settings: AnalyzeSettings, weighting=None,
+                 device: str | None = None) -> Spectrum:
     """:func:`analyze_matrix` of one tensor of checkpoint ``source`` (open, or its path in a
-    worker process), with a fixed thread count so results don't depend on the parallel layout."""
+    worker process), with a fixed thread count so results don't depend on the parallel layout;
+    on ``device`` (its float64 one: :func:`lowrank.device.float64_device`), one matrix at a
+    time."""
     with fixed_threads():
-        return analyze_matrix(name, open_source(source).get(name), settings, weighting)
+        return analyze_matrix(name, on_device(open_source(source).get(name), device), settings,
+                              weighting)
 
 
 def analyze(
@@ -204,6 +210,7 @@ def analyze(
     stats=None,
     workers: int = 1,
     executor: str = "process",
+    device: str | None = None,
 ) -> Spectra:
     """Compute the spectrum of every floating-point tensor with two or more dimensions.
 
@@ -214,6 +221,7 @@ def analyze(
         stats: :class:`~lowrank.stages.calibrate.ActivationStats`; when given, layers with calibration
             data get their calibrated (output-energy) spectrum.
         workers, executor: matrices in parallel (see :mod:`lowrank.parallel`); same result.
+        device: where the maths runs, one matrix at a time (:mod:`lowrank.device`; CPU: None).
 
     Returns:
         :class:`Spectra`, JSON-serializable with :meth:`Spectra.to_json`.
@@ -226,7 +234,8 @@ def analyze(
         for info in infos:
             cols = math.prod(info.shape[1:])
             yield (source, info.name, settings,
-                   stats.weighting(info.name, cols) if stats is not None else None)
+                   stats.weighting(info.name, cols, device) if stats is not None else None,
+                   device)
 
     for spectrum in ordered_map(analyze_task, tasks(), workers, executor):
         spectra.matrices[spectrum.name] = spectrum
@@ -238,12 +247,12 @@ def analyze(
 def _run(ctx: Context, settings: AnalyzeSettings, calibrate=None) -> Spectra:
     with ctx.track("analyze", len(matrix_infos(ctx.checkpoint))) as advance:
         return analyze(ctx.checkpoint, settings, advance, stats=calibrate,
-                       workers=ctx.workers, executor=ctx.executor)
+                       workers=ctx.workers, executor=ctx.executor, device=ctx.device)
 
 
 register_stage(Stage(
     "analyze", (), AnalyzeSettings, _run,
     save=json_saver("spectra.json", Spectra.to_json),
     load=json_loader("spectra.json", Spectra.from_json),
-    uses=("calibrate",),
+    uses=("calibrate",), on_device=True,
 ))

@@ -12,7 +12,9 @@ layer's *outputs* on this data as well as rank r allows.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,18 +23,23 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from ..device import float64_device
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from ..io.files import check_format, write_json
 from ..io.safetensors import save_tensors
 from ..io.samples import Samples, model_batches, num_samples, read_calibration
-from ..linalg import METHODS, make_weighting
+from ..linalg import METHODS, make_weighting, psd_sqrt
 from ..models import Models
 from ..naming import weight_name
 from ..nn.recurrent import dense_rnn_forward
 from ..pipeline.stage import Context, Stage, register_stage
 
 STATS_FORMAT, STATS_VERSION = "lowrank.stats", 1
+# Whitening factors G^½ kept for reuse (analyze, then factorize, and equal Grams such as
+# query/key/value's): at most this many bytes, least recently used dropped first (recomputed
+# when asked again), so a big model's factors do not all sit in memory at once.
+WHITENING_MEMO_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -66,11 +73,33 @@ class ActivationStats:
     tokens: int = 0  # real tokens seen
     samples: int = 0
     settings: CalibrateSettings = CalibrateSettings()
+    # {(Gram digest, shape, device): G^½}: each eigh runs once per run (see whitening_factor).
+    memo: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
 
-    def weighting(self, name: str, cols: int):
-        """The data-aware weighting of tensor ``name`` (None: no data seen, use plain SVD)."""
+    def weighting(self, name: str, cols: int, device: str | None = None):
+        """The data-aware weighting of tensor ``name`` (None: no data seen, use plain SVD);
+        G^½ computed on ``device`` (float64 work: CPU for MPS), returned on CPU."""
         s = self.settings
-        return make_weighting(name, self, s.method, s.scale_alpha, s.token_smoothing, cols)
+        return make_weighting(name, self, s.method, s.scale_alpha, s.token_smoothing, cols,
+                              sqrt=lambda g: self.whitening_factor(g, device))
+
+    def whitening_factor(self, gram: torch.Tensor, device: str | None = None) -> torch.Tensor:
+        """G^½ of ``gram``, memoized by content: analysis and factorization of one run, and
+        layers fed the same input (query, key and value), share one eigendecomposition.
+        Hashing G reads n² numbers; the eigh it saves costs ~n³."""
+        data = gram.detach().cpu().contiguous().view(torch.uint8).numpy()
+        key = (hashlib.blake2b(data.data, digest_size=16).digest(), tuple(gram.shape),
+               float64_device(device))
+        if key in self.memo:
+            self.memo.move_to_end(key)
+            return self.memo[key]
+        root = psd_sqrt(gram, key[2])
+        self.memo[key] = root
+        held = sum(t.numel() * t.element_size() for t in self.memo.values())
+        while held > WHITENING_MEMO_BYTES and len(self.memo) > 1:
+            _, dropped = self.memo.popitem(last=False)
+            held -= dropped.numel() * dropped.element_size()
+        return root
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -120,8 +149,13 @@ class _Recorder:
     """Forward hooks that accumulate statistics for named Linear, Embedding, Conv1d/2d and
     LSTM/GRU/RNN modules."""
 
-    def __init__(self, model: nn.Module, stats: ActivationStats, only: set[str] | None = None):
+    def __init__(self, model: nn.Module, stats: ActivationStats, only: set[str] | None = None,
+                 device: str | None = None):
         self.stats, self.mask, self.handles = stats, None, []
+        self.device = float64_device(device)  # where the float64 Grams accumulate
+        # The last Linear input and its Gram/abs-sum terms: a layer fed the same input next
+        # (query, key, value; gate, up) adds these instead of another GEMM.
+        self.last: tuple | None = None
         for fqn, module in model.named_modules():
             if isinstance(module, nn.RNNBase):
                 self._hook_rnn(fqn, module, only)
@@ -137,14 +171,22 @@ class _Recorder:
                     and module.padding_mode == "zeros":
                 self.handles.append(module.register_forward_pre_hook(self._conv(name, module)))
 
-    def _accumulate(self, name: str, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
+    def _accumulate(self, name: str, x: torch.Tensor, share: bool = False) -> None:
+        rows = x.reshape(-1, x.shape[-1]).to(self.device, torch.float64)
+        last = self.last if share else None
+        if last is not None and last[0].shape == rows.shape and torch.equal(last[0], rows):
+            gram, abs_sum = last[1], last[2]  # the same values: the same terms, bit for bit
+        else:
+            gram, abs_sum = rows.T @ rows, rows.abs().sum(0)
+            if share:  # our own copy: the model may change its input in place afterwards
+                own = rows.clone() if rows.data_ptr() == x.data_ptr() else rows
+                self.last = (own, gram, abs_sum)
         s = self.stats
         if name in s.grams:
-            s.grams[name] += x.T @ x
-            s.abs_sums[name] += x.abs().sum(0)
-        else:
-            s.grams[name], s.abs_sums[name] = x.T @ x, x.abs().sum(0)
+            s.grams[name] += gram
+            s.abs_sums[name] += abs_sum
+        else:  # copies: the terms may be shared with the next layer
+            s.grams[name], s.abs_sums[name] = gram.clone(), abs_sum.clone()
 
     def _conv(self, name, module):
         def hook(mod, args):
@@ -179,34 +221,38 @@ class _Recorder:
 
     def _linear(self, name):
         def hook(module, args):
-            self._accumulate(name, self._rows(args[0].detach()))
+            self._accumulate(name, self._rows(args[0].detach()), share=True)
         return hook
 
     def _embedding(self, name, module):
         def hook(mod, args):
             ids = args[0].detach()
             ids = ids[self.mask] if self.mask is not None and ids.shape == self.mask.shape else ids
-            counts = torch.bincount(ids.reshape(-1), minlength=module.num_embeddings).double()
+            counts = torch.bincount(ids.reshape(-1).to(self.device),
+                                    minlength=module.num_embeddings).double()
             s = self.stats.token_counts
             s[name] = s[name] + counts if name in s else counts
         return hook
 
     def remove(self):
+        self.last = None
         for h in self.handles:
             h.remove()
 
 
 def collect_stats(model: nn.Module, tokenizer, data: Samples, settings: CalibrateSettings,
-                  on_batch=None, only: set[str] | None = None) -> ActivationStats:
-    """Run ``model`` over ``data`` (text lines or input tensors) in batches and accumulate
-    :class:`ActivationStats` (for the weights named in ``only``, or all)."""
+                  on_batch=None, only: set[str] | None = None,
+                  device: str | None = None) -> ActivationStats:
+    """Run ``model`` (on ``device``, CPU when None) over ``data`` (text lines or input tensors)
+    in batches and accumulate :class:`ActivationStats` (for the weights named in ``only``, or
+    all); the statistics come back on CPU."""
     stats = ActivationStats(samples=num_samples(data), settings=settings)
-    recorder = _Recorder(model, stats, only)
+    recorder = _Recorder(model, stats, only, device)
     done = 0
     try:
         with torch.inference_mode():
             for inputs, mask in model_batches(data, tokenizer, settings.batch_size,
-                                              settings.max_length):
+                                              settings.max_length, device):
                 recorder.mask = mask
                 first = next(iter(inputs.values()))
                 stats.tokens += int(mask.sum()) if mask is not None else first.shape[0]
@@ -216,13 +262,16 @@ def collect_stats(model: nn.Module, tokenizer, data: Samples, settings: Calibrat
                     on_batch(f"{done} samples")
     finally:
         recorder.remove()
+    for d in (stats.grams, stats.abs_sums, stats.token_counts):
+        d.update({k: v.cpu() for k, v in d.items()})
     return stats
 
 
 def calibrate(ckpt: Checkpoint, settings: CalibrateSettings = CalibrateSettings(),
-              on_batch=None, factory=None) -> ActivationStats:
+              on_batch=None, factory=None, device: str | None = None) -> ActivationStats:
     """Activation statistics of ``ckpt``'s dense model on the calibration text (or tensors);
-    ``factory`` builds the model of a non-HF checkpoint (:data:`lowrank.models.ModelFactory`).
+    ``factory`` builds the model of a non-HF checkpoint (:data:`lowrank.models.ModelFactory`);
+    the forward passes run on ``device`` (:mod:`lowrank.device`; CPU when None).
 
     Example:
         >>> stats = calibrate(open_checkpoint("all-MiniLM-L6-v2/"))  # doctest: +SKIP
@@ -232,7 +281,8 @@ def calibrate(ckpt: Checkpoint, settings: CalibrateSettings = CalibrateSettings(
     data = read_calibration(settings.calibration_file, settings.samples)
     models = Models(ckpt, factory)
     model, tokenizer = models.runnable_model(need_tokenizer=isinstance(data, list))
-    return collect_stats(model, tokenizer, data, settings, on_batch)
+    return collect_stats(model.to(device or "cpu"), tokenizer, data, settings, on_batch,
+                         device=device)
 
 
 def save_stats(stats: ActivationStats, directory: Path) -> None:
@@ -253,7 +303,8 @@ def load_stats(directory: Path) -> ActivationStats:
 def _run(ctx: Context, settings: CalibrateSettings) -> ActivationStats:
     batches = -(-settings.samples // settings.batch_size)
     with ctx.track("calibrate", batches) as advance:
-        return calibrate(ctx.checkpoint, settings, advance, ctx.models.factory)
+        return calibrate(ctx.checkpoint, settings, advance, ctx.models.factory, ctx.device)
 
 
-register_stage(Stage("calibrate", (), CalibrateSettings, _run, save_stats, load_stats))
+register_stage(Stage("calibrate", (), CalibrateSettings, _run, save_stats, load_stats,
+                     on_device=True))

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..device import on_device
 from ..errors import InputError, LowrankError
 from ..io.checkpoint import Checkpoint, LazyTensors
 from ..io.safetensors import ShardWriter
@@ -92,8 +93,10 @@ def find_ties(ckpt: Checkpoint, model=None) -> dict[str, str]:
 
 
 def factor_task(source, name: str, rank: int, settings: FactorizeSettings,
-                weighting: Weighting | None) -> tuple[str, torch.Tensor, torch.Tensor, LayerResult]:
-    """Factor one matrix of checkpoint ``source`` (an open one, or its path in a worker process).
+                weighting: Weighting | None, device: str | None = None,
+                ) -> tuple[str, torch.Tensor, torch.Tensor, LayerResult]:
+    """Factor one matrix of checkpoint ``source`` (an open one, or its path in a worker process)
+    on ``device`` (:func:`lowrank.device.on_device`: this matrix only; factors come back on CPU).
 
     Runs with a fixed thread count (:func:`lowrank.parallel.fixed_threads`), so the bytes do not
     depend on whether it ran serially, in a process pool or on Ray.
@@ -101,7 +104,7 @@ def factor_task(source, name: str, rank: int, settings: FactorizeSettings,
     ckpt = open_source(source)
     info = ckpt.info(name)
     with fixed_threads():
-        w = matrix_view(ckpt.get(name))
+        w = matrix_view(on_device(ckpt.get(name), device))
         method = choose_method(*w.shape, settings)
         A, B, energy, err = factorize_matrix(
             w, rank, method, layer_seed(settings.seed, name), settings.oversample,
@@ -109,7 +112,7 @@ def factor_task(source, name: str, rank: int, settings: FactorizeSettings,
         )
     if weighting is not None:
         method = f"{method}+{weighting.kind}"
-    return (name, A.to(info.dtype), B.to(info.dtype),
+    return (name, A.to("cpu", info.dtype), B.to("cpu", info.dtype),
             LayerResult(list(info.shape), rank, method, energy, err))
 
 
@@ -123,6 +126,7 @@ def factorize(
     out_dir: Path | None = None,
     workers: int = 1,
     executor: str = "process",
+    device: str | None = None,
 ) -> LowRankCheckpoint:
     """Replace each planned matrix of ``ckpt`` by its factors; copy every other tensor.
 
@@ -135,7 +139,8 @@ def factorize(
     safetensors files there (:class:`~lowrank.io.safetensors.ShardWriter`) and the result's ``tensors``
     read from them lazily, so peak memory is a few times the largest tensor, not the model.
     ``workers`` > 1 factors matrices in that many processes (``executor="ray"``: Ray tasks);
-    the output is byte-identical to a serial run.
+    the output is byte-identical to a serial run. ``device``: where the maths runs, one matrix
+    at a time (:mod:`lowrank.device`; None: CPU).
     """
     infos = {info.name: info for info in ckpt.infos()}
     ties = {**find_ties(ckpt), **(ties or {})}
@@ -145,7 +150,9 @@ def factorize(
     source = str(ckpt.path) if parallel else ckpt
 
     def weighting(name: str) -> Weighting | None:
-        return stats.weighting(name, math.prod(infos[name].shape[1:])) if stats is not None else None
+        if stats is None:
+            return None
+        return stats.weighting(name, math.prod(infos[name].shape[1:]), device)
 
     done = {}
     if stats is not None and settings.sequential:
@@ -155,7 +162,7 @@ def factorize(
                                f"{recurrent[0]} (leave it out, or factor without sequential)")
 
         def factor(name: str, w: Weighting | None):
-            _, A, B, result = factor_task(ckpt, name, planned[name], settings, w)
+            _, A, B, result = factor_task(ckpt, name, planned[name], settings, w, device)
             if on_layer:
                 on_layer(name)
             return A, B, result
@@ -163,7 +170,7 @@ def factorize(
         done = sequential_factors(Models(ckpt), planned, stats, factor)
     order = sorted(infos)
     jobs = [n for n in order if n in planned and n not in done]
-    results = ordered_map(factor_task, ((source, n, planned[n], settings, weighting(n))
+    results = ordered_map(factor_task, ((source, n, planned[n], settings, weighting(n), device)
                                         for n in jobs), workers, executor)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, LayerResult] = {}
@@ -249,7 +256,7 @@ def _run(ctx: Context, settings: FactorizeSettings, plan: RankPlan,
         result = factorize(ctx.checkpoint, plan, settings, advance, stats=calibrate,
                            ties=find_ties(ctx.checkpoint, _tie_model(ctx)),
                            out_dir=Path(scratch.name) if scratch else None,
-                           workers=ctx.workers, executor=ctx.executor)
+                           workers=ctx.workers, executor=ctx.executor, device=ctx.device)
     if scratch:
         result.tensors.owner = scratch
     return result
@@ -275,5 +282,5 @@ register_stage(Stage(
     "factorize", ("plan",), FactorizeSettings, _run,
     save=save_lowrank, load=load_lowrank,
     emit=lambda artifact, out, ctx: save_lowrank(artifact, out, ctx.max_shard_bytes),
-    uses=("calibrate",), provides="checkpoint",
+    uses=("calibrate",), provides="checkpoint", on_device=True,
 ))

@@ -149,9 +149,11 @@ def loss_kind(settings: RecoverSettings, model: nn.Module) -> str:
 
 def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
             settings: RecoverSettings = RecoverSettings(),
-            on_step: Callable[[str], None] | None = None) -> RecoveryLog:
+            on_step: Callable[[str], None] | None = None,
+            device: str | None = None) -> RecoveryLog:
     """Attach adapters to ``student`` and train them to match ``teacher`` on ``data`` (text
-    lines, or input tensors stacked on dim 0: see :func:`lowrank.calibrate.read_calibration`).
+    lines, or input tensors stacked on dim 0: see :func:`lowrank.calibrate.read_calibration`),
+    both models on ``device`` (moved there; None: where they are).
 
     One batch in eight (at least one) is held back to measure the loss before and after.
     The adapters stay attached: read them with :func:`adapter_state`, then
@@ -165,7 +167,8 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
     else:
         perm = torch.randperm(num_samples(data), generator=torch.Generator().manual_seed(settings.seed))
         data = {k: v[perm] for k, v in data.items()}
-    batches = list(model_batches(data, tokenizer, settings.batch_size, settings.max_length))
+    batches = list(model_batches(data, tokenizer, settings.batch_size, settings.max_length,
+                                 device))
     held = batches[:max(1, len(batches) // 8)] if len(batches) > 1 else batches
     train = batches[len(held):] or batches
     kind = loss_kind(settings, teacher)
@@ -183,7 +186,10 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
                                                mask, kind, settings.pooled_weight)
                              for b, mask in held) / len(held))
 
-    trainable = add_adapters_(student, settings)
+    trainable = add_adapters_(student, settings)  # initialized on CPU: the same on any device
+    if device is not None:  # Module.to moves parameters in place: `trainable` still holds them
+        teacher.to(device)
+        student.to(device)
     log = RecoveryLog(settings, trainable_params=sum(p.numel() for p in trainable))
     log.heldout_before = heldout_loss()
     lr = settings.lr or DEFAULT_LR[settings.method]
@@ -212,9 +218,11 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
 
 def recover(factored: LowRankCheckpoint, models: Models,
             settings: RecoverSettings = RecoverSettings(),
-            on_step: Callable[[str], None] | None = None) -> LowRankCheckpoint:
+            on_step: Callable[[str], None] | None = None,
+            device: str | None = None) -> LowRankCheckpoint:
     """Distill the factored checkpoint toward the dense model on ``settings.calibration_file``
-    (the bundled text when None) and return it with the adapters merged into its factors.
+    (the bundled text when None) and return it with the adapters merged into its factors;
+    training runs on ``device`` (None: CPU), the result is on CPU.
 
     ``models`` builds the dense teacher and the student (:class:`lowrank.models.Models` of the
     dense checkpoint). LoRA adapters are also kept in the result (``adapters``,
@@ -223,7 +231,8 @@ def recover(factored: LowRankCheckpoint, models: Models,
     data = read_calibration(settings.calibration_file, settings.samples, purpose="recovery")
     teacher, tokenizer = models.runnable_model(need_tokenizer=isinstance(data, list))
     student = models.compressed(factored.tensors, factored.layers)
-    log = distill(student, teacher, tokenizer, data, settings, on_step)
+    log = distill(student, teacher, tokenizer, data, settings, on_step, device)
+    student.to("cpu")
     adapters = adapter_state(student)
     # The adapters apply to the factored model before recovery, which has no path of its own.
     config = adapter_config(student, settings, None) if adapters else None
@@ -236,12 +245,12 @@ def recover(factored: LowRankCheckpoint, models: Models,
 
 def _run(ctx: Context, settings: RecoverSettings, factorize: LowRankCheckpoint) -> LowRankCheckpoint:
     with ctx.track("recover", settings.steps) as advance:
-        return recover(factorize, ctx.models, settings, advance)
+        return recover(factorize, ctx.models, settings, advance, ctx.device)
 
 
 register_stage(Stage(
     "recover", ("factorize",), RecoverSettings, _run,
     save=save_lowrank, load=load_lowrank,
     emit=lambda artifact, out, ctx: save_lowrank(artifact, out, ctx.max_shard_bytes),
-    provides="checkpoint",
+    provides="checkpoint", on_device=True,
 ))
