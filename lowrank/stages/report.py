@@ -141,11 +141,20 @@ def latency_rows(report: dict) -> list[list[str]]:
         return []
     rows = []
     for r in lat["results"]:
-        speed = next(p for p in lat["speedup"]
-                     if p["batch"] == r["batch"] and p["sequence"] == r["sequence"])[r["model"]]
-        rows.append([r["model"], f"{r['batch']}×{r['sequence']}", f"{r['p50_ms']:.2f}",
+        speed = next(p for p in lat["speedup"] if p["batch"] == r["batch"]
+                     and p["sequence"] == r["sequence"] and p.get("phase") == r.get("phase"))
+        speed = speed[r["model"]]
+        rows.append([r["model"], _point(r), f"{r['p50_ms']:.2f}",
                      f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['qps']:.1f}", f"{speed:.2f}×"])
     return rows
+
+
+def _point(r: dict) -> str:
+    """batch×sequence, and for a decoder's phases what was timed: the prompt, or one token."""
+    point = f"{r['batch']}×{r['sequence']}"
+    phase = r.get("phase")
+    return point if phase is None else (f"{point} prefill" if phase == "prefill"
+                                        else f"{r['batch']}×1 decode (past {r['sequence']})")
 
 
 LATENCY_HEAD = ["model", "batch×seq", "p50 ms", "p90 ms", "p99 ms", "QPS", "vs dense"]
@@ -222,15 +231,15 @@ def plots(report: dict, spectra=None) -> dict[str, str]:
     out["params"] = _figure_png(fig)
     if report.get("latency"):
         results = report["latency"]["results"]
-        points = sorted({(r["batch"], r["sequence"]) for r in results})
+        points = list(dict.fromkeys(_point(r) for r in results))
         models = list(dict.fromkeys(r["model"] for r in results))
         fig, axes = plt.subplots(1, len(points), figsize=(3.2 * len(points), 3.2), squeeze=False)
-        for ax, (b, q) in zip(axes[0], points):
-            vals = [next(r["p50_ms"] for r in results if r["model"] == m and r["batch"] == b
-                         and r["sequence"] == q) for m in models]
+        for ax, point in zip(axes[0], points):
+            vals = [next(r["p50_ms"] for r in results if r["model"] == m and _point(r) == point)
+                    for m in models]
             ax.bar(range(len(models)), vals, color=["#999", "#2a7", "#777", "#186"][:len(models)])
             ax.set_xticks(range(len(models)), models, rotation=30, fontsize=7)
-            ax.set_title(f"batch {b} × seq {q}", fontsize=9)
+            ax.set_title(point, fontsize=9)
             ax.set_ylabel("p50 ms", fontsize=8)
         fig.suptitle("Latency (onnxruntime CPU)")
         out["latency"] = _figure_png(fig)
