@@ -194,37 +194,31 @@ def generate(session_or_model, tokenizer, prompt: str, max_new_tokens: int = 32,
     return tokenizer.decode(new, skip_special_tokens=True)
 
 
-def find_tokenizer(path: str | Path):
-    """The tokenizer of a model directory, or of an ONNX file's directory or the OUTPUT
-    directory above it (``compress`` copies the tokenizer into OUTPUT, the graph is in
-    OUTPUT/onnx)."""
-    from transformers import AutoTokenizer
+def decoder_fidelity(model, path: Path, tokenizer, texts: list[str],
+                     new_tokens: int = 32, max_length: int = 128) -> dict:
+    """How close an approximate decoder (int8) is to fp32 PyTorch on real text: top-1
+    agreement of next-token predictions over the texts' tokens (no-past calls), and greedy
+    match length from each text as a prompt (no failure: the numbers are the result)."""
+    import torch
 
-    from .errors import InputError
+    session, agree, total = onnx_session(path), 0, 0
+    names, feeds = {i.name for i in session.get_inputs()}, []
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        if len(ids) < 2:
+            continue
+        feeds.append(ids)
+        feed = {**step_feeds(np.asarray([ids]), 0), **cache_feeds(session, 1, 0)}
+        got = session.run(["logits"], {k: v for k, v in feed.items() if k in names})[0][0]
+        with torch.inference_mode():
+            want = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+        agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+        total += len(ids)
+    scores = {"top1_agreement": agree / max(total, 1), "tokens": total}
+    if is_decoder_session(session):  # greedy decoding needs the cache
+        reference, candidate = TorchLM(model), OnnxLM(session)
+        greedy = [lockstep(reference, candidate, ids[:16], new_tokens, 0.0) for ids in feeds[:5]]
+        scores |= {"greedy_match_lengths": [g["match_length"] for g in greedy],
+                   "greedy_tokens": new_tokens}
+    return scores
 
-    path = Path(path)
-    places = [path] if path.is_dir() else [path.parent, path.parent.parent]
-    for place in places:
-        if any((place / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
-            return AutoTokenizer.from_pretrained(place, local_files_only=True)
-    raise InputError(f"{path}: no tokenizer found in {' or '.join(map(str, places))}")
-
-
-def load_engine(path: str | Path):
-    """(model or session, tokenizer) for an ONNX decoder file or a PyTorch model directory (an
-    HF causal LM or a lowrank output of one)."""
-    from .errors import InputError
-    from .load import load_any
-    from .stages.evaluate import is_causal_lm
-
-    path = Path(path)
-    if path.is_file():
-        session = onnx_session(path)
-        if not is_decoder_session(session):
-            raise InputError(f"{path}: not a decoder with a KV cache (past_key_values.* inputs); "
-                             f"export the causal LM with `lowrank export`")
-        return session, find_tokenizer(path)
-    model = load_any(path)
-    if not is_causal_lm(model):
-        raise InputError(f"{path}: not a causal LM (generation needs one)")
-    return model, find_tokenizer(path)

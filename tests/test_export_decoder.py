@@ -78,7 +78,7 @@ def test_int8_decoder_runs_is_smaller_and_reports_fidelity(tiny_lm, tiny_llama_d
                                                            tmp_path):
     from transformers import AutoTokenizer
 
-    from lowrank.stages.export_decoder import decoder_fidelity
+    from lowrank.generate import decoder_fidelity
     from lowrank.stages.int8 import quantize_int8
 
     info = quantize_int8(exported[1], tmp_path / "int8.onnx")

@@ -33,9 +33,14 @@ from ..io.samples import LABELS, is_tensor_file, num_samples, read_calibration_t
 from ..models import output_tensor
 from ..nn.adapters import lowrank_modules
 from ..pipeline.stage import Context, Stage, register_stage
-from ..generate import cache_feeds, is_decoder_session
 from .evaluate import is_causal_lm
-from .export_decoder import random_prompts, takes_cache, validate_generation, write_decoder
+from .export_decoder import (
+    no_past_feeds,
+    random_prompts,
+    takes_cache,
+    validate_generation,
+    write_decoder,
+)
 from .factored import LowRankCheckpoint
 
 TWO_GB = 2 * 1024**3
@@ -281,14 +286,6 @@ def compare(got: np.ndarray, expected: np.ndarray, settings: ExportSettings,
     return {**entry, "ok": ok}
 
 
-def _no_past(session, shape) -> dict:
-    """A decoder's extra inputs for a plain call: positions 0.. and an empty cache."""
-    if not is_decoder_session(session):
-        return {}
-    positions = np.broadcast_to(np.arange(shape[1], dtype=np.int64), shape).copy()
-    return {"position_ids": positions, **cache_feeds(session, shape[0], 0)}
-
-
 def validate_onnx(model: nn.Module, path: Path, settings: ExportSettings = ExportSettings(),
                   inputs: dict[str, torch.Tensor] | None = None) -> list[dict]:
     """Run the ONNX file at ``path`` with onnxruntime and ``model`` with PyTorch on each
@@ -318,7 +315,7 @@ def validate_onnx(model: nn.Module, path: Path, settings: ExportSettings = Expor
         with torch.no_grad():
             expected = wrapper(*feed).float().numpy()
         got = session.run(None, {n: t.numpy() for n, t in zip(names, feed)}
-                          | _no_past(session, feed[0].shape))[0]
+                          | no_past_feeds(session, feed[0].shape))[0]
         mask = dict(zip(names, feed)).get("attention_mask", torch.ones_like(feed[0]))
         real = mask.numpy().astype(bool) if lm else None
         entries.append({"shape": list(feed[0].shape), **compare(got, expected, settings, real)})

@@ -24,8 +24,16 @@ import torch
 from torch import nn
 
 from ..errors import ValidationError
-from ..generate import (OnnxLM, TorchLM, cache_argument, lockstep, onnx_session, returned_cache,
-                        step_feeds)
+from ..generate import (
+    OnnxLM,
+    TorchLM,
+    cache_argument,
+    cache_feeds,
+    is_decoder_session,
+    lockstep,
+    onnx_session,
+    returned_cache,
+)
 from .evaluate import is_causal_lm
 
 # Greedy check: prompts of these lengths (random token ids), this many new tokens each.
@@ -100,6 +108,15 @@ def write_decoder(model: nn.Module, path: Path, opset: int, seed: int = 0) -> tu
     return inputs, outputs
 
 
+def no_past_feeds(session, shape) -> dict:
+    """A decoder's extra inputs for a plain call on ``shape`` (batch, tokens): positions 0..
+    and an empty cache; nothing for other graphs."""
+    if not is_decoder_session(session):
+        return {}
+    positions = np.broadcast_to(np.arange(shape[1], dtype=np.int64), shape).copy()
+    return {"position_ids": positions, **cache_feeds(session, shape[0], 0)}
+
+
 def random_prompts(vocab: int, seed: int, lengths=PROMPT_LENGTHS) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab, n).tolist() for n in lengths]
@@ -122,29 +139,3 @@ def validate_generation(model: nn.Module, path: Path, prompts: list[list[int]],
             f"{bad['match_length']} of {new_tokens} tokens (prompt of {bad['prompt_length']} "
             f"tokens): PyTorch prefers its token by {bad['gap']:.3g} nats (> {tie_tol:g})")
     return entries
-
-
-def decoder_fidelity(model: nn.Module, path: Path, tokenizer, texts: list[str],
-                     new_tokens: int = 32, max_length: int = 128) -> dict:
-    """How close an approximate decoder (int8) is to fp32 PyTorch on real text: top-1
-    agreement of next-token predictions over the texts' tokens (no-past calls), and greedy
-    match length from each text as a prompt (no failure: the numbers are the result)."""
-    session, agree, total = onnx_session(path), 0, 0
-    feeds = []
-    for text in texts:
-        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-        if len(ids) < 2:
-            continue
-        feeds.append(ids)
-        lm = OnnxLM(session)
-        got = session.run(["logits"], {**step_feeds(np.asarray([ids]), 0), **lm.cache})[0][0]
-        with torch.inference_mode():
-            want = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-        agree += int((got.argmax(-1) == want.argmax(-1)).sum())
-        total += len(ids)
-    greedy = validate_generation(model, path, [f[:16] for f in feeds[:5]], new_tokens,
-                                 raise_on_failure=False)
-    return {"top1_agreement": agree / max(total, 1), "tokens": total,
-            "greedy_match_lengths": [g["match_length"] for g in greedy],
-            "greedy_tokens": new_tokens}
-

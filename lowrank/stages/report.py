@@ -116,6 +116,12 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         rows.append(("fidelity (held-out)", describe_tensor_scores(f)))
     elif f:
         rows.append(("perplexity (held-out)", f"{f['perplexity_dense']:.3f} → {f['perplexity']:.3f}"))
+        if "int8" in f:  # a decoder's int8 export against the fp32 compressed model
+            g = f["int8"]
+            greedy = (f", greedy match {g['greedy_match_lengths']} of {g['greedy_tokens']} tokens"
+                      if "greedy_match_lengths" in g else "")
+            rows.append(("int8 fidelity", f"top-1 agreement {g['top1_agreement']:.2%} on "
+                         f"{g['tokens']} tokens{greedy}"))
     if "recovery" in report:
         r = report["recovery"]
         rows.append(("recovery", f"{r['method']}, {r['settings']['steps']} steps: held-out loss "
@@ -126,9 +132,13 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         lm = (f", top-1 agreement {min(v['top1_agreement'] for v in e['validation']):.2%}, max "
               f"|Δ log-prob| {max(v['max_logprob_diff'] for v in e['validation']):.2e}"
               if "top1_agreement" in worst else "")
+        gen = e.get("generation") or []
+        cache = (f"; KV cache: greedy equal to PyTorch's for {gen[0]['tokens']} tokens on "
+                 f"{sum(g['match_length'] == g['tokens'] for g in gen)} of {len(gen)} prompts"
+                 if gen else "")
         rows.append(("ONNX", f"{_fmt_bytes(e['bytes'])}, validated on {len(e['validation'])} "
                      f"inputs, max abs diff {worst['max_abs_diff']:.2e} "
-                     f"({worst['rel_error']:.1e} × RMS){lm}"))
+                     f"({worst['rel_error']:.1e} × RMS){lm}{cache}"))
     if "int8" in report and "export" in report:
         rows.append(("ONNX int8", f"{_fmt_bytes(report['int8']['bytes'])} "
                      f"({report['int8']['bytes'] / report['export']['bytes']:.1%} of fp32)"))
