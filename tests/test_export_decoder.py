@@ -88,6 +88,8 @@ def test_int8_decoder_runs_is_smaller_and_reports_fidelity(tiny_lm, tiny_llama_d
                            ["the cat sat on the mat", "a low rank model is small"], new_tokens=8)
     assert 0 <= fid["top1_agreement"] <= 1 and fid["tokens"] > 5
     assert len(fid["greedy_match_lengths"]) == 2
+    exact = decoder_fidelity(tiny_lm, exported[1], tokenizer, ["the cat sat on the mat"], 8)
+    assert exact["top1_agreement"] == 1.0 and exact["greedy_match_lengths"] == [8]  # fp32
 
 
 def test_decoder_bench_has_prefill_and_decode_rows(exported):
