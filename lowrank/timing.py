@@ -5,6 +5,11 @@ intra-/inter-op thread counts, warm-up runs first; engines alternate round by ro
 the machine hits all of them alike. Reported per model and (batch, sequence) point: p50/p90/p99
 latency over all timed runs and QPS (sequences per second at p50), with the CPU model, its ISA
 flags and library versions.
+
+Decoders exported with a KV cache (:mod:`lowrank.stages.export_decoder`) are timed twice per
+(batch, sequence) point: ``prefill``, the prompt of that many tokens with an empty cache, and
+``decode``, one new token per sequence after a cache of that many tokens: the two costs of
+generation, which one forward over the whole sequence would mix up.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 
 from .backends import require
 from .errors import InputError, LowrankError
+from .generate import PAST, cache_feeds, step_feeds
 
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
              "amx_tile", "amx_int8", "asimd", "sve")
@@ -72,10 +78,19 @@ def _summary(latencies_ms: list[float], batch: int) -> dict:
             "qps": round(batch * 1000 / p50, 2), "runs": len(latencies_ms)}
 
 
-def _worker_command(path: Path, batch: int, seq: int, s: BenchSettings, round_: int) -> list[str]:
-    return [sys.executable, "-m", "lowrank.timing", "--worker", str(path), str(batch), str(seq),
-            str(s.runs), str(s.warmup), str(s.intra_threads), str(s.inter_threads),
+def _worker_command(path: Path, batch: int, seq: int, s: BenchSettings, round_: int,
+                    phase: str = "forward") -> list[str]:
+    return [sys.executable, "-m", "lowrank.timing", "--worker", str(path), phase, str(batch),
+            str(seq), str(s.runs), str(s.warmup), str(s.intra_threads), str(s.inter_threads),
             str(s.seed + round_)]
+
+
+def phases(path: Path) -> tuple[str, ...]:
+    """("prefill", "decode") for a decoder with a KV cache, ("forward",) for any other model."""
+    onnx = require("onnx")
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return ("prefill", "decode") if any(i.name.startswith(PAST) for i in graph.input) else ("forward",)
 
 
 def bench(models: dict[str, Path], settings: BenchSettings = BenchSettings(),
@@ -90,27 +105,35 @@ def bench(models: dict[str, Path], settings: BenchSettings = BenchSettings(),
     for name, path in models.items():
         if not Path(path).is_file():
             raise InputError(f"{path}: no such ONNX file")
+    kinds = {name: phases(Path(path)) for name, path in models.items()}
+    if len(set(kinds.values())) > 1:
+        raise InputError("bench: decoders with a KV cache and other models cannot share a table")
+    steps = next(iter(kinds.values()))
     results = []
     for batch in settings.batches:
         for seq in settings.sequences:
-            times: dict[str, list[float]] = {name: [] for name in models}
-            for round_ in range(settings.rounds):
-                for name, path in models.items():
-                    times[name] += _run_worker(_worker_command(Path(path), batch, seq, settings,
-                                                               round_))
-            for name in models:
-                results.append({"model": name, "batch": batch, "sequence": seq,
-                                **_summary(times[name], batch)})
+            for phase in steps:
+                times: dict[str, list[float]] = {name: [] for name in models}
+                for round_ in range(settings.rounds):
+                    for name, path in models.items():
+                        times[name] += _run_worker(_worker_command(Path(path), batch, seq,
+                                                                   settings, round_, phase))
+                for name in models:
+                    extra = {} if phase == "forward" else {"phase": phase}
+                    results.append({"model": name, "batch": batch, "sequence": seq, **extra,
+                                    **_summary(times[name], batch)})
             if on_point:
                 on_point(f"{batch}x{seq}")
     baseline = next(iter(models))
     speedup = []
     for batch in settings.batches:
         for seq in settings.sequences:
-            point = {r["model"]: r["p50_ms"] for r in results
-                     if r["batch"] == batch and r["sequence"] == seq}
-            speedup.append({"batch": batch, "sequence": seq,
-                            **{n: round(point[baseline] / point[n], 4) for n in models}})
+            for phase in steps:
+                point = {r["model"]: r["p50_ms"] for r in results if r["batch"] == batch
+                         and r["sequence"] == seq and r.get("phase", "forward") == phase}
+                extra = {} if phase == "forward" else {"phase": phase}
+                speedup.append({"batch": batch, "sequence": seq, **extra,
+                                **{n: round(point[baseline] / point[n], 4) for n in models}})
     return {"settings": asdict(settings), "machine": machine(),
             "models": {n: str(p) for n, p in models.items()}, "results": results,
             "speedup": speedup}
@@ -125,9 +148,16 @@ def _run_worker(command: list[str]) -> list[float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def feeds(session, batch: int, seq: int, seed: int) -> dict:
-    """Random inputs for each graph input: token ids, all-ones masks, zero type ids, floats."""
+def feeds(session, batch: int, seq: int, seed: int, phase: str = "forward") -> dict:
+    """Random inputs for each graph input: token ids, all-ones masks, zero type ids, floats.
+
+    A decoder's (``phase`` prefill or decode): ``seq`` new tokens on an empty cache, or one new
+    token on a random cache of ``seq`` tokens shaped from the session's cache inputs."""
     rng = np.random.default_rng(seed)
+    if phase != "forward":
+        new, past = (seq, 0) if phase == "prefill" else (1, seq)
+        ids = rng.integers(1000, 2000, size=(batch, new), dtype=np.int64)
+        return {**step_feeds(ids, past), **cache_feeds(session, batch, past, rng)}
     out = {}
     for inp in session.get_inputs():
         # Symbolic axes: the first is the batch, the second the sequence (Optimum's layout).
@@ -167,10 +197,10 @@ def time_runs(session, feed: dict, runs: int, warmup: int) -> list[float]:
     return times
 
 
-def _worker(path: str, batch: int, seq: int, runs: int, warmup: int, intra: int, inter: int,
-            seed: int) -> None:
+def _worker(path: str, phase: str, batch: int, seq: int, runs: int, warmup: int, intra: int,
+            inter: int, seed: int) -> None:
     session = cpu_session(path, intra, inter)
-    print(json.dumps(time_runs(session, feeds(session, batch, seq, seed), runs, warmup)))
+    print(json.dumps(time_runs(session, feeds(session, batch, seq, seed, phase), runs, warmup)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,5 +286,5 @@ class LatencyTable:
         tmp.replace(self.path)
 
 
-if __name__ == "__main__" and len(sys.argv) == 10 and sys.argv[1] == "--worker":
-    _worker(sys.argv[2], *map(int, sys.argv[3:10]))
+if __name__ == "__main__" and len(sys.argv) == 11 and sys.argv[1] == "--worker":
+    _worker(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:11]))

@@ -23,6 +23,7 @@ from .compress import compress_command, run_command
 from .console import err, one_line, show_warnings
 from .export import export_command
 from .gate import gate_command
+from .generate import generate_command
 from .options import flag
 from .plan import plan_command
 
@@ -76,5 +77,5 @@ def main():
 
 
 for command in (analyze_command, plan_command, compress_command, run_command, export_command,
-                bench_command, gate_command):
+                bench_command, gate_command, generate_command):
     main.add_command(command)

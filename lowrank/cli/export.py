@@ -25,13 +25,16 @@ from .console import emit_json, json_option, model_factory_option, out, resolve_
               help="Causal LMs: max |Δ log-prob| (nats) on real tokens; top-1 may differ only "
               "at ties this close.")
 @click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--past/--no-past", default=True, show_default=True,
+              help="Causal LMs: export with the KV cache (Optimum's text-generation-with-past "
+              "inputs and outputs) and check greedy decoding against PyTorch.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUTDIR.")
 @model_factory_option
 @click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False),
               help="Example inputs for a model that takes tensors (.safetensors/.pt: name -> "
               "tensor, samples on dim 0); needed with --model-factory.")
 @json_option
-def export_command(model, outdir, atol, rtol, logprob_tol, opset, overwrite, model_factory,
+def export_command(model, outdir, atol, rtol, logprob_tol, opset, past, overwrite, model_factory,
                    inputs_file, json_out):
     """Export MODEL (an HF directory or a lowrank output) to OUTDIR/model.onnx and validate it
     against PyTorch on three random inputs; exit 4 when they differ beyond the rule."""
@@ -43,7 +46,8 @@ def export_command(model, outdir, atol, rtol, logprob_tol, opset, overwrite, mod
     inputs = read_calibration_tensors(inputs_file, 8, warn=False) if inputs_file else None
     network = load_any(source, model_factory)
     with atomic_directory(outdir) as tmp, rich_track("export", 1) as advance:
-        settings = ExportSettings(opset, atol=atol, rtol=rtol, logprob_tol=logprob_tol)
+        settings = ExportSettings(opset, atol=atol, rtol=rtol, logprob_tol=logprob_tol,
+                                  cache=past)
         result = export_onnx(network, tmp / "model.onnx", settings, inputs)
         advance("validated")
         data = {k: v for k, v in result.to_json().items() if k != "path"}
@@ -59,5 +63,8 @@ def export_command(model, outdir, atol, rtol, logprob_tol, opset, overwrite, mod
               f"{v['max_logprob_diff']:.2e}" if "top1_agreement" in v else "")
         out.print(f"input {'x'.join(map(str, v['shape']))}: max abs diff {v['max_abs_diff']:.2e} = "
                   f"{v['rel_error']:.1e} × RMS {v['scale']:.3g}{lm}")
+    for g in data["generation"]:
+        out.print(f"greedy with the KV cache, prompt of {g['prompt_length']} tokens: "
+                  f"{g['match_length']} of {g['tokens']} tokens equal to PyTorch's")
     out.print(f"{data['factors']['factors']} factors in the graph; {decimal(data['bytes'])} "
               f"written to {data['path']}")

@@ -51,10 +51,11 @@ def _run(ctx: Context, settings: BenchSettings, export: OnnxArtifact, int8=None,
         with ctx.track("bench", grid) as advance:
             result = bench(models, settings, advance)
     result["models"] = {name: {"bytes": size} for name, size in sizes.items()}
-    p50 = {(r["model"], r["batch"], r["sequence"]): r["p50_ms"] for r in result["results"]}
-    result["pairs"] = [{"batch": b, "sequence": s, "model": m, "baseline": base,
-                        "speedup": round(p50[base, b, s] / p50[m, b, s], 4)}
-                       for (m, b, s) in p50 for model, base in TWINS if m == model]
+    p50 = {(r["model"], r["batch"], r["sequence"], r.get("phase")): r["p50_ms"]
+           for r in result["results"]}
+    result["pairs"] = [{"batch": b, "sequence": s, **({"phase": ph} if ph else {}), "model": m,
+                        "baseline": base, "speedup": round(p50[base, b, s, ph] / p50[m, b, s, ph], 4)}
+                       for (m, b, s, ph) in p50 for model, base in TWINS if m == model]
     return result
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..backends import require
 from ..errors import InputError
+from ..generate import decoder_fidelity
 from ..io.samples import (
     DEFAULT_EVALUATION,
     LABELS,
@@ -279,6 +280,10 @@ def evaluate(models: Models, compressed: LowRankCheckpoint,
         quantized = embed_onnx(int8_model, tokenizer, texts, settings.batch_size,
                                settings.max_length)
         scores["int8"] = fidelity(reference, quantized, settings.k)
+        on_step("int8")
+    elif int8_model is not None and scores["kind"] == "causal-lm":
+        # against the fp32 compressed model: the quantization's own error
+        scores["int8"] = decoder_fidelity(model, int8_model, tokenizer, texts[:32])
         on_step("int8")
     return {**scores, "eval_file": settings.eval_file or "<bundled evaluation text>",
             "dropped_overlapping_lines": dropped}

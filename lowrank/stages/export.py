@@ -34,6 +34,13 @@ from ..models import output_tensor
 from ..nn.adapters import lowrank_modules
 from ..pipeline.stage import Context, Stage, register_stage
 from .evaluate import is_causal_lm
+from .export_decoder import (
+    no_past_feeds,
+    random_prompts,
+    takes_cache,
+    validate_generation,
+    write_decoder,
+)
 from .factored import LowRankCheckpoint
 
 TWO_GB = 2 * 1024**3
@@ -57,18 +64,25 @@ class ExportSettings:
     # Models that take tensors (a model factory's): example inputs, a .safetensors/.pt file of
     # name -> tensor (samples on dim 0); `compress` with a factory uses the calibration file.
     inputs_file: str | None = None
+    # Causal LMs: export with the KV cache (Optimum's text-generation-with-past layout) and
+    # validate greedy decoding of new_tokens tokens from a few prompts against PyTorch.
+    cache: bool = True
+    new_tokens: int = 16
 
     @property
     def fixed(self) -> bool:
         return self.atol is not None or self.rtol is not None
 
-    def rule(self, lm: bool) -> str:
+    def rule(self, lm: bool, decoder: bool = False) -> str:
         """The validation rule in words, for reports and errors."""
         text = (f"|Δ| ≤ {self.atol or 0:g} + {self.rtol or 0:g}·|PyTorch| per element" if self.fixed
                 else f"max |Δ| ≤ {self.rel_tol:g} × RMS of PyTorch's output")
         if lm:
             text += (f"; real tokens: max |Δ log-prob| ≤ {self.logprob_tol:g} nats, top-1 equal up "
                      f"to ties within {self.logprob_tol:g} nats")
+        if decoder:
+            text += (f"; greedy decoding with the KV cache equals PyTorch's for {self.new_tokens} "
+                     f"tokens (up to a near tie)")
         return text
 
 
@@ -81,6 +95,7 @@ class ExportResult:
     validation: list[dict] = field(default_factory=list)  # per input shape
     factors: dict = field(default_factory=dict)  # check_factors' result
     bytes: int = 0
+    generation: list[dict] = field(default_factory=list)  # decoders: greedy check per prompt
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -171,22 +186,31 @@ def export_onnx(model: nn.Module, path: Path, settings: ExportSettings = ExportS
     else:
         example = tuple(inputs[n][:2] for n in names)
         axes = {n: {0: "batch_size"} for n in (*names, output)}
-    wrapper = _Wrapper(model, names, output).eval()  # export restores this mode: keep eval
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer and deprecation chatter, not user-facing
-        torch.onnx.export(wrapper, example, str(path), input_names=names, output_names=[output],
-                          dynamic_axes=axes, opset_version=settings.opset, dynamo=False,
-                          # keep initializer names, so check_factors can find every factor
-                          do_constant_folding=False)
+    decoder = settings.cache and takes_cache(model, inputs)
+    if decoder:
+        names, outputs = write_decoder(model, path, settings.opset, settings.seed)
+    else:
+        outputs = [output]
+        wrapper = _Wrapper(model, names, output).eval()  # export restores this mode: keep eval
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer and deprecation chatter, not user-facing
+            torch.onnx.export(wrapper, example, str(path), input_names=names, output_names=outputs,
+                              dynamic_axes=axes, opset_version=settings.opset, dynamo=False,
+                              # keep initializer names, so check_factors can find every factor
+                              do_constant_folding=False)
     if n_bytes > TWO_GB:  # protobuf's limit: move the weights next to the graph
         proto = onnx.load(str(path))
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + "_data")
-    result = ExportResult(path, names, [output], settings.rule(_is_lm(output, feeds)))
+    result = ExportResult(path, names, outputs, settings.rule(_is_lm(output, feeds), decoder))
     result.factors = check_factors(model, path)
     result.validation = validate_onnx(model, path, settings, inputs)
+    if decoder:
+        prompts = random_prompts(_vocab(model), settings.seed + 2)
+        result.generation = validate_generation(model, path, prompts, settings.new_tokens,
+                                                settings.logprob_tol)
     result.bytes = sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
     return result
 
@@ -290,7 +314,8 @@ def validate_onnx(model: nn.Module, path: Path, settings: ExportSettings = Expor
     for feed in feeds:  # shape: (batch, sequence) of token ids, or the first input tensor's
         with torch.no_grad():
             expected = wrapper(*feed).float().numpy()
-        got = session.run(None, {n: t.numpy() for n, t in zip(names, feed)})[0]
+        got = session.run(None, {n: t.numpy() for n, t in zip(names, feed)}
+                          | no_past_feeds(session, feed[0].shape))[0]
         mask = dict(zip(names, feed)).get("attention_mask", torch.ones_like(feed[0]))
         real = mask.numpy().astype(bool) if lm else None
         entries.append({"shape": list(feed[0].shape), **compare(got, expected, settings, real)})

@@ -120,6 +120,12 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         rows.append(("fidelity (held-out)", describe_tensor_scores(f)))
     elif f:
         rows.append(("perplexity (held-out)", f"{f['perplexity_dense']:.3f} → {f['perplexity']:.3f}"))
+        if "int8" in f:  # a decoder's int8 export against the fp32 compressed model
+            g = f["int8"]
+            greedy = (f", greedy match {g['greedy_match_lengths']} of {g['greedy_tokens']} tokens"
+                      if "greedy_match_lengths" in g else "")
+            rows.append(("int8 fidelity", f"top-1 agreement {g['top1_agreement']:.2%} on "
+                         f"{g['tokens']} tokens{greedy}"))
     if "recovery" in report:
         r = report["recovery"]
         rows.append(("recovery", f"{r['method']}, {r['settings']['steps']} steps: held-out loss "
@@ -130,9 +136,13 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         lm = (f", top-1 agreement {min(v['top1_agreement'] for v in e['validation']):.2%}, max "
               f"|Δ log-prob| {max(v['max_logprob_diff'] for v in e['validation']):.2e}"
               if "top1_agreement" in worst else "")
+        gen = e.get("generation") or []
+        cache = (f"; KV cache: greedy equal to PyTorch's for {gen[0]['tokens']} tokens on "
+                 f"{sum(g['match_length'] == g['tokens'] for g in gen)} of {len(gen)} prompts"
+                 if gen else "")
         rows.append(("ONNX", f"{_fmt_bytes(e['bytes'])}, validated on {len(e['validation'])} "
                      f"inputs, max abs diff {worst['max_abs_diff']:.2e} "
-                     f"({worst['rel_error']:.1e} × RMS){lm}"))
+                     f"({worst['rel_error']:.1e} × RMS){lm}{cache}"))
     if "optimize" in report:
         o = report["optimize"]
         rows.append(("ONNX optimized", ", ".join(f"{n} {op}" for op, n in o["fused"].items())
@@ -140,7 +150,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     for pair in report.get("latency", {}).get("pairs", []):
         if pair["baseline"] != "dense":  # plain speedups are in the latency table
             rows.append((f"{pair['model']} vs {pair['baseline']}",
-                         f"{pair['speedup']:.2f}× at {pair['batch']}×{pair['sequence']}"))
+                         f"{pair['speedup']:.2f}× at {_point(pair)}"))
     if "int8" in report and "export" in report:
         rows.append(("ONNX int8", f"{_fmt_bytes(report['int8']['bytes'])} "
                      f"({report['int8']['bytes'] / report['export']['bytes']:.1%} of fp32)"))
@@ -153,11 +163,20 @@ def latency_rows(report: dict) -> list[list[str]]:
         return []
     rows = []
     for r in lat["results"]:
-        speed = next(p for p in lat["speedup"]
-                     if p["batch"] == r["batch"] and p["sequence"] == r["sequence"])[r["model"]]
-        rows.append([r["model"], f"{r['batch']}×{r['sequence']}", f"{r['p50_ms']:.2f}",
+        speed = next(p for p in lat["speedup"] if p["batch"] == r["batch"]
+                     and p["sequence"] == r["sequence"] and p.get("phase") == r.get("phase"))
+        speed = speed[r["model"]]
+        rows.append([r["model"], _point(r), f"{r['p50_ms']:.2f}",
                      f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['qps']:.1f}", f"{speed:.2f}×"])
     return rows
+
+
+def _point(r: dict) -> str:
+    """batch×sequence, and for a decoder's phases what was timed: the prompt, or one token."""
+    point = f"{r['batch']}×{r['sequence']}"
+    phase = r.get("phase")
+    return point if phase is None else (f"{point} prefill" if phase == "prefill"
+                                        else f"{r['batch']}×1 decode (past {r['sequence']})")
 
 
 LATENCY_HEAD = ["model", "batch×seq", "p50 ms", "p90 ms", "p99 ms", "QPS", "vs dense"]
@@ -234,15 +253,15 @@ def plots(report: dict, spectra=None) -> dict[str, str]:
     out["params"] = _figure_png(fig)
     if report.get("latency"):
         results = report["latency"]["results"]
-        points = sorted({(r["batch"], r["sequence"]) for r in results})
+        points = list(dict.fromkeys(_point(r) for r in results))
         models = list(dict.fromkeys(r["model"] for r in results))
         fig, axes = plt.subplots(1, len(points), figsize=(3.2 * len(points), 3.2), squeeze=False)
-        for ax, (b, q) in zip(axes[0], points):
-            vals = [next(r["p50_ms"] for r in results if r["model"] == m and r["batch"] == b
-                         and r["sequence"] == q) for m in models]
+        for ax, point in zip(axes[0], points):
+            vals = [next(r["p50_ms"] for r in results if r["model"] == m and _point(r) == point)
+                    for m in models]
             ax.bar(range(len(models)), vals, color=["#999", "#2a7", "#777", "#186"][:len(models)])
             ax.set_xticks(range(len(models)), models, rotation=30, fontsize=7)
-            ax.set_title(f"batch {b} × seq {q}", fontsize=9)
+            ax.set_title(point, fontsize=9)
             ax.set_ylabel("p50 ms", fontsize=8)
         fig.suptitle("Latency (onnxruntime CPU)")
         out["latency"] = _figure_png(fig)
