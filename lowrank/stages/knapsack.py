@@ -80,8 +80,18 @@ def _options(s: Spectrum, entry: dict, settings) -> list[tuple[int | None, int, 
     return options
 
 
+def _monotone(values: list[float]) -> list[float]:
+    """A lower rank drops a superset of directions: never score it below a higher rank (the
+    estimate is sampled; without this, noise would buy savings beyond the budget)."""
+    out = list(values)
+    for i in range(len(out) - 2, 0, -1):  # options: dense, then ranks ascending
+        out[i] = max(out[i], out[i + 1])
+    return out
+
+
 def _solve(options: dict[str, list], scores: dict[str, list[float]], required: int) -> dict:
-    groups = {n: [(opt[1], score) for opt, score in zip(options[n], scores[n])] for n in options}
+    groups = {n: [(opt[1], score) for opt, score in zip(options[n], _monotone(scores[n]))]
+              for n in options}
     return solve_mck(groups, required)
 
 
