@@ -98,7 +98,7 @@ class _Scorer:
     ranks r (a cumulative sum over singular directions), summed over the matrix's uses."""
 
     def __init__(self, model: nn.Module, factors: dict[str, tuple], params: dict[int, str]):
-        self.factors, self.handles, self.samples = factors, [], {}
+        self.factors, self.handles, self.samples, self.batch = factors, [], {}, 0
         self.uses: dict[str, list[str]] = {n: [] for n in factors}
         for fqn, module in model.named_modules():
             name = params.get(id(getattr(module, "weight", None)))
@@ -130,6 +130,10 @@ class _Scorer:
         parts = parts.reshape(lead, -1, parts.shape[-1]).sum(1)  # (sequences, k)
         kept = torch.cumsum(parts, 1)
         total = full[:, None] - torch.cat([torch.zeros(lead, 1, dtype=A.dtype), kept], 1)
+        if lead != self.batch:  # shared over the batch (position embeddings): one sample, still
+            # unbiased (sequences' samples are independent with mean 0), kept in the first row
+            total = torch.cat([total.sum(0, keepdim=True),
+                               torch.zeros(self.batch - 1, total.shape[1], dtype=A.dtype)])
         self.samples[name] = self.samples.get(name, 0) + total  # summed over uses
 
     def remove(self):
@@ -177,7 +181,7 @@ def score_candidates(ckpt: Checkpoint, spectra: Spectra,
         for inputs, mask in batches:
             out = model(**inputs, output_hidden_states=kind == "hidden")
             objective, scale = _objective(out, mask, kind, gen)
-            scorer.samples = {}
+            scorer.samples, scorer.batch = {}, next(iter(inputs.values())).shape[0]
             objective.backward()
             # Batches count by their real tokens, as measure_joint averages them.
             weight = int(mask.sum()) if mask is not None else 1
