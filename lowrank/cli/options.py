@@ -21,13 +21,16 @@ policy_options = options(
     click.option("--guard", type=float,
                  help="Keep dense when rank >= guard x break-even mn/(m+n) (default 0.8)."),
     click.option("--min-numel", type=int, help="Matrices smaller than this stay dense."),
+    click.option("--allocation", type=click.Choice(["loss", "energy"]),
+                 help="--param-ratio with --calibration: choose ranks by measured end-to-end "
+                 "loss (default; a knapsack over candidate ranks) or by spectral energy."),
     click.option("--latency-tokens", type=int, multiple=True,
                  help="Keep a Linear dense unless its factors run faster than dense on this "
                  "CPU at this many tokens (batch x sequence; repeatable; e.g. 16 and 2048). "
                  "Measured once per machine and layer shape, cached."),
 )
 PLAN_KEYS = ("energy", "rank", "rank_fraction", "param_ratio", "latency_ratio", "include",
-             "exclude", "multiple", "guard", "min_numel", "latency_tokens")
+             "exclude", "multiple", "guard", "min_numel", "latency_tokens", "allocation")
 
 calibration_options = options(
     click.option("--calibration", "calibration_file", is_flag=False, flag_value="",

@@ -153,6 +153,8 @@ def compress_spec(
         calibration_file: data-aware compression on this file; ``""`` for the bundled text;
             ``calibration`` holds [calibrate] settings (samples, max_length, method).
         sensitivity, sequential: the sensitivity probe; sequential statistics (need calibration).
+            With calibration and a ``param_ratio`` policy the scores stage runs too: the plan
+            allocates by measured loss unless ``plan={"allocation": "energy"}``.
         factorize: [factorize] settings (method, seed, oversample, niter).
         recover_method, recover: the recover stage and its settings (steps, lr, ...).
         eval_file: the evaluate stage on this file; ``""`` for the bundled evaluation text.
@@ -179,6 +181,12 @@ def compress_spec(
         raise OptionError("calibration settings", "calibration_file")
     if sensitivity:
         spec.stages.insert(spec.stages.index("analyze") + 1, "sensitivity")
+    plan_settings = spec.settings["plan"]
+    if (calibration_file is not None and plan_settings.get("param_ratio") is not None
+            and plan_settings.get("allocation", "loss") == "loss"
+            and not plan_settings.get("plan_file")):
+        # With data to measure on, the budget goes by measured end-to-end loss (stages.scores).
+        spec.stages.insert(spec.stages.index("plan"), "scores")
     if sequential:
         if calibration_file is None:
             raise OptionError("sequential", "calibration_file")

@@ -15,5 +15,6 @@ from . import (  # noqa: F401
                int8,
                plan,
                recover,
+               scores,
                sensitivity,
 )

@@ -104,3 +104,18 @@ def _fill_leftover(ranks: dict, candidates: dict[str, Spectrum], costs: dict[str
 
 def round_rank(rank: int, s: Spectrum, multiple: int) -> int:
     return min(max(multiple, math.ceil(rank / multiple) * multiple), min(s.rows, s.cols))
+
+
+def slower_factored(latency, s: Spectrum, rank: int, tokens_list) -> str | None:
+    """Why rank-``rank`` factors of ``s`` do not pay on this CPU, or None when they are faster
+    than dense at every token count."""
+    for tokens in tokens_list:
+        dense, factored = latency.ms(s.rows, s.cols, None, tokens), latency.ms(s.rows, s.cols, rank, tokens)
+        if factored >= dense:
+            return (f"factored is not faster on this CPU: {factored:.3f} ms vs dense "
+                    f"{dense:.3f} ms at {tokens} tokens")
+    return None
+
+
+def is_matmul(name: str, matmul_names: set[str] | None) -> bool:
+    return name in matmul_names if matmul_names is not None else "embed" not in name

@@ -19,13 +19,16 @@ from ..io.files import check_format, read_json_file
 from ..naming import FACTORABLE, weight_name
 from ..pipeline.stage import Context, Stage, json_loader, json_saver, register_stage
 from ..timing import LatencyTable, machine_key
-from .allocate import Cost, allocate_budget, latency_cost, round_rank
+from .allocate import Cost, allocate_budget, is_matmul, latency_cost, round_rank, slower_factored
 from .analyze import Spectra, Spectrum
+from .knapsack import loss_allocation
+from .scores import ScoreSettings, measure_joint
 from .sensitivity import layer_weights
 
 PLAN_FORMAT, PLAN_VERSION = "lowrank.plan", 1
 
 POLICIES = ("energy", "rank", "rank_fraction", "param_ratio", "latency_ratio")
+ALLOCATIONS = ("loss", "energy")
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,13 @@ class PlanSettings:
     # of these token counts (batch × sequence), by a cached microbenchmark (lowrank.latency).
     latency_tokens: tuple[int, ...] = ()
     latency_threads: int = 2
+    # param_ratio with candidate scores (the scores stage, run with calibration): "loss" picks
+    # ranks by measured end-to-end loss (lowrank.stages.knapsack); "energy" by spectral energy.
+    allocation: str = "loss"
 
     def __post_init__(self):
+        if self.allocation not in ALLOCATIONS:
+            raise InputError(f"allocation must be loss or energy, got {self.allocation!r}")
         chosen = [p for p in POLICIES if getattr(self, p) is not None]
         if len(chosen) != 1:
             raise InputError(
@@ -81,6 +89,7 @@ class LayerPlan:
     rank: int | None  # None: keep dense
     reason: str | None = None  # why it stays dense
     energy: float | None = None  # expected fraction of spectral energy kept at ``rank``
+    scores: dict | None = None  # loss allocation: estimated loss per candidate rank and dense
 
     def params(self) -> int:
         m, n = self.shape[0], math.prod(self.shape[1:])
@@ -110,6 +119,8 @@ class RankPlan:
                 entry["reason"] = p.reason
             if p.energy is not None:
                 entry["energy"] = round(p.energy, 6)
+            if p.scores is not None:
+                entry["scores"] = p.scores
             layers[name] = entry
         after = self.params_after
         return {
@@ -154,7 +165,8 @@ def _guarded(rank: int | None, s: Spectrum, settings: PlanSettings, why: str) ->
 
 def make_plan(spectra: Spectra, settings: PlanSettings,
               weights: dict[str, float] | None = None, latency=None,
-              matmul_names: set[str] | None = None) -> RankPlan:
+              matmul_names: set[str] | None = None, scores: dict | None = None,
+              measure=None) -> RankPlan:
     """Choose a rank (or dense) for every matrix of ``spectra`` under ``settings``' policy.
 
     ``weights`` (tensor name -> factor, default 1) scale each layer's energy in the global
@@ -162,6 +174,8 @@ def make_plan(spectra: Spectra, settings: PlanSettings,
     With ``settings.latency_tokens`` and a :class:`~lowrank.latency.LatencyTable`, every factored
     matrix in ``matmul_names`` (Linear weights; default: names without "embed") whose factors
     are not faster than dense on this CPU stays dense, and a budget is re-allocated without it.
+    With ``scores`` (the scores stage's artifact) and ``allocation="loss"``, ``param_ratio`` is
+    met by :func:`lowrank.stages.knapsack.loss_allocation` (``measure``: its joint check).
 
     Example:
         >>> plan = make_plan(spectra, PlanSettings(param_ratio=0.6))  # doctest: +SKIP
@@ -169,18 +183,20 @@ def make_plan(spectra: Spectra, settings: PlanSettings,
         0.5996
     """
     slow: dict[str, str] = {}  # matrices the latency check keeps dense, with the reason
+    info: dict = {}
     for _ in range(10):  # each pass can only add to `slow`; a budget settles in a few
-        layers = _plan_layers(spectra, settings, weights or {}, slow, latency, matmul_names)
+        loss = (scores, measure, info) if scores and settings.allocation == "loss" else None
+        layers = _plan_layers(spectra, settings, weights or {}, slow, latency, matmul_names, loss)
         if not settings.latency_tokens or latency is None:
             break
         newly = {}
         for name, layer in layers.items():
             if layer.rank is None or name in slow:
                 continue
-            if not _is_matmul(name, matmul_names):
+            if not is_matmul(name, matmul_names):
                 continue
             s = spectra.matrices[name]
-            why = _slower_factored(latency, s, layer.rank, settings.latency_tokens)
+            why = slower_factored(latency, s, layer.rank, settings.latency_tokens)
             if why:
                 newly[name] = why
         if not newly:
@@ -188,6 +204,8 @@ def make_plan(spectra: Spectra, settings: PlanSettings,
         slow.update(newly)
     ordered = {name: layers[name] for name in spectra.matrices}
     policy = {k: v for k, v in asdict(settings).items() if v is not None and v != ()}
+    if info:
+        policy["loss_allocation"] = info
     return RankPlan(ordered, spectra.total_params, policy)
 
 
@@ -199,24 +217,22 @@ def _budget_layers(candidates, costs, budget, settings, weights) -> dict[str, La
             for n, s in candidates.items()}
 
 
-def _slower_factored(latency, s: Spectrum, rank: int, tokens_list) -> str | None:
-    """Why rank-``rank`` factors of ``s`` do not pay on this CPU, or None when they are faster
-    than dense at every token count."""
-    for tokens in tokens_list:
-        dense, factored = latency.ms(s.rows, s.cols, None, tokens), latency.ms(s.rows, s.cols, rank, tokens)
-        if factored >= dense:
-            return (f"factored is not faster on this CPU: {factored:.3f} ms vs dense "
-                    f"{dense:.3f} ms at {tokens} tokens")
-    return None
-
-
-def _is_matmul(name: str, matmul_names: set[str] | None) -> bool:
-    return name in matmul_names if matmul_names is not None else "embed" not in name
+def _loss_layers(candidates, costs, budget, settings, scores, measure, info):
+    dense = sum(c.dense for c in costs.values())
+    ranks, tables, found = loss_allocation(candidates, scores, dense - budget, settings, measure)
+    info.update(found)
+    layers = {n: LayerPlan(list(s.shape), None, "not scored by the probe (kept dense)")
+              for n, s in candidates.items() if n not in ranks}
+    for name, rank in ranks.items():
+        s = candidates[name]
+        layers[name] = LayerPlan(list(s.shape), rank, None if rank else "least loss: dense",
+                                 s.energy_at(rank) if rank else None, tables[name])
+    return layers
 
 
 def _plan_layers(spectra: Spectra, settings: PlanSettings, weights: dict[str, float],
                  forced_dense: dict[str, str], latency=None,
-                 matmul_names: set[str] | None = None) -> dict[str, LayerPlan]:
+                 matmul_names: set[str] | None = None, loss=None) -> dict[str, LayerPlan]:
     layers: dict[str, LayerPlan] = {}
     candidates: dict[str, Spectrum] = {}
     for name, s in spectra.matrices.items():
@@ -229,13 +245,16 @@ def _plan_layers(spectra: Spectra, settings: PlanSettings, weights: dict[str, fl
         costs = {n: Cost(s.rows + s.cols, 0.0, s.rows * s.cols) for n, s in candidates.items()}
         fixed = spectra.total_params - sum(s.rows * s.cols for s in candidates.values())
         budget = settings.param_ratio * spectra.total_params - fixed
-        layers.update(_budget_layers(candidates, costs, budget, settings, weights))
+        if loss is not None:
+            layers.update(_loss_layers(candidates, costs, budget, settings, *loss))
+        else:
+            layers.update(_budget_layers(candidates, costs, budget, settings, weights))
         return layers
     if settings.latency_ratio is not None:
         if latency is None:
             raise LowrankError("latency_ratio needs latency measurements (the plan stage "
                                "takes them; make_plan needs latency=LatencyTable)")
-        matmuls = {n: s for n, s in candidates.items() if _is_matmul(n, matmul_names)}
+        matmuls = {n: s for n, s in candidates.items() if is_matmul(n, matmul_names)}
         for name in set(candidates) - set(matmuls):
             layers[name] = LayerPlan(list(candidates[name].shape), None,
                                      "not a matmul: factoring cannot save time")
@@ -332,7 +351,7 @@ class PlanStageSettings(PlanSettings):
 
 
 def _run(ctx: Context, settings: PlanStageSettings, spectra: Spectra,
-              sensitivity=None) -> RankPlan:
+              sensitivity=None, scores=None, calibrate=None) -> RankPlan:
     if settings.plan_file:
         return apply_plan(read_plan_file(Path(settings.plan_file)), spectra, settings.plan_file)
     policy = {f.name: getattr(settings, f.name) for f in fields(PlanSettings)}
@@ -341,7 +360,12 @@ def _run(ctx: Context, settings: PlanStageSettings, spectra: Spectra,
     if settings.latency_tokens or settings.latency_ratio is not None:
         latency = LatencyTable.for_machine(ctx.cache_dir, settings.latency_threads)
         matmuls = linear_weight_names(ctx)
-    plan = make_plan(spectra, PlanSettings(**policy), weights, latency, matmuls)
+    def measure(plans):  # the loss allocation's joint check, on the probe batch it scored
+        probe = ScoreSettings(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in scores["settings"].items()})
+        return measure_joint(ctx.checkpoint, probe, calibrate, plans, ctx.models.factory)
+
+    plan = make_plan(spectra, PlanSettings(**policy), weights, latency, matmuls, scores, measure)
     if latency is not None:
         latency.save()
     if weights:
@@ -350,7 +374,7 @@ def _run(ctx: Context, settings: PlanStageSettings, spectra: Spectra,
 
 
 def _plan_from_json(data: dict) -> RankPlan:
-    layers = {n: LayerPlan(e["shape"], e["rank"], e.get("reason"), e.get("energy"))
+    layers = {n: LayerPlan(e["shape"], e["rank"], e.get("reason"), e.get("energy"), e.get("scores"))
               for n, e in data["layers"].items()}
     return RankPlan(layers, data["params"]["before"], data["policy"], data["version"])
 
@@ -369,7 +393,7 @@ register_stage(Stage(
     save=json_saver("plan.json", RankPlan.to_json),
     load=json_loader("plan.json", _plan_from_json),
     emit=json_saver("plan.json", RankPlan.to_json),
-    uses=("sensitivity",),
+    uses=("sensitivity", "scores", "calibrate"),
     machine=lambda settings: (machine_key(settings.latency_threads)
                               if settings.latency_tokens or settings.latency_ratio else None),
 ))

@@ -1,0 +1,256 @@
+"""Candidate scores: the end-to-end loss each matrix causes alone at each candidate rank.
+
+For the measured-loss allocation (:mod:`lowrank.stages.knapsack`). Measuring every candidate by
+a forward pass is out of reach on a CPU (SmolLM2-135M: 211 matrices × several ranks × a forward
+of seconds each), so the loss is estimated to second order from the same data, end to end:
+
+- The distillation loss to the dense model (KL of next-token distributions for LMs; normalized
+  hidden-state or output MSE otherwise, :func:`lowrank.stages.recover.distillation_loss`) is
+  zero with zero gradient at the dense weights; its Hessian there is a Fisher / Gauss-Newton
+  matrix F, and loss(δ) ≈ ½ δᵀFδ for a weight change δ.
+- F = E[ggᵀ] for g the gradient of a *sampled* objective: next tokens drawn from the dense
+  model's own distribution (logits), or Gaussian noise projected on the outputs (MSE). One
+  backward pass per batch gives, for each probe sequence s, its sample a_s = ⟨g_s, δ⟩, and
+  Σ_s a_s² estimates the loss on the probe batch (see ``_objective`` for the scale).
+- δ = W − W_r for the factors factorize computes (exact SVD, data-aware weighting): with the full
+  factors A (m×k), B (k×n) of :func:`lowrank.linalg.factorize_matrix`, W_r = A[:, :r]·B[:r], so
+  ⟨g, (W − W_r)x⟩ = gᵀWx − Σ_{i<r} (Aᵀg)_i (Bx)_i: one cumulative sum scores every rank at once.
+- A weight used twice (a tied embedding and LM head) sums the contributions of both uses: one
+  decision, scored with both uses factored.
+
+The artifact keeps each sequence's a_{s,c} per matrix and candidate, so the planner can add the
+cross terms between matrices (compounding, to second order) and compare with a measured joint
+loss (:func:`measure_joint`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..io.checkpoint import Checkpoint
+from ..io.samples import model_batches, read_calibration
+from ..linalg import factorize_matrix, matrix_view
+from ..models import Models, output_tensor
+from ..pipeline.stage import Context, Stage, json_loader, json_saver, register_stage
+from .analyze import Spectra
+from .calibrate import ActivationStats
+from .recover import RecoverSettings, distillation_loss, loss_kind
+
+SCORES_FORMAT, SCORES_VERSION = "lowrank.scores", 1
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    # Candidate ranks, × each matrix's break-even rank (the plan also keeps "dense"); scoring
+    # every rank costs the same, so the grid is fine: the knapsack picks among these.
+    fractions: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 16))
+    samples: int = 64  # probe sequences (the first lines of the calibration text)
+    max_length: int = 64
+    batch_size: int = 16  # sequences per backward pass
+    min_numel: int = 4096  # smaller matrices are not scored (the plan keeps them dense)
+    seed: int = 0  # the sampled labels / noise
+
+    def __post_init__(self):
+        if not self.fractions or not all(0 < f < 1 for f in self.fractions):
+            raise InputError("score fractions must be in (0, 1)")
+        if min(self.samples, self.max_length, self.batch_size) < 1:
+            raise InputError("score samples, max_length and batch_size must be >= 1")
+
+
+def candidate_ranks(rows: int, cols: int, fractions) -> list[int]:
+    be = rows * cols / (rows + cols)
+    return sorted({max(1, math.floor(f * be)) for f in fractions})
+
+
+def _objective(out, mask, kind: str, gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    """(sampled scalar objective, scale): Σ_s (scale·⟨∂objective/∂w, δ⟩_s)² estimates the
+    distillation loss of a weight change δ on this batch to second order."""
+    if kind == "logits":
+        logits = out.logits.float()
+        real = mask if mask is not None else torch.ones(logits.shape[:-1], dtype=torch.bool)
+        logp = logits.log_softmax(-1)
+        with torch.no_grad():
+            labels = torch.multinomial(logp[real].exp(), 1, generator=gen).squeeze(-1)
+        # KL per real token (batchmean) ≈ ½ δᵀFδ / tokens, F = E[ggᵀ] for sampled labels.
+        return -logp[real].gather(-1, labels[:, None]).sum(), math.sqrt(0.5 / int(real.sum()))
+    # MSE / mean square: Gauss-Newton 2·JᵀJ·w, sampled by noise ε: E[(εᵀJδ)²] = ‖Jδ‖².
+    tensors = (list(out.hidden_states) if kind == "hidden" else [output_tensor(out)])
+    total = 0.0
+    for t in tensors:
+        t = t.float()
+        rows = t[mask] if mask is not None and kind == "hidden" else t
+        weight = 1 / (len(tensors) * rows.numel() * float(rows.detach().pow(2).mean()) + 1e-30)
+        noise = torch.randn(t.shape, generator=gen)
+        if mask is not None and kind == "hidden":
+            noise = noise * mask[..., None]
+        total = total + math.sqrt(weight) * (noise * t).sum()
+    return total, 1.0
+
+
+class _Scorer:
+    """Hooks on every module using a scored matrix: per sequence, the samples a_{s,r} for all
+    ranks r (a cumulative sum over singular directions), summed over the matrix's uses."""
+
+    def __init__(self, model: nn.Module, factors: dict[str, tuple], params: dict[int, str]):
+        self.factors, self.handles, self.samples, self.batch = factors, [], {}, 0
+        self.uses: dict[str, list[str]] = {n: [] for n in factors}
+        for fqn, module in model.named_modules():
+            name = params.get(id(getattr(module, "weight", None)))
+            if name is None or not isinstance(module, (nn.Linear, nn.Embedding)):
+                continue
+            self.uses[name].append(fqn)
+            self.handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(module, args, out):
+            if not out.requires_grad:  # nothing upstream needs a gradient: start the graph here
+                out = out.detach().requires_grad_()
+            x = args[0].detach()
+            linear = isinstance(module, nn.Linear)
+            plain = out.detach() - module.bias if linear and module.bias is not None else out.detach()
+            out.register_hook(lambda g: self._accumulate(name, linear, x, plain, g))
+            return out
+        return hook
+
+    def _accumulate(self, name, linear, x, plain, g):
+        A, B = self.factors[name]
+        g = g.detach().to(A.dtype)
+        lead = g.shape[0]
+        full = (g * plain.to(A.dtype)).reshape(lead, -1).sum(1)  # ⟨g, Wx⟩ per sequence
+        if linear:  # (Aᵀg)_i (Bx)_i
+            parts = (g @ A) * (x.to(A.dtype) @ B.T)
+        else:  # an embedding row W[id] = A[id]·B: (A[id])_i (Bg)_i
+            parts = A[x] * (g @ B.T)
+        parts = parts.reshape(lead, -1, parts.shape[-1]).sum(1)  # (sequences, k)
+        kept = torch.cumsum(parts, 1)
+        total = full[:, None] - torch.cat([torch.zeros(lead, 1, dtype=A.dtype), kept], 1)
+        if lead != self.batch:  # shared over the batch (position embeddings): one sample, still
+            # unbiased (sequences' samples are independent with mean 0), kept in the first row
+            total = torch.cat([total.sum(0, keepdim=True),
+                               torch.zeros(self.batch - 1, total.shape[1], dtype=A.dtype)])
+        self.samples[name] = self.samples.get(name, 0) + total  # summed over uses
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def probe_data(ckpt: Checkpoint, settings: ScoreSettings, stats, factory=None):
+    """(dense model, list of (inputs, mask) probe batches, loss kind)."""
+    source = stats.settings.calibration_file if stats is not None else None
+    data = read_calibration(source, settings.samples, warn=False)
+    model, tokenizer = Models(ckpt, factory).runnable_model(need_tokenizer=isinstance(data, list))
+    batches = list(model_batches(data, tokenizer, settings.batch_size, settings.max_length))
+    return model, batches, loss_kind(RecoverSettings(), model)
+
+
+def score_candidates(ckpt: Checkpoint, spectra: Spectra,
+                     settings: ScoreSettings = ScoreSettings(),
+                     stats: ActivationStats | None = None, factory=None,
+                     on_step: Callable[[str], None] | None = None) -> dict:
+    """The scores artifact: for every scored matrix its candidate ranks, estimated loss at each
+    (alone) and the per-sequence samples behind them (see the module docstring)."""
+    model, batches, kind = probe_data(ckpt, settings, stats, factory)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        s = spectra.matrices.get(name)
+        if s is not None and s.finite and s.rows * s.cols >= settings.min_numel \
+                and min(s.rows, s.cols) >= 2:
+            params.setdefault(id(p), name)
+    factors = {}
+    for name in params.values():
+        w = matrix_view(ckpt.get(name))
+        weighting = stats.weighting(name, w.shape[1]) if stats is not None else None
+        A, B, _, _ = factorize_matrix(w, min(w.shape), "exact", weighting=weighting)
+        factors[name] = (A.double(), B.double())
+        if on_step:
+            on_step(name)
+    scorer = _Scorer(model, factors, params)
+    gen = torch.Generator().manual_seed(settings.seed)
+    rows: dict[str, list] = {n: [] for n in factors}
+    tokens = 0
+    try:
+        for inputs, mask in batches:
+            out = model(**inputs, output_hidden_states=kind == "hidden")
+            objective, scale = _objective(out, mask, kind, gen)
+            scorer.samples, scorer.batch = {}, next(iter(inputs.values())).shape[0]
+            objective.backward()
+            # Batches count by their real tokens, as measure_joint averages them.
+            weight = int(mask.sum()) if mask is not None else 1
+            tokens += weight
+            for name, total in scorer.samples.items():
+                rows[name].append(total * scale * math.sqrt(weight))
+            if on_step:
+                on_step(f"{len(next(iter(rows.values()), []))} batches")
+    finally:
+        scorer.remove()
+    matrices, directions = {}, {}
+    for name, parts in rows.items():
+        if not parts:  # no module used it in the forward pass: not scored
+            continue
+        samples = torch.cat(parts) / math.sqrt(tokens)  # (sequences, k + 1): column r = rank r
+        s = spectra.matrices[name]
+        ranks = candidate_ranks(s.rows, s.cols, settings.fractions)
+        chosen = samples[:, ranks]
+        matrices[name] = {"ranks": ranks, "scores": [float(v) for v in chosen.pow(2).sum(0)],
+                          "uses": scorer.uses[name]}
+        directions[name] = [[float(v) for v in row] for row in chosen]
+    return {"format": SCORES_FORMAT, "version": SCORES_VERSION, "kind": kind,
+            "tokens": tokens, "settings": asdict(settings), "matrices": matrices,
+            "directions": directions}
+
+
+def measure_joint(ckpt: Checkpoint, settings: ScoreSettings, stats, plans: list[dict[str, int]],
+                  factory=None) -> list[float]:
+    """The measured distillation loss on the probe batch of each plan ({tensor name: rank}),
+    all its matrices factored at once as the scores assumed (exact SVD, data-aware)."""
+    model, batches, kind = probe_data(ckpt, settings, stats, factory)
+    params = dict(model.named_parameters())
+    factors: dict[str, tuple] = {}  # full factors per matrix, sliced to each plan's rank
+    with torch.inference_mode():
+        refs = [model(**inputs, output_hidden_states=kind == "hidden") for inputs, _ in batches]
+        losses = []
+        for plan in plans:
+            originals = {n: params[n].detach().clone() for n in plan}
+            for name, rank in plan.items():
+                if name not in factors:
+                    w = matrix_view(ckpt.get(name))
+                    weighting = stats.weighting(name, w.shape[1]) if stats is not None else None
+                    A, B, _, _ = factorize_matrix(w, min(w.shape), "exact", weighting=weighting)
+                    factors[name] = (A.float(), B.float())
+                A, B = factors[name]
+                params[name].copy_((A[:, :rank] @ B[:rank]).reshape(params[name].shape))
+            total, count = 0.0, 0
+            for (inputs, mask), ref in zip(batches, refs):
+                out = model(**inputs, output_hidden_states=kind == "hidden")
+                n = int(mask.sum()) if mask is not None else 1
+                total += float(distillation_loss(out, ref, mask, kind)) * n
+                count += n
+            losses.append(total / count)
+            for name, original in originals.items():
+                params[name].copy_(original)
+    return losses
+
+
+def _run(ctx: Context, settings: ScoreSettings, spectra: Spectra, calibrate=None) -> dict:
+    total = sum(1 for s in spectra.matrices.values() if s.rows * s.cols >= settings.min_numel)
+    steps = total + -(-settings.samples // settings.batch_size)
+    with ctx.track("scores", steps) as advance:
+        return score_candidates(ctx.checkpoint, spectra, settings, calibrate,
+                                ctx.models.factory, advance)
+
+
+register_stage(Stage(
+    "scores", ("analyze",), ScoreSettings, _run,
+    save=json_saver("scores.json"),
+    load=json_loader("scores.json"),
+    uses=("calibrate",),
+))

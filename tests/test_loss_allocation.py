@@ -1,0 +1,104 @@
+"""Measured-loss allocation (issue 11): candidate scores, the exact multiple-choice knapsack, the
+tied embedding/LM head as one decision, and the default pipeline with calibration using it."""
+
+import itertools
+import json
+import random
+
+import pytest
+
+import lowrank
+from lowrank.pipeline.spec import compress_spec
+from lowrank.stages.knapsack import solve_mck
+
+
+def _brute_force(groups, required):
+    best = None
+    for pick in itertools.product(*(range(len(o)) for o in groups.values())):
+        options = [o[i] for o, i in zip(groups.values(), pick)]
+        if sum(s for s, _ in options) >= required:
+            loss = sum(v for _, v in options)
+            best = loss if best is None else min(best, loss)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_knapsack_is_exact(seed):
+    rng = random.Random(seed)
+    groups = {f"g{i}": [(0, 0.0)] + [(rng.randint(1, 30), rng.random()) for _ in range(rng.randint(1, 4))]
+              for i in range(rng.randint(2, 6))}
+    total = sum(max(s for s, _ in o) for o in groups.values())
+    required = rng.randint(0, total)
+    choice = solve_mck(groups, required)
+    picked = [groups[n][i] for n, i in choice.items()]
+    assert sum(s for s, _ in picked) >= required  # the budget is met
+    assert sum(v for _, v in picked) == pytest.approx(_brute_force(groups, required))
+
+
+def test_knapsack_refuses_an_unreachable_budget():
+    with pytest.raises(lowrank.LowrankError, match="out of reach"):
+        solve_mck({"a": [(0, 0.0), (5, 1.0)]}, 6)
+
+
+def _compress(model_dir, tmp_path, name, **plan):
+    spec = compress_spec(calibration_file="", calibration={"samples": 32},
+                         plan={"param_ratio": 0.8, **plan})
+    spec.settings["scores"] = {"samples": 16, "batch_size": 8}
+    return lowrank.run_pipeline(spec, model_dir, tmp_path / name, cache_dir=tmp_path / "cache")
+
+
+def test_default_pipeline_with_calibration_allocates_by_loss(tiny_llama_dir, tmp_path):
+    assert "scores" in compress_spec(calibration_file="").stages
+    assert "scores" not in compress_spec().stages  # no data: energy allocation
+    assert "scores" not in compress_spec(calibration_file="", plan={"allocation": "energy"}).stages
+    result = _compress(tiny_llama_dir, tmp_path, "loss")
+    plan = json.loads((tmp_path / "loss" / "plan.json").read_text())
+    assert plan["params"]["ratio"] <= 0.8  # the budget is met ...
+    assert plan["params"]["ratio"] > 0.79  # ... and spent
+    info = plan["policy"]["loss_allocation"]
+    assert info["chosen"] in ("first", "refined")
+    assert info[info["chosen"]]["measured_joint"] >= 0
+    scored = {n: e for n, e in plan["layers"].items() if "scores" in e}
+    assert "lm_head.weight" in scored and "model.layers.0.mlp.up_proj.weight" in scored
+    for entry in scored.values():  # every candidate's score lands in the plan, dense too
+        assert entry["scores"]["dense"] == 0.0
+        assert entry["rank"] is None or str(entry["rank"]) in entry["scores"]
+        ranks = sorted(int(r) for r in entry["scores"] if r != "dense")
+        assert entry["scores"][str(ranks[0])] > 0
+    energy = _compress(tiny_llama_dir, tmp_path, "energy", allocation="energy")
+    assert "loss_allocation" not in energy.artifacts["plan"].policy
+    assert result.artifacts["plan"].params_after <= 0.8 * result.artifacts["plan"].total_params
+
+
+def test_scores_track_the_measured_loss(tiny_llama_dir, tmp_path):
+    from lowrank.stages.scores import ScoreSettings, measure_joint
+
+    result = _compress(tiny_llama_dir, tmp_path, "s")
+    scores, stats = result.artifacts["scores"], result.artifacts["calibrate"]
+    entry = scores["matrices"]["model.layers.1.mlp.up_proj.weight"]
+    # A larger rank loses less (up to the sampling noise of the estimate).
+    assert entry["scores"][-1] < entry["scores"][0]
+    plans = [{"model.layers.1.mlp.up_proj.weight": entry["ranks"][0]}]
+    measured = measure_joint(lowrank.open_checkpoint(tiny_llama_dir),
+                             ScoreSettings(samples=16, batch_size=8), stats, plans)
+    assert 0.3 < entry["scores"][0] / measured[0] < 3  # second order, sampled: same scale
+
+
+def test_tied_embedding_and_head_are_one_decision(tiny_llama_dir, tmp_path):
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    tied = tmp_path / "tied"
+    model.save_pretrained(tied)
+    for f in tiny_llama_dir.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special")):
+            (tied / f.name).write_bytes(f.read_bytes())
+    result = _compress(tied, tmp_path, "out")
+    scores = result.artifacts["scores"]["matrices"]
+    assert "lm_head.weight" not in scores  # one decision ...
+    assert scores["model.embed_tokens.weight"]["uses"] == ["model.embed_tokens", "lm_head"]
+    plan = result.artifacts["plan"]  # ... counted once in the budget
+    assert "lm_head.weight" not in plan.layers
+    assert plan.params_after <= 0.8 * plan.total_params
