@@ -50,9 +50,10 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "reports" / "quality-smollm2"))
     args = ap.parse_args()
     torch.set_num_threads(2)
+    from transformers import AutoTokenizer
+
     import lowrank
     from lowrank.models import load_dense
-    from transformers import AutoTokenizer
 
     texts = [t for t in (DATA / "python_docs.txt").read_text().splitlines() if t.strip()][:args.paragraphs]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
