@@ -11,7 +11,7 @@ Times, medians of ``--repeats`` (this machine is shared: other jobs make single 
 With ``--bf16``: the Grams under CPU bf16 autocast against fp32 (relative Frobenius difference)
 and what that does to the whitened factors (output error measured with the fp32 Gram).
 Runs against whichever lowrank is on PYTHONPATH (the before/after comparison runs it twice).
-Prints JSON.
+Prints the report as one JSON line after each measurement (the last line is the whole report).
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ from lowrank.stages.analyze import analyze
 from lowrank.stages.calibrate import ActivationStats, CalibrateSettings, collect_stats
 from lowrank.stages.factorize import factorize
 from lowrank.stages.plan import PlanSettings, make_plan
+
+
+def emit(report: dict) -> None:
+    """The report so far, one JSON line (flushed: a run cut short still says what it measured)."""
+    print(json.dumps(report), flush=True)
 
 
 def timed(fn, repeats):
@@ -103,6 +108,7 @@ def main() -> None:
               "threads": torch.get_num_threads()}
     forward(model, tokenizer, data, settings)  # warm-up
     report["forward"], _ = timed(lambda: forward(model, tokenizer, data, settings), args.repeats)
+    emit(report)
     report["calibrate"], stats = timed(lambda: collect_stats(model, tokenizer, data, settings),
                                        args.repeats)
     report["calibrate_over_forward_cpu"] = round(report["calibrate"]["cpu_s"]
@@ -119,9 +125,12 @@ def main() -> None:
                 else:
                     make_weighting(name, fresh, cols=g.shape[0])
 
+    emit(report)
     report["whitening_per_call"], _ = timed(lambda: whitening(False), args.repeats)
+    emit(report)
     if hasattr(ActivationStats, "whitening_factor"):
         report["whitening_memo"], _ = timed(lambda: whitening(True), args.repeats)
+    emit(report)
     if args.full:
         def analyze_factorize():
             fresh = ActivationStats.from_tensors(stats.to_tensors(), stats.tokens,
@@ -133,7 +142,7 @@ def main() -> None:
     if args.bf16:
         report["bf16"] = bf16_check(model, tokenizer, data, settings, stats, ckpt,
                                     args.repeats)
-    print(json.dumps(report, indent=1))
+    emit(report)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from lowrank import compress_spec, run_pipeline  # noqa: E402
-from lowrank.io.checkpoint import open_checkpoint  # noqa: E402
-from lowrank.naming import factor_names  # noqa: E402
+from lowrank import compress_spec, run_pipeline
+from lowrank.io.checkpoint import open_checkpoint
+from lowrank.naming import factor_names
 
 TOLERANCE = {"rel_error": 1e-3, "energy": 1e-3, "weights": 1e-3}
 
