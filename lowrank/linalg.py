@@ -89,9 +89,11 @@ def factors_from_svd(w, wt: Weighting, U, S, Vh):
     return ((U * root) / f[:, None]).contiguous(), (root[:, None] * Vh).contiguous()
 
 
-def matrix_view(tensor: torch.Tensor) -> torch.Tensor:
-    """(out, in, *kernel) -> out × (in·prod(kernel)), float32 or float64 for the maths."""
-    w = tensor.reshape(tensor.shape[0], -1)
+def matrix_view(tensor: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """(out, in, *kernel) -> out × (in·prod(kernel)), float32 or float64 for the maths; a
+    ``transposed`` (in, out) weight (GPT-2's Conv1D, see :mod:`lowrank.naming`) -> its (out, in)
+    view."""
+    w = tensor.T if transposed else tensor.reshape(tensor.shape[0], -1)
     return w if w.dtype in (torch.float32, torch.float64) else w.float()
 
 

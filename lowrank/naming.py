@@ -6,6 +6,15 @@ matrix W and replaced in the state dict by ``<module>.A`` (out × r) and ``<modu
 not named ``weight`` (the recurrent ``<rnn>.weight_hh_l0`` of an LSTM/GRU/RNN) keeps its full
 name: ``<rnn>.weight_hh_l0.A`` and ``<rnn>.weight_hh_l0.B``. (PEFT names its LoRA pair the other
 way round: its ``lora_A`` is the input side.)
+
+Transposed weights: GPT-2's ``Conv1D`` (transformers) stores its weight as (in, out) and computes
+y = x·W + b. Its matrix is the (out, in) view Wᵀ, so ``<module>.A`` is (out × r) and
+``<module>.B`` (r × in) as for a Linear, and the factored module is a plain LowRankLinear: the
+state dict of a factored Conv1D is indistinguishable from a factored Linear's. The checkpoint
+tensor alone does not say it is transposed (a square c_proj looks like any matrix), so the
+architecture tells (:func:`lowrank.nn.layers.is_transposed`); ``lowrank_config.json`` records
+``"transposed": true`` for such layers, which :func:`~lowrank.stages.factored.reconstruct_dense`
+uses to write the (in, out) weight back.
 """
 
 from __future__ import annotations
@@ -18,8 +27,8 @@ FACTOR_LAYOUT = (
 )
 
 # Tensors a low-rank module can replace: a module's ``weight`` (Linear, Embedding, Conv) and the
-# recurrent weights of LSTM/GRU/RNN (lowrank.nn.recurrent.LowRankRNN); ``in_proj_weight`` and
-# other parameters used outside a module's own weight stay dense.
+# recurrent weights of LSTM/GRU/RNN (lowrank.nn.recurrent.LowRankRNN); other parameters used
+# outside a module's own weight stay dense.
 FACTORABLE = re.compile(r"(^|\.)(weight|weight_(ih|hh)_l\d+(_reverse)?)$")
 RECURRENT = re.compile(r"^weight_(ih|hh)_l\d+(_reverse)?$")
 

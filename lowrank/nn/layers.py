@@ -20,6 +20,10 @@ class Factored(nn.Module):
     """Base of the factored layers: parameters ``A`` (out × r) and ``B`` (r × in) and the map
     x ↦ (x·Bᵀ)·Aᵀ + bias, two steps, never A·B. Subclasses set ``A``, ``B`` and ``bias``."""
 
+    # No dense weight. Model code peeks at a child's weight (T5's feed-forward casts to
+    # ``wo.weight.dtype`` only when it is a tensor): None says "none" without AttributeError.
+    weight = None
+
     @property
     def rank(self) -> int:
         return self.A.shape[1]
@@ -145,11 +149,32 @@ class TiedLowRankLinear(Factored):
         return super().extra_repr() + ", tied"
 
 
+def is_transposed(module: nn.Module) -> bool:
+    """A Linear that stores its weight as (in, out): transformers' ``Conv1D`` (GPT-2, and the
+    models copied from it). Matched by name and layout so lowrank needs no transformers import."""
+    w = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
+            and getattr(module, "nf", None) == w.shape[1])
+
+
+def plain_lookup(module: nn.Embedding) -> bool:
+    """Whether an Embedding is a plain table lookup. Subclasses with their own forward (BART's
+    scaled word and offset position embeddings) do more, which LowRankEmbedding would drop."""
+    return type(module).forward is nn.Embedding.forward
+
+
 def lowrank_like(module: nn.Module, rank: int) -> nn.Module:
     """An uninitialized low-rank module with the shapes of a dense one."""
     if isinstance(module, nn.Linear):
         return LowRankLinear.like(module, rank)
+    if is_transposed(module):  # y = x·W + b with W (in, out) is a Linear with weight Wᵀ
+        w = module.weight
+        return LowRankLinear(w.shape[0], w.shape[1], rank, module.bias is not None,
+                             w.device, w.dtype)
     if isinstance(module, nn.Embedding):
+        if not plain_lookup(module):
+            raise LowrankError(f"{type(module).__name__} has its own forward (scaling, offsets) "
+                               f"that a factored lookup would skip; keep it dense")
         return LowRankEmbedding.like(module, rank)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return LowRankConv(module, rank)
@@ -157,8 +182,8 @@ def lowrank_like(module: nn.Module, rank: int) -> nn.Module:
         raise LowrankError(f"{type(module).__name__} weights are factored by tensor name "
                            f"(e.g. 'lstm.weight_hh_l0'), not as one module")
     raise LowrankError(
-        f"no low-rank version of {type(module).__name__} (supported: Linear, Embedding, Conv1d, "
-        f"Conv2d, and the weight_ih/weight_hh tensors of LSTM, GRU, RNN)"
+        f"no low-rank version of {type(module).__name__} (supported: Linear, GPT-2's Conv1D, "
+        f"Embedding, Conv1d, Conv2d, and the weight_ih/weight_hh tensors of LSTM, GRU, RNN)"
     )
 
 

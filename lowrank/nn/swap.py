@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from ..errors import LowrankError
-from ..naming import RECURRENT, module_name, split_owner
-from .layers import TiedLowRankLinear, lowrank_like
+from ..naming import RECURRENT, factor_names, module_name, split_owner, weight_name
+from .layers import TiedLowRankLinear, is_transposed, lowrank_like, plain_lookup
 from .recurrent import LowRankRNN
 
 
@@ -89,9 +89,11 @@ def restore_ties_(model: nn.Module, ties: dict[str, str], factored: set[str]) ->
         if alias_module in factored:  # factored on its own (an untied checkpoint): keep
             continue
         if primary_module in factored:
-            old = model.get_submodule(alias_module)
-            replace_module(model, alias_module,
-                     tied_module(old, model.get_submodule(primary_module), alias_module))
+            old, source = model.get_submodule(alias_module), model.get_submodule(primary_module)
+            new = tied_module(old, source, alias_module)
+            replace_module(model, alias_module, new)
+            if new is source:  # one module under two names (T5's shared embedding tables)
+                unneeded.update(factor_names(alias))
         else:
             owner, attr = split_owner(alias)
             setattr(model.get_submodule(owner) if owner else model, attr,
@@ -101,13 +103,21 @@ def restore_ties_(model: nn.Module, ties: dict[str, str], factored: set[str]) ->
 
 
 def instantiate(state: dict[str, torch.Tensor], layers: dict, model: nn.Module,
-                source: str = "checkpoint") -> nn.Module:
+                source: str = "checkpoint", rename=None) -> nn.Module:
     """Swap low-rank modules into the dense ``model`` for ``layers`` (tensor name -> entry with
     ``rank``, and ``tied_to`` for a tied name) and load the low-rank ``state``.
 
     Ties are kept: those recorded in ``layers`` and those of the model itself (an LM head
     tied to its input embedding): the alias of a factored embedding becomes a
-    :class:`~lowrank.layers.TiedLowRankLinear` on the embedding's own A and B."""
+    :class:`~lowrank.layers.TiedLowRankLinear` on the embedding's own A and B.
+
+    ``rename(name, model names)`` maps checkpoint names to the model's where they differ
+    (:func:`lowrank.models.checkpoint_renamer`)."""
+    if rename is not None:  # checkpoint names -> module names (weights are named before swap)
+        known = set(model.state_dict())
+        layers = {rename(n, known): e for n, e in layers.items()}
+        layers = {n: ({**e, "tied_to": rename(e["tied_to"], known)} if isinstance(e, dict)
+                      and e.get("tied_to") else e) for n, e in layers.items()}
     ranks = {module_name(n): _field(e, "rank") for n, e in layers.items()}
     ranks = {n: r for n, r in ranks.items() if r is not None}
     ties = {}
@@ -117,6 +127,9 @@ def instantiate(state: dict[str, torch.Tensor], layers: dict, model: nn.Module,
     ties.update({n: _field(e, "tied_to") for n, e in layers.items() if _field(e, "tied_to")})
     swap_lowrank_(model, ranks)
     unneeded = restore_ties_(model, ties, set(ranks))
+    if rename is not None:
+        known = set(model.state_dict())
+        state = {rename(k, known): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in unneeded]
     if missing:
@@ -128,6 +141,21 @@ def instantiate(state: dict[str, torch.Tensor], layers: dict, model: nn.Module,
     if stray:
         raise LowrankError(f"{source}: factor {stray[0]!r} has no low-rank module to go into")
     return model.eval()
+
+
+def kept_dense(model: nn.Module) -> dict[str, str]:
+    """Weights of ``model`` that no low-rank module can stand in for: {name: why}. The plan
+    keeps them dense."""
+    return {weight_name(fqn): f"{type(m).__name__} has its own forward, which a factored "
+                              f"lookup would skip"
+            for fqn, m in model.named_modules()
+            if isinstance(m, nn.Embedding) and not plain_lookup(m)}
+
+
+def transposed_weights(model: nn.Module) -> set[str]:
+    """Names of the weights ``model`` stores as (in, out) (GPT-2's Conv1D): their matrix is the
+    transpose (:mod:`lowrank.naming`)."""
+    return {weight_name(fqn) for fqn, m in model.named_modules() if is_transposed(m)}
 
 
 def model_ties(model: nn.Module) -> list[list[str]]:

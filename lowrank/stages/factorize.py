@@ -29,8 +29,9 @@ from ..linalg import (
     matrix_view,
 )
 from ..models import Models, model_ties
-from ..naming import RECURRENT, factor_names, module_name, split_owner
-from ..nn.swap import swap_lowrank_
+from ..naming import RECURRENT, factor_names, module_name, split_owner, weight_name
+from ..nn.layers import is_transposed
+from ..nn.swap import swap_lowrank_, transposed_weights
 from ..parallel import fixed_threads, open_source, ordered_map
 from ..pipeline.stage import Context, Stage, register_stage
 from ..version import __version__
@@ -69,7 +70,8 @@ def find_ties(ckpt: Checkpoint, model=None) -> dict[str, str]:
     """Matrices of ``ckpt`` that are one weight under two names: {alias: primary}, the primary
     being the first name in checkpoint order. Found by shared storage (a torch state dict saved
     with tied parameters) and, given the dense architecture ``model`` (the meta device will do),
-    by the parameters it shares (``tie_word_embeddings``) when both names are in the checkpoint.
+    by the parameters it shares (``tie_word_embeddings``) when both names are in the checkpoint,
+    and by content: an untied output layer saved as an exact copy of an embedding table.
     """
     names = [i.name for i in matrix_infos(ckpt)]
     groups: list[list[str]] = []
@@ -81,18 +83,43 @@ def find_ties(ckpt: Checkpoint, model=None) -> dict[str, str]:
             by_storage.setdefault(key, []).append(name)
         groups += list(by_storage.values())
     if model is not None:
-        groups += model_ties(model)
+        groups += model_ties(model) + _copied_tables(ckpt, model, set(names))
     order = {n: i for i, n in enumerate(names)}
+    # An embedding table is the primary whatever the name order (``lm_head`` sorts before
+    # ``model.embed_tokens``): its factors serve the head too, not the other way round.
+    tables = ({weight_name(n) for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+              if model is not None else set())
     ties: dict[str, str] = {}
     for group in groups:
-        present = sorted({n for n in group if n in order}, key=order.__getitem__)
+        present = sorted({n for n in group if n in order},
+                         key=lambda n: (n not in tables, order[n]))
         for alias in present[1:]:
             ties[alias] = ties.get(present[0], present[0])
     return ties
 
 
+def _copied_tables(ckpt: Checkpoint, model: nn.Module, names: set[str]) -> list[list[str]]:
+    """[embedding, linear] weight pairs of ``model`` that ``ckpt`` holds as equal tensors (an
+    LM head untied in the config but saved as a copy of the input embedding): stored once.
+    Shapes and dtypes are compared first, so only same-shaped pairs are read."""
+    def weights(kind):
+        return {weight_name(n): m.weight for n, m in model.named_modules()
+                if isinstance(m, kind) and weight_name(n) in names}
+    tables, linears = weights(nn.Embedding), weights(nn.Linear)
+    infos = {i.name: i for i in ckpt.infos() if i.name in names}
+    pairs = []
+    for t in tables:
+        for lin in linears:
+            a, b = infos[t], infos[lin]
+            if (tuple(a.shape), a.dtype) == (tuple(b.shape), b.dtype) \
+                    and torch.equal(ckpt.get(t), ckpt.get(lin)):
+                pairs.append([t, lin])
+    return pairs
+
+
 def factor_task(source, name: str, rank: int, settings: FactorizeSettings,
-                weighting: Weighting | None) -> tuple[str, torch.Tensor, torch.Tensor, LayerResult]:
+                weighting: Weighting | None, transposed: bool = False,
+                ) -> tuple[str, torch.Tensor, torch.Tensor, LayerResult]:
     """Factor one matrix of checkpoint ``source`` (an open one, or its path in a worker process).
 
     Runs with a fixed thread count (:func:`lowrank.parallel.fixed_threads`), so the bytes do not
@@ -101,7 +128,7 @@ def factor_task(source, name: str, rank: int, settings: FactorizeSettings,
     ckpt = open_source(source)
     info = ckpt.info(name)
     with fixed_threads():
-        w = matrix_view(ckpt.get(name))
+        w = matrix_view(ckpt.get(name), transposed)
         method = choose_method(*w.shape, settings)
         A, B, energy, err = factorize_matrix(
             w, rank, method, layer_seed(settings.seed, name), settings.oversample,
@@ -110,7 +137,8 @@ def factor_task(source, name: str, rank: int, settings: FactorizeSettings,
     if weighting is not None:
         method = f"{method}+{weighting.kind}"
     return (name, A.to(info.dtype), B.to(info.dtype),
-            LayerResult(list(info.shape), rank, method, energy, err))
+            LayerResult(list(info.shape), rank, method, energy, err,
+                        transposed=True if transposed else None))
 
 
 def factorize(
@@ -123,6 +151,7 @@ def factorize(
     out_dir: Path | None = None,
     workers: int = 1,
     executor: str = "process",
+    transposed: set[str] = frozenset(),
 ) -> LowRankCheckpoint:
     """Replace each planned matrix of ``ckpt`` by its factors; copy every other tensor.
 
@@ -135,7 +164,8 @@ def factorize(
     safetensors files there (:class:`~lowrank.io.safetensors.ShardWriter`) and the result's ``tensors``
     read from them lazily, so peak memory is a few times the largest tensor, not the model.
     ``workers`` > 1 factors matrices in that many processes (``executor="ray"``: Ray tasks);
-    the output is byte-identical to a serial run.
+    the output is byte-identical to a serial run. ``transposed``: weights stored (in, out)
+    (GPT-2's Conv1D, :func:`lowrank.nn.swap.transposed_weights`), factored as their transpose.
     """
     infos = {info.name: info for info in ckpt.infos()}
     ties = {**find_ties(ckpt), **(ties or {})}
@@ -145,7 +175,8 @@ def factorize(
     source = str(ckpt.path) if parallel else ckpt
 
     def weighting(name: str) -> Weighting | None:
-        return stats.weighting(name, math.prod(infos[name].shape[1:])) if stats is not None else None
+        cols = infos[name].shape[0] if name in transposed else math.prod(infos[name].shape[1:])
+        return stats.weighting(name, cols) if stats is not None else None
 
     done = {}
     if stats is not None and settings.sequential:
@@ -155,7 +186,8 @@ def factorize(
                                f"{recurrent[0]} (leave it out, or factor without sequential)")
 
         def factor(name: str, w: Weighting | None):
-            _, A, B, result = factor_task(ckpt, name, planned[name], settings, w)
+            _, A, B, result = factor_task(ckpt, name, planned[name], settings, w,
+                                          name in transposed)
             if on_layer:
                 on_layer(name)
             return A, B, result
@@ -163,8 +195,8 @@ def factorize(
         done = sequential_factors(Models(ckpt), planned, stats, factor)
     order = sorted(infos)
     jobs = [n for n in order if n in planned and n not in done]
-    results = ordered_map(factor_task, ((source, n, planned[n], settings, weighting(n))
-                                        for n in jobs), workers, executor)
+    results = ordered_map(factor_task, ((source, n, planned[n], settings, weighting(n),
+                                         n in transposed) for n in jobs), workers, executor)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, LayerResult] = {}
     writer = ShardWriter(out_dir, {"lowrank_version": __version__}) if out_dir else None
@@ -226,7 +258,7 @@ def factorize_(model: nn.Module, plan: RankPlan | dict[str, int],
         owner = model.get_submodule(split_owner(name)[0]) if "." in name else model
         if filter_fn is not None and not filter_fn(owner, fqn):
             continue
-        w = matrix_view(params[name].detach())
+        w = matrix_view(params[name].detach(), is_transposed(owner))
         weighting = stats.weighting(name, w.shape[1]) if stats is not None else None
         method = choose_method(*w.shape, settings)
         with fixed_threads():
@@ -245,20 +277,22 @@ def _run(ctx: Context, settings: FactorizeSettings, plan: RankPlan,
     if settings.sequential and ctx.models.factory is not None:
         raise InputError("sequential statistics run HF models only, not a model factory's")
     scratch = ctx.scratch("factorize")
+    model = _tie_model(ctx)
     with ctx.track("factorize", len(plan.factored())) as advance:
         result = factorize(ctx.checkpoint, plan, settings, advance, stats=calibrate,
-                           ties=find_ties(ctx.checkpoint, _tie_model(ctx)),
+                           ties=find_ties(ctx.checkpoint, model),
                            out_dir=Path(scratch.name) if scratch else None,
-                           workers=ctx.workers, executor=ctx.executor)
+                           workers=ctx.workers, executor=ctx.executor,
+                           transposed=transposed_weights(model) if model is not None else set())
     if scratch:
         result.tensors.owner = scratch
     return result
 
 
 def _tie_model(ctx: Context) -> nn.Module | None:
-    """The architecture (meta device), for the ties it declares (tie_word_embeddings); None
-    when it cannot be built: ties by shared storage are still found, and loading restores the
-    model's own."""
+    """The architecture (meta device), for the ties it declares (tie_word_embeddings) and its
+    transposed weights (Conv1D); None when it cannot be built: ties by shared storage are
+    still found, and loading restores the model's own."""
     if not ctx.models.runnable:
         return None
     try:

@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import InputError, LowrankError
 from ..io.files import check_format, read_json_file
 from ..naming import FACTORABLE, weight_name
+from ..nn.swap import kept_dense
 from ..pipeline.stage import Context, Stage, json_loader, json_saver, register_stage
 from ..timing import LatencyTable, machine_key
 from .allocate import Cost, allocate_budget, latency_cost, round_rank
@@ -342,6 +343,9 @@ def _run(ctx: Context, settings: PlanStageSettings, spectra: Spectra,
         latency = LatencyTable.for_machine(ctx.cache_dir, settings.latency_threads)
         matmuls = linear_weight_names(ctx)
     plan = make_plan(spectra, PlanSettings(**policy), weights, latency, matmuls)
+    for name, why in _kept_dense(ctx).items():  # after the policy: budgets count them factored
+        if name in plan.layers:
+            plan.layers[name] = LayerPlan(plan.layers[name].shape, None, why)
     if latency is not None:
         latency.save()
     if weights:
@@ -353,6 +357,16 @@ def _plan_from_json(data: dict) -> RankPlan:
     layers = {n: LayerPlan(e["shape"], e["rank"], e.get("reason"), e.get("energy"))
               for n, e in data["layers"].items()}
     return RankPlan(layers, data["params"]["before"], data["policy"], data["version"])
+
+
+def _kept_dense(ctx: Context) -> dict[str, str]:
+    """:func:`lowrank.nn.swap.kept_dense` of the architecture, when there is one."""
+    if not ctx.models.runnable:
+        return {}
+    try:
+        return kept_dense(ctx.models.architecture(meta=ctx.models.factory is None))
+    except (ValueError, KeyError, OSError, ImportError):
+        return {}
 
 
 def linear_weight_names(ctx: Context) -> set[str] | None:

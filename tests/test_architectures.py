@@ -1,0 +1,237 @@
+"""Architectures beyond Linear/Embedding/Conv: GPT-2's transposed Conv1D, fused projections
+(GPT-NeoX ``query_key_value``, Phi-3 ``qkv_proj``/``gate_up_proj``), encoder-decoder models
+(T5, BART), an untied LM head saved as a copy of the embedding, and nn.MultiheadAttention.
+
+Tiny models with random weights, built from configs (no download): they show the mechanics
+(equality at full rank, loading, calibration, evaluation), not quality.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lowrank
+from lowrank.io.checkpoint import open_checkpoint
+from lowrank.models import Models
+from lowrank.nn.layers import LowRankLinear
+from lowrank.nn.swap import kept_dense, transposed_weights
+from lowrank.pipeline import PipelineSpec
+from lowrank.stages.factored import reconstruct_dense
+from lowrank.stages.factorize import factorize, factorize_
+from lowrank.stages.plan import LayerPlan, RankPlan
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _build(kind: str):
+    T = transformers
+    torch.manual_seed(0)
+    common = dict(vocab_size=30522)
+    if kind == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                              bos_token_id=101, eos_token_id=102, **common))
+    if kind == "neox":
+        return T.GPTNeoXForCausalLM(T.GPTNeoXConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, bos_token_id=101, eos_token_id=102, **common))
+    if kind == "phi3":
+        return T.Phi3ForCausalLM(T.Phi3Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+            bos_token_id=101, eos_token_id=102, **common))
+    if kind == "t5":
+        return T.T5ForConditionalGeneration(T.T5Config(
+            d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, pad_token_id=0,
+            decoder_start_token_id=0, eos_token_id=102, **common))
+    if kind == "bart":
+        return T.BartForConditionalGeneration(T.BartConfig(
+            d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+            max_position_embeddings=128, pad_token_id=0, bos_token_id=101, eos_token_id=102,
+            decoder_start_token_id=101, forced_eos_token_id=102, **common))
+    if kind == "llama-copy":  # untied head, saved as an exact copy of the embedding
+        model = T.LlamaForCausalLM(T.LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False,
+            **common))
+        with torch.no_grad():
+            model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+        return model
+    raise ValueError(kind)
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory, minilm_path):
+    made = {}
+
+    def get(kind):
+        if kind not in made:
+            path = tmp_path_factory.mktemp(kind)
+            _build(kind).save_pretrained(path, safe_serialization=True)
+            for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                         "special_tokens_map.json"):
+                if (Path(minilm_path) / name).exists():
+                    shutil.copy(Path(minilm_path) / name, path / name)
+            made[kind] = path
+        return made[kind]
+    return get
+
+
+def _compress(model_dir, out, calibration: bool, plan=None):
+    stages = (["calibrate"] if calibration else []) + ["analyze", "plan", "factorize", "evaluate"]
+    spec = PipelineSpec(stages, {"calibrate": {"samples": 16, "max_length": 32},
+                                 "plan": plan or {"rank_fraction": 0.5, "min_numel": 1000},
+                                 "evaluate": {"samples": 24, "max_length": 32}})
+    return lowrank.run_pipeline(spec, model_dir, out)
+
+
+def _ids(seed=0, shape=(2, 12)):
+    return torch.randint(1000, 5000, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:
+            return model(input_ids=ids, decoder_input_ids=ids).logits
+        return model(input_ids=ids).logits
+
+
+def _full_rank(model_dir, names=None) -> tuple:
+    """Factor ``names`` (default: every matrix a module weight) of a checkpoint at full rank,
+    through the checkpoint path (factorize + instantiate)."""
+    ckpt = open_checkpoint(model_dir)
+    models = Models(ckpt)
+    arch = models.architecture(meta=True)
+    layers = {}
+    for info in ckpt.infos():
+        if len(info.shape) == 2 and info.name.endswith(".weight") and (
+                names is None or info.name in names) and info.name not in kept_dense(arch):
+            layers[info.name] = LayerPlan(list(info.shape), min(info.shape))
+    plan = RankPlan(layers, ckpt.num_params())
+    result = factorize(ckpt, plan, transposed=transposed_weights(arch))
+    return models.dense(), models.compressed(result.tensors, result.layers), result
+
+
+# --------------------------------------------------------------------------------------------
+# GPT-2 Conv1D (weight stored in × out)
+
+
+def test_gpt2_conv1d_full_rank_equals_dense_lower_rank_loses(hf_dirs, tmp_path):
+    d = hf_dirs("gpt2")
+    dense, compressed, result = _full_rank(d, {n for n in open_checkpoint(d).names()
+                                               if ".attn." in n or ".mlp." in n})
+    assert result.layers["transformer.h.0.attn.c_attn.weight"].transposed
+    assert isinstance(compressed.transformer.h[0].attn.c_attn, LowRankLinear)
+    assert compressed.transformer.h[0].attn.c_attn.A.shape == (192, 64)  # (out, r): the rule
+    ids = _ids()
+    torch.testing.assert_close(_logits(compressed, ids), _logits(dense, ids), atol=1e-5, rtol=0)
+    # in place (factorize_), full rank then rank 4
+    for rank, close in ((64, True), (4, False)):
+        model = Models(open_checkpoint(d)).dense()
+        factorize_(model, {"transformer.h.0.mlp.c_fc.weight": rank,
+                           "transformer.h.1.attn.c_attn.weight": rank})
+        err = (_logits(model, ids) - _logits(dense, ids)).abs().max()
+        assert (err < 1e-4) == close, (rank, float(err))
+    # the pipeline with calibration: Conv1D inputs reach the hooks, outputs load back
+    run = _compress(d, tmp_path / "out", calibration=True)
+    layer = run.report["layers"]["transformer.h.0.mlp.c_fc.weight"]
+    assert layer["rank"] == 32 and layer["method"].endswith("+whiten") and layer["transposed"]
+    assert run.report["fidelity"]["kind"] == "causal-lm"
+    loaded = lowrank.load(tmp_path / "out")
+    state = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert state["transformer.h.0.mlp.c_fc.A"].shape == (256, 32)
+    config = json.loads((tmp_path / "out" / "lowrank_config.json").read_text())
+    reference = _build("gpt2")
+    reference.load_state_dict(reconstruct_dense(state, config), strict=False)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(reference.eval(), ids),
+                               atol=1e-4, rtol=1e-4)
+    assert (_logits(loaded, ids) - _logits(dense, ids)).abs().max() > 1e-3  # rank 32 < 64
+
+
+# --------------------------------------------------------------------------------------------
+# Fused projections factored as one matrix
+
+
+@pytest.mark.parametrize("kind,fused", [
+    ("neox", "gpt_neox.layers.0.attention.query_key_value.weight"),
+    ("phi3", "model.layers.0.self_attn.qkv_proj.weight"),
+])
+def test_fused_projection_factored_as_one_end_to_end(hf_dirs, tmp_path, kind, fused):
+    d = hf_dirs(kind)
+    dense, compressed, _ = _full_rank(d, {fused})
+    ids = _ids()
+    torch.testing.assert_close(_logits(compressed, ids), _logits(dense, ids), atol=1e-5, rtol=0)
+    run = _compress(d, tmp_path / "out", calibration=True)
+    assert run.report["layers"][fused]["method"].endswith("+whiten")
+    assert run.report["fidelity"]["kind"] == "causal-lm"
+    model = lowrank.load(tmp_path / "out")
+    assert torch.isfinite(_logits(model, ids)).all()
+    if kind == "phi3":
+        assert run.report["layers"]["model.layers.0.mlp.gate_up_proj.weight"]["rank"] == 32
+
+
+# --------------------------------------------------------------------------------------------
+# Encoder-decoder models
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_encoder_decoder_compress_load_calibrate_evaluate(hf_dirs, tmp_path, kind):
+    d = hf_dirs(kind)
+    dense, compressed, _ = _full_rank(d)
+    ids = _ids()
+    torch.testing.assert_close(_logits(compressed, ids), _logits(dense, ids), atol=1e-4, rtol=0)
+    plain = _compress(d, tmp_path / "plain", calibration=False)
+    calibrated = _compress(d, tmp_path / "calibrated", calibration=True)
+    for run in (plain, calibrated):
+        f = run.report["fidelity"]
+        assert f["kind"] == "seq2seq" and f["perplexity"] > 0
+    layers = calibrated.report["layers"]
+    decoder_ff = next(n for n, e in layers.items() if n.startswith(("decoder.", "model.decoder."))
+                      and e["rank"] is not None)
+    assert layers[decoder_ff]["method"].endswith("+whiten")  # the decoder saw the text
+    model = lowrank.load(tmp_path / "calibrated")
+    assert torch.isfinite(_logits(model, ids)).all()
+    if kind == "bart":  # scaled/offset embeddings have their own forward: kept dense
+        assert "own forward" in layers["model.decoder.embed_positions.weight"]["reason"]
+
+
+# --------------------------------------------------------------------------------------------
+# An untied LM head that is a copy of the embedding
+
+
+def test_untied_head_copy_of_embedding_stored_once(hf_dirs, tmp_path):
+    d = hf_dirs("llama-copy")
+    run = _compress(d, tmp_path / "out", calibration=False)
+    layers = run.report["layers"]
+    assert layers["lm_head.weight"]["tied_to"] == "model.embed_tokens.weight"
+    state = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert not any(k.startswith("lm_head.") for k in state)
+    config = json.loads((tmp_path / "out" / "lowrank_config.json").read_text())
+    assert config["layers"]["lm_head.weight"]["tied_to"] == "model.embed_tokens.weight"
+    loaded = lowrank.load(tmp_path / "out")
+    reference = _build("llama-copy")
+    reference.load_state_dict(reconstruct_dense(state, config))
+    ids = _ids()
+    torch.testing.assert_close(_logits(loaded, ids), _logits(reference.eval(), ids),
+                               atol=1e-4, rtol=1e-4)
+    # a head that differs by one value is not a copy: factored on its own
+    other = _build("llama-copy")
+    with torch.no_grad():
+        other.lm_head.weight[0, 0] += 1
+    other.save_pretrained(tmp_path / "differs", safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        shutil.copy(d / name, tmp_path / "differs" / name)
+    run = _compress(tmp_path / "differs", tmp_path / "out2", calibration=False)
+    assert "tied_to" not in run.report["layers"]["lm_head.weight"]
