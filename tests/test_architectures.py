@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 import lowrank
 from lowrank.io.checkpoint import open_checkpoint
 from lowrank.models import Models
+from lowrank.linalg import factorize_matrix
+from lowrank.nn.attention import LowRankMultiheadAttention
 from lowrank.nn.layers import LowRankLinear
-from lowrank.nn.swap import kept_dense, transposed_weights
+from lowrank.nn.swap import kept_dense, swap_lowrank_, transposed_weights
 from lowrank.pipeline import PipelineSpec
 from lowrank.stages.factored import reconstruct_dense
 from lowrank.stages.factorize import factorize, factorize_
@@ -235,3 +238,87 @@ def test_untied_head_copy_of_embedding_stored_once(hf_dirs, tmp_path):
         shutil.copy(d / name, tmp_path / "differs" / name)
     run = _compress(tmp_path / "differs", tmp_path / "out2", calibration=False)
     assert "tied_to" not in run.report["layers"]["lm_head.weight"]
+
+
+# --------------------------------------------------------------------------------------------
+# nn.MultiheadAttention's in_proj_weight (used inside MHA's forward, not a module weight)
+
+
+class TinyEncoder(nn.Module):
+    def __init__(self, batch_first: bool = True):
+        super().__init__()
+        self.emb = nn.Embedding(100, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, 2)  # nested-tensor fast path on (default)
+        self.batch_first = batch_first
+
+    def forward(self, ids, pad=None):
+        x = self.emb(ids) if self.batch_first else self.emb(ids).transpose(0, 1)
+        out = self.encoder(x, src_key_padding_mask=pad)
+        return out if self.batch_first else out.transpose(0, 1)
+
+
+def tiny_encoder():
+    torch.manual_seed(0)
+    return TinyEncoder().eval()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_in_proj_full_rank_equals_dense(batch_first):
+    torch.manual_seed(0)
+    dense = TinyEncoder(batch_first).eval()
+    ids = torch.randint(0, 100, (3, 7))
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[0, 5:] = True
+    reference = dense(ids, pad)
+    names = [n for n, _ in dense.named_parameters() if n.endswith(("in_proj_weight",
+                                                                    "out_proj.weight"))]
+    assert len(names) == 4
+    for rank, close in ((32, True), (4, False)):
+        model = TinyEncoder(batch_first).eval()
+        model.load_state_dict(dense.state_dict())
+        factorize_(model, {n: rank for n in names})
+        attn = model.encoder.layers[0].self_attn
+        assert isinstance(attn, LowRankMultiheadAttention)
+        assert attn.in_proj_weight.A.shape == (96, rank)
+        assert "encoder.layers.0.self_attn.in_proj_weight.A" in model.state_dict()
+        out = model(ids, pad)
+        assert torch.allclose(out[1:], reference[1:], atol=1e-5) == close
+        assert torch.allclose(out[0, :5], reference[0, :5], atol=1e-5) == close
+    # need_weights and a causal mask, unbatched, cross-attention (query != key)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    low = swap_lowrank_(nn.ModuleDict({"a": mha}), {"a.in_proj_weight": 32},
+                        {"a.in_proj_weight": factorize_matrix(mha.in_proj_weight.detach(), 32,
+                                                              "exact")[:2]})["a"]
+    q, kv = torch.randn(2, 5, 32), torch.randn(2, 6, 32)
+    if not batch_first:
+        q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+    for args, kwargs in (((q, kv, kv), {}), ((q, q, q), {"attn_mask": nn.Transformer.
+                         generate_square_subsequent_mask(5), "average_attn_weights": False}),
+                         ((q[:, 0] if batch_first else q[:, 0], ) * 3, {})):
+        expected, got = mha(*args, **kwargs), low(*args, **kwargs)
+        torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=1e-4)
+
+
+def test_multihead_attention_through_pipeline_with_calibration(tmp_path):
+    model = tiny_encoder()
+    path = tmp_path / "enc.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    ids = torch.randint(0, 100, (64, 9), generator=torch.Generator().manual_seed(1))
+    save_file({"ids": ids[:48].contiguous()}, str(tmp_path / "calib.safetensors"))
+    save_file({"ids": ids[48:].contiguous()}, str(tmp_path / "eval.safetensors"))
+    spec = PipelineSpec(["calibrate", "analyze", "plan", "factorize", "evaluate"], {
+        "calibrate": {"calibration_file": str(tmp_path / "calib.safetensors"), "samples": 48},
+        "plan": {"rank": 8, "min_numel": 1000},
+        "evaluate": {"eval_file": str(tmp_path / "eval.safetensors")}})
+    run = lowrank.run_pipeline(spec, path, tmp_path / "out", model_factory=tiny_encoder)
+    layer = run.report["layers"]["encoder.layers.0.self_attn.in_proj_weight"]
+    assert layer["rank"] == 8 and layer["method"].endswith("+whiten")
+    loaded = lowrank.load(tmp_path / "out", model=tiny_encoder())
+    assert isinstance(loaded.encoder.layers[1].self_attn, LowRankMultiheadAttention)
+    state = load_file(str(tmp_path / "out" / "model.safetensors"))
+    config = json.loads((tmp_path / "out" / "lowrank_config.json").read_text())
+    reference = tiny_encoder()
+    reference.load_state_dict(reconstruct_dense(state, config))
+    torch.testing.assert_close(loaded(ids[48:]), reference(ids[48:]), atol=1e-5, rtol=1e-4)

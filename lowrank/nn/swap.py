@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from ..errors import LowrankError
-from ..naming import RECURRENT, factor_names, module_name, split_owner, weight_name
+from ..naming import IN_PROJ, RECURRENT, factor_names, module_name, split_owner, weight_name
+from .attention import LowRankMultiheadAttention
 from .layers import TiedLowRankLinear, is_transposed, lowrank_like, plain_lookup
 from .recurrent import LowRankRNN
 
@@ -26,15 +27,23 @@ def swap_lowrank_(model: nn.Module, ranks: dict[str, int],
     """Replace, in place, each module named in ``ranks`` (fqn -> rank) by its low-rank version.
 
     A recurrent weight is named by its tensor (``lstm.weight_hh_l0``): the weights of one
-    LSTM/GRU/RNN are gathered and the module becomes one :class:`LowRankRNN`. Biases are
+    LSTM/GRU/RNN are gathered and the module becomes one :class:`LowRankRNN`; so is an
+    ``<mha>.in_proj_weight``, its MultiheadAttention becoming a
+    :class:`~lowrank.nn.attention.LowRankMultiheadAttention` (also when only its
+    ``out_proj`` is factored). Biases are
     copied from the dense modules; the factors are ``factors[fqn] = (A, B)`` when given, else
     uninitialized (load them with ``load_state_dict``).
     """
     recurrent: dict[str, dict[str, int]] = {}
+    attention: dict[str, int] = {}
     for fqn, rank in ranks.items():
         owner = _recurrent_owner(model, fqn)
         if owner is not None:
             recurrent.setdefault(owner, {})[split_owner(fqn)[1]] = rank
+            continue
+        parent, attr = split_owner(fqn)
+        if attr == IN_PROJ and isinstance(_get(model, parent), nn.MultiheadAttention):
+            attention[parent] = rank
             continue
         try:
             old = model.get_submodule(fqn) if fqn else model
@@ -47,12 +56,28 @@ def swap_lowrank_(model: nn.Module, ranks: dict[str, int],
         replace_module(model, fqn, new)
     for fqn, weights in recurrent.items():
         replace_module(model, fqn, LowRankRNN(model.get_submodule(fqn) if fqn else model, weights))
+    # torch's MHA reads in_proj_weight and out_proj.weight as tensors: factoring either means
+    # LowRankMultiheadAttention, which runs the attention itself.
+    for fqn, mha in list(model.named_modules()):
+        if isinstance(mha, nn.MultiheadAttention) and (
+                fqn in attention or not isinstance(mha.out_proj, nn.Linear)):
+            replace_module(model, fqn, LowRankMultiheadAttention(mha, attention.get(fqn)))
+    for encoder in model.modules():  # its nested-tensor fast path needs dense weights
+        if isinstance(encoder, nn.TransformerEncoder):
+            encoder.use_nested_tensor = False
     with torch.no_grad():
         for fqn, (A, B) in (factors or {}).items():
             module = model.get_submodule(fqn)
             module.A.copy_(A)
             module.B.copy_(B)
     return model
+
+
+def _get(model: nn.Module, fqn: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(fqn) if fqn else model
+    except AttributeError:
+        return None
 
 
 def replace_module(model: nn.Module, fqn: str, new: nn.Module) -> None:

@@ -28,7 +28,7 @@ from ..io.safetensors import save_tensors
 from ..io.samples import Samples, model_batches, num_samples, read_calibration
 from ..linalg import METHODS, make_weighting
 from ..models import Models, model_ties
-from ..naming import weight_name
+from ..naming import IN_PROJ, weight_name
 from ..nn.layers import is_transposed, plain_lookup
 from ..nn.recurrent import dense_rnn_forward
 from ..pipeline.stage import Context, Stage, register_stage
@@ -133,6 +133,8 @@ class _Recorder:
             if isinstance(module, nn.RNNBase):
                 self._hook_rnn(fqn, module, only)
                 continue
+            if isinstance(module, nn.MultiheadAttention):
+                self._hook_attention(f"{fqn}.{IN_PROJ}" if fqn else IN_PROJ, module, only)
             name = weight_name(fqn)
             if only is not None and name not in only:
                 continue
@@ -178,6 +180,24 @@ class _Recorder:
             if not inputs or isinstance(inputs[0], nn.utils.rnn.PackedSequence):
                 return  # packed sequences: no statistics, plain SVD for this module
             dense_rnn_forward(mod, inputs[0], inputs[1] if len(inputs) > 1 else None, record)
+
+        self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _hook_attention(self, name: str, module: nn.MultiheadAttention, only) -> None:
+        """in_proj_weight multiplies the query, key and value inputs (one B for all three when
+        factored): their rows, each distinct tensor once."""
+        if only is not None and name not in only or not module._qkv_same_embed_dim:
+            return
+
+        def hook(mod, args, kwargs):
+            inputs = list(args[:3]) + [kwargs[k] for k in ("query", "key", "value") if k in kwargs]
+            seen = []
+            for x in inputs:
+                if isinstance(x, torch.Tensor) and not x.is_nested \
+                        and not any(x is y for y in seen):
+                    seen.append(x)
+                    rows = x.transpose(0, 1) if not mod.batch_first and x.dim() == 3 else x
+                    self._accumulate(name, self._rows(rows.detach()))
 
         self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
