@@ -130,8 +130,8 @@ def _candidate_reason(name: str, s: Spectrum, settings: PlanSettings) -> str | N
     if any(fnmatch.fnmatchcase(name, p) for p in settings.exclude):
         return "excluded"
     if not FACTORABLE.search(name):
-        return ("not a module weight (factored: <module>.weight and the weight_ih/weight_hh_l<k> "
-                "of LSTM/GRU/RNN)")
+        return ("not a module weight (factored: <module>.weight, the weight_ih/weight_hh_l<k> "
+                "of LSTM/GRU/RNN and MultiheadAttention's in_proj_weight)")
     if not s.finite:
         return "contains NaN/Inf; kept as is"
     if min(s.rows, s.cols) < 2:
