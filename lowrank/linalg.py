@@ -228,6 +228,25 @@ def factorize_matrix(w: torch.Tensor, rank: int, method: str = "exact", seed: in
     return A, B, min(kept / total, 1.0), math.sqrt(residual_norm2(work, A, B) / w_sq)
 
 
+def factorize_split(w: torch.Tensor, sizes: list[int], rank: int, method: str = "exact",
+                    seed: int = 0, oversample: int = 10, niter: int = 4,
+                    weighting: Weighting | None = None):
+    """:func:`factorize_matrix` of each block of rows of ``w`` (``sizes``: a fused projection's
+    q, k, v or gate, up) at ``rank`` each: A (m × r) stacks the blocks' A_i, B (k·r × n)
+    their B_i, and row block i of W is A_i·B_i (a block-diagonal A, stored without its zeros).
+    Energy and error are those of the whole matrix."""
+    parts = [factorize_matrix(block, rank, method, seed + i, oversample, niter, weighting)
+             for i, block in enumerate(w.split(sizes))]
+    A, B = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    blocks = w.split(sizes)
+    work = [b.double() if weighting is not None else b for b in blocks]
+    target = [squared_norm(weighted(b, weighting) if weighting is not None else b) for b in work]
+    plain = [squared_norm(b) for b in blocks]
+    energy = sum(p[2] * t for p, t in zip(parts, target)) / max(sum(target), 1e-300)
+    error = math.sqrt(sum(p[3] ** 2 * n for p, n in zip(parts, plain)) / max(sum(plain), 1e-300))
+    return A, B, energy, error
+
+
 def residual_norm2(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, block: int = 1024) -> float:
     """‖W − A·B‖_F² in float64, one block of W at a time: float64 copies of whole matrices would
     need several times the memory of W itself."""

@@ -322,3 +322,44 @@ def test_multihead_attention_through_pipeline_with_calibration(tmp_path):
     reference = tiny_encoder()
     reference.load_state_dict(reconstruct_dense(state, config))
     torch.testing.assert_close(loaded(ids[48:]), reference(ids[48:]), atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Fused projections split per part (split_fused; off by default: measured worse)
+
+
+def test_split_fused_factors_each_part_at_equal_parameters(hf_dirs, tmp_path):
+    d = hf_dirs("phi3")
+    qkv, gate_up = ("model.layers.0.self_attn.qkv_proj.weight",
+                    "model.layers.0.mlp.gate_up_proj.weight")
+    spec = PipelineSpec(["calibrate", "analyze", "plan", "factorize", "evaluate"], {
+        "calibrate": {"samples": 16, "max_length": 32},
+        "plan": {"rank": 24, "min_numel": 1000}, "factorize": {"split_fused": True},
+        "evaluate": {"samples": 24, "max_length": 32}})
+    run = lowrank.run_pipeline(spec, d, tmp_path / "split")
+    fused = _compress(d, tmp_path / "fused", True, {"rank": 24, "min_numel": 1000})
+    layers = run.report["layers"]
+    assert layers[qkv]["split"] == [64, 32, 32] and layers[gate_up]["split"] == [128, 128]
+    # per-part rank keeps the parameters of rank 24 as one: 24·(128+64) // (128+3·64) = 14
+    assert layers[qkv]["rank"] == 14 and layers[gate_up]["rank"] == 24 * 320 // 384
+    assert run.report["params"]["after"] <= fused.report["params"]["after"]
+    state = load_file(str(tmp_path / "split" / "model.safetensors"))
+    assert state["model.layers.0.self_attn.qkv_proj.A"].shape == (128, 14)
+    assert state["model.layers.0.self_attn.qkv_proj.B"].shape == (3 * 14, 64)
+    loaded = lowrank.load(tmp_path / "split")
+    assert loaded.model.layers[0].self_attn.qkv_proj.split == [64, 32, 32]
+    config = json.loads((tmp_path / "split" / "lowrank_config.json").read_text())
+    reference = _build("phi3")
+    reference.load_state_dict(reconstruct_dense(state, config))
+    ids = _ids()
+    torch.testing.assert_close(_logits(loaded, ids), _logits(reference.eval(), ids),
+                               atol=1e-4, rtol=1e-4)
+    # in place, GPT-2's transposed c_attn: each part at full rank gives the dense outputs
+    from lowrank.stages.factorize import FactorizeSettings
+
+    g = hf_dirs("gpt2")
+    dense, model = Models(open_checkpoint(g)).dense(), Models(open_checkpoint(g)).dense()
+    factorize_(model, {"transformer.h.0.attn.c_attn.weight": 96},  # 96·256//384: 64 per part
+               FactorizeSettings(split_fused=True))
+    assert model.transformer.h[0].attn.c_attn.split == [64, 64, 64]
+    torch.testing.assert_close(_logits(model, ids), _logits(dense, ids), atol=1e-5, rtol=0)

@@ -41,19 +41,40 @@ def _factors(module: nn.Module, rows: int, cols: int, rank: int, device, dtype) 
 
 
 class LowRankLinear(Factored):
+    """A Linear as ``A(Bx) + bias``. With ``split`` (the output sizes of a fused projection's
+    parts, e.g. q, k, v) each part has its own rank-``rank`` factors: ``B`` is (parts·r × in),
+    ``A`` (out × r) holds each part's A_i in its rows, and part i is A_i(B_i x) — a
+    block-diagonal A, stored without its zeros (lowrank_config.json records ``split``)."""
+
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, split: list[int] | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.split = list(split) if split else None
+        if self.split and sum(self.split) != out_features:
+            raise LowrankError(f"split {self.split} does not add up to {out_features} outputs")
         _factors(self, out_features, in_features, rank, device, dtype)
+        if self.split:
+            self.B = nn.Parameter(torch.empty(len(self.split) * rank, in_features, device=device,
+                                              dtype=dtype))
         self.bias = (nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
                      if bias else None)
 
     @classmethod
-    def like(cls, linear: nn.Linear, rank: int) -> LowRankLinear:
+    def like(cls, linear: nn.Linear, rank: int, split: list[int] | None = None) -> LowRankLinear:
         w = linear.weight
         return cls(linear.in_features, linear.out_features, rank, linear.bias is not None,
-                   w.device, w.dtype)
+                   w.device, w.dtype, split)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.split:
+            return super().forward(x)
+        h = F.linear(x, self.B).split(self.rank, -1)
+        out = torch.cat([F.linear(hi, Ai) for hi, Ai in zip(h, self.A.split(self.split))], -1)
+        return out + self.bias if self.bias is not None else out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", split={self.split}" if self.split else "")
 
 
 class LowRankEmbedding(Factored):
@@ -163,14 +184,18 @@ def plain_lookup(module: nn.Embedding) -> bool:
     return type(module).forward is nn.Embedding.forward
 
 
-def lowrank_like(module: nn.Module, rank: int) -> nn.Module:
-    """An uninitialized low-rank module with the shapes of a dense one."""
+def lowrank_like(module: nn.Module, rank: int, split: list[int] | None = None) -> nn.Module:
+    """An uninitialized low-rank module with the shapes of a dense one (``split``: a fused
+    Linear factored per part, see :class:`LowRankLinear`)."""
     if isinstance(module, nn.Linear):
-        return LowRankLinear.like(module, rank)
+        return LowRankLinear.like(module, rank, split)
     if is_transposed(module):  # y = x·W + b with W (in, out) is a Linear with weight Wᵀ
         w = module.weight
         return LowRankLinear(w.shape[0], w.shape[1], rank, module.bias is not None,
-                             w.device, w.dtype)
+                             w.device, w.dtype, split)
+    if split:
+        raise LowrankError(f"only Linear layers are factored per part, not "
+                           f"{type(module).__name__}")
     if isinstance(module, nn.Embedding):
         if not plain_lookup(module):
             raise LowrankError(f"{type(module).__name__} has its own forward (scaling, offsets) "

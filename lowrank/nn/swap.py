@@ -23,7 +23,8 @@ def _recurrent_owner(model: nn.Module, fqn: str) -> str | None:
 
 
 def swap_lowrank_(model: nn.Module, ranks: dict[str, int],
-                  factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> nn.Module:
+                  factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  splits: dict[str, list[int]] | None = None) -> nn.Module:
     """Replace, in place, each module named in ``ranks`` (fqn -> rank) by its low-rank version.
 
     A recurrent weight is named by its tensor (``lstm.weight_hh_l0``): the weights of one
@@ -32,7 +33,8 @@ def swap_lowrank_(model: nn.Module, ranks: dict[str, int],
     :class:`~lowrank.nn.attention.LowRankMultiheadAttention` (also when only its
     ``out_proj`` is factored). Biases are
     copied from the dense modules; the factors are ``factors[fqn] = (A, B)`` when given, else
-    uninitialized (load them with ``load_state_dict``).
+    uninitialized (load them with ``load_state_dict``). ``splits[fqn]``: a fused Linear
+    factored per part (:class:`~lowrank.nn.layers.LowRankLinear`, ``rank`` per part).
     """
     recurrent: dict[str, dict[str, int]] = {}
     attention: dict[str, int] = {}
@@ -49,7 +51,7 @@ def swap_lowrank_(model: nn.Module, ranks: dict[str, int],
             old = model.get_submodule(fqn) if fqn else model
         except AttributeError as e:
             raise LowrankError(f"the model has no module {fqn!r} to factor") from e
-        new = lowrank_like(old, rank)
+        new = lowrank_like(old, rank, (splits or {}).get(fqn))
         if getattr(old, "bias", None) is not None:
             with torch.no_grad():
                 new.bias.copy_(old.bias)
@@ -145,12 +147,13 @@ def instantiate(state: dict[str, torch.Tensor], layers: dict, model: nn.Module,
                       and e.get("tied_to") else e) for n, e in layers.items()}
     ranks = {module_name(n): _field(e, "rank") for n, e in layers.items()}
     ranks = {n: r for n, r in ranks.items() if r is not None}
+    splits = {module_name(n): _field(e, "split") for n, e in layers.items() if _field(e, "split")}
     ties = {}
     for group in model_ties(model):
         primary = next((n for n in group if module_name(n) in ranks), group[0])
         ties.update({n: primary for n in group if n != primary})
     ties.update({n: _field(e, "tied_to") for n, e in layers.items() if _field(e, "tied_to")})
-    swap_lowrank_(model, ranks)
+    swap_lowrank_(model, ranks, splits=splits)
     unneeded = restore_ties_(model, ties, set(ranks))
     if rename is not None:
         known = set(model.state_dict())
@@ -175,6 +178,35 @@ def kept_dense(model: nn.Module) -> dict[str, str]:
                               f"lookup would skip"
             for fqn, m in model.named_modules()
             if isinstance(m, nn.Embedding) and not plain_lookup(m)}
+
+
+def fused_splits(model: nn.Module) -> dict[str, list[int]]:
+    """{weight name: output sizes of its parts} for the fused projections of ``model`` whose
+    parts are contiguous row blocks: Phi-3's ``qkv_proj`` (q, k, v; fewer kv heads under GQA)
+    and ``gate_up_proj`` (gate, up), GPT-2's ``c_attn`` (q, k, v). GPT-NeoX's
+    ``query_key_value`` interleaves q, k, v per head: not split, factored as one."""
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    found = {}
+    for fqn, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            continue
+        out = w.shape[1] if is_transposed(m) else w.shape[0]
+        leaf = fqn.rpartition(".")[2]
+        if leaf == "gate_up_proj" and out % 2 == 0:
+            sizes = [out // 2] * 2
+        elif leaf == "c_attn" and is_transposed(m) and out % 3 == 0:
+            sizes = [out // 3] * 3
+        elif leaf == "qkv_proj" and heads:
+            kv = getattr(config, "num_key_value_heads", None) or heads
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+            sizes = [heads * head_dim, kv * head_dim, kv * head_dim]
+        else:
+            continue
+        if sum(sizes) == out:
+            found[weight_name(fqn)] = sizes
+    return found
 
 
 def transposed_weights(model: nn.Module) -> set[str]:
