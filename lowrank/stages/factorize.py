@@ -30,7 +30,7 @@ from ..linalg import (
     matrix_view,
 )
 from ..models import Models, model_ties
-from ..naming import RECURRENT, factor_names, module_name, split_owner, weight_name
+from ..naming import IN_PROJ, RECURRENT, factor_names, module_name, split_owner, weight_name
 from ..nn.layers import is_transposed
 from ..nn.swap import fused_splits, swap_lowrank_, transposed_weights
 from ..parallel import fixed_threads, open_source, ordered_map
@@ -206,7 +206,8 @@ def factorize(
 
     done = {}
     if stats is not None and settings.sequential:
-        recurrent = [n for n in planned if RECURRENT.match(split_owner(n)[1])]
+        recurrent = [n for n in planned
+                     if RECURRENT.match(split_owner(n)[1]) or split_owner(n)[1] == IN_PROJ]
         if recurrent:
             raise LowrankError(f"sequential statistics handle module weights only, not "
                                f"{recurrent[0]} (leave it out, or factor without sequential)")
