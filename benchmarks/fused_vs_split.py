@@ -17,8 +17,9 @@ import torch
 import transformers as T
 
 from lowrank.io.samples import read_calibration
-from lowrank.stages.calibrate import CalibrateSettings, collect_stats
 from lowrank.linalg import psd_sqrt
+from lowrank.stages.calibrate import CalibrateSettings, collect_stats
+
 torch.set_num_threads(1)
 tok = T.AutoTokenizer.from_pretrained(gt.get_model_path())
 texts = read_calibration(None, 128)
@@ -58,8 +59,8 @@ def report(title, results):
     print("|---|---|---|---|---|---|")
     for f in sorted({r[0] for rs in results for r in rs}):
         sel = [r for rs in results for r in rs if r[0] == f]
-        m = lambda i: sum(r[i] for r in sel) / len(sel)
-        print(f"| {f:.3f} | {sel[0][1]} | {sel[0][2]} | {m(3):.4f} | {m(4):.4f} | {m(5):.4f} |")
+        m = [sum(r[i] for r in sel) / len(sel) for i in (3, 4, 5)]
+        print(f"| {f:.3f} | {sel[0][1]} | {sel[0][2]} | {m[0]:.4f} | {m[1]:.4f} | {m[2]:.4f} |")
 
 # 1. Real weights: all-MiniLM-L6-v2's query/key/value (one input) as a fused qkv matrix.
 model = T.AutoModel.from_pretrained(gt.get_model_path()).eval()

@@ -10,8 +10,8 @@ non-HF models.
 from __future__ import annotations
 
 import os
-import re
 import pkgutil
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,7 +53,7 @@ def checkpoint_renamer(model: nn.Module):
         rules = [(src, t.target_patterns[0]) for t in get_model_conversion_mapping(model)
                  if type(t) is WeightRenaming and t.scope_prefix is None
                  for src in t.source_patterns]
-    except Exception:  # not a transformers model, or an older transformers: nothing renamed
+    except (ImportError, AttributeError, TypeError):  # not an HF model / older transformers
         rules = []
 
     def rename(name: str, known: set[str]) -> str:

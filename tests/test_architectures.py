@@ -17,8 +17,8 @@ from torch import nn
 
 import lowrank
 from lowrank.io.checkpoint import open_checkpoint
-from lowrank.models import Models
 from lowrank.linalg import factorize_matrix
+from lowrank.models import Models
 from lowrank.nn.attention import LowRankMultiheadAttention
 from lowrank.nn.layers import LowRankLinear
 from lowrank.nn.swap import kept_dense, swap_lowrank_, transposed_weights
@@ -41,7 +41,7 @@ def _one_thread():
 def _build(kind: str):
     T = transformers
     torch.manual_seed(0)
-    common = dict(vocab_size=30522)
+    common = {"vocab_size": 30522}
     if kind == "gpt2":
         return T.GPT2LMHeadModel(T.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128,
                                               bos_token_id=101, eos_token_id=102, **common))
@@ -295,7 +295,7 @@ def test_multihead_attention_in_proj_full_rank_equals_dense(batch_first):
         q, kv = q.transpose(0, 1), kv.transpose(0, 1)
     for args, kwargs in (((q, kv, kv), {}), ((q, q, q), {"attn_mask": nn.Transformer.
                          generate_square_subsequent_mask(5), "average_attn_weights": False}),
-                         ((q[:, 0] if batch_first else q[:, 0], ) * 3, {})):
+                         ((q[:, 0],) * 3, {})):
         expected, got = mha(*args, **kwargs), low(*args, **kwargs)
         torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=1e-4)

@@ -115,10 +115,13 @@ def _copied_tables(ckpt: Checkpoint, model: nn.Module, names: set[str]) -> list[
     infos = {i.name: i for i in ckpt.infos() if i.name in names}
     pairs = []
     for t in tables:
+        a, table = infos[t], None
         for lin in linears:
-            a, b = infos[t], infos[lin]
-            if (tuple(a.shape), a.dtype) == (tuple(b.shape), b.dtype) \
-                    and torch.equal(ckpt.get(t), ckpt.get(lin)):
+            b = infos[lin]
+            if (tuple(a.shape), a.dtype) != (tuple(b.shape), b.dtype):
+                continue
+            table = ckpt.get(t) if table is None else table
+            if torch.equal(table, ckpt.get(lin)):
                 pairs.append([t, lin])
     return pairs
 

@@ -367,6 +367,10 @@ def _kept_dense(ctx: Context) -> dict[str, str]:
         return kept_dense(ctx.models.architecture(meta=ctx.models.factory is None))
     except (ValueError, KeyError, OSError, ImportError):
         return {}
+    except LowrankError:  # an unbuildable HF config: later stages say so where they need it
+        if ctx.models.factory is not None:
+            raise
+        return {}
 
 
 def linear_weight_names(ctx: Context) -> set[str] | None:
