@@ -20,9 +20,13 @@ class Factored(nn.Module):
     """Base of the factored layers: parameters ``A`` (out × r) and ``B`` (r × in) and the map
     x ↦ (x·Bᵀ)·Aᵀ + bias, two steps, never A·B. Subclasses set ``A``, ``B`` and ``bias``."""
 
-    # No dense weight. Model code peeks at a child's weight (T5's feed-forward casts to
-    # ``wo.weight.dtype`` only when it is a tensor): None says "none" without AttributeError.
-    weight = None
+    @property
+    def weight(self) -> torch.Tensor:
+        """No dense weight: an empty tensor with the factors' dtype and device. Model code and
+        PEFT read a child's ``weight`` for those alone (T5's feed-forward casts its input to
+        ``wo.weight.dtype``; PEFT moves adapters to ``weight.device``); anything that would
+        use it as the matrix fails loudly on its shape instead of silently."""
+        return self.A.new_empty(0)
 
     @property
     def rank(self) -> int:
