@@ -93,9 +93,11 @@ def factors_from_svd(w, wt: Weighting, U, S, Vh):
     return ((U * root) / f[:, None]).contiguous(), (root[:, None] * Vh).contiguous()
 
 
-def matrix_view(tensor: torch.Tensor) -> torch.Tensor:
-    """(out, in, *kernel) -> out × (in·prod(kernel)), float32 or float64 for the maths."""
-    w = tensor.reshape(tensor.shape[0], -1)
+def matrix_view(tensor: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """(out, in, *kernel) -> out × (in·prod(kernel)), float32 or float64 for the maths; a
+    ``transposed`` (in, out) weight (GPT-2's Conv1D, see :mod:`lowrank.naming`) -> its (out, in)
+    view."""
+    w = tensor.T if transposed else tensor.reshape(tensor.shape[0], -1)
     return w if w.dtype in (torch.float32, torch.float64) else w.float()
 
 
@@ -228,6 +230,25 @@ def factorize_matrix(w: torch.Tensor, rank: int, method: str = "exact", seed: in
     if total == 0 or w_sq == 0:
         return A, B, 1.0, 0.0
     return A, B, min(kept / total, 1.0), math.sqrt(residual_norm2(work, A, B) / w_sq)
+
+
+def factorize_split(w: torch.Tensor, sizes: list[int], rank: int, method: str = "exact",
+                    seed: int = 0, oversample: int = 10, niter: int = 4,
+                    weighting: Weighting | None = None):
+    """:func:`factorize_matrix` of each block of rows of ``w`` (``sizes``: a fused projection's
+    q, k, v or gate, up) at ``rank`` each: A (m × r) stacks the blocks' A_i, B (k·r × n)
+    their B_i, and row block i of W is A_i·B_i (a block-diagonal A, stored without its zeros).
+    Energy and error are those of the whole matrix."""
+    parts = [factorize_matrix(block, rank, method, seed + i, oversample, niter, weighting)
+             for i, block in enumerate(w.split(sizes))]
+    A, B = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    blocks = w.split(sizes)
+    work = [b.double() if weighting is not None else b for b in blocks]
+    target = [squared_norm(weighted(b, weighting) if weighting is not None else b) for b in work]
+    plain = [squared_norm(b) for b in blocks]
+    energy = sum(p[2] * t for p, t in zip(parts, target)) / max(sum(target), 1e-300)
+    error = math.sqrt(sum(p[3] ** 2 * n for p, n in zip(parts, plain)) / max(sum(plain), 1e-300))
+    return A, B, energy, error
 
 
 def residual_norm2(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, block: int = 1024) -> float:

@@ -8,7 +8,7 @@ from torch import nn
 
 from .errors import InputError
 from .io.checkpoint import open_checkpoint
-from .models import Models, build_hf_model, load_dense, make_model
+from .models import Models, build_hf_model, checkpoint_renamer, load_dense, make_model
 from .nn.swap import instantiate
 from .stages.factored import read_lowrank_config
 
@@ -43,7 +43,7 @@ def load(path: str | Path, model: nn.Module | str | None = None) -> nn.Module:
             raise InputError(f"{path}: no config.json, so no architecture to build; pass "
                              f"model=<the dense nn.Module> to lowrank.load")
         model = build_hf_model(path)
-    return instantiate(state, config["layers"], model, str(path))
+    return instantiate(state, config["layers"], model, str(path), checkpoint_renamer(model))
 
 
 def load_any(path: Path, factory=None) -> nn.Module:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pkgutil
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from torch import nn
 
 from .errors import InputError, LowrankError, first_line
 from .io.checkpoint import Checkpoint, open_checkpoint
-from .nn.swap import instantiate, model_ties
+from .naming import weight_name
+from .nn.swap import instantiate, kept_dense, model_ties
 
 ModelFactory = str | Callable[[], nn.Module]
 
@@ -39,6 +41,31 @@ def build_hf_model(model_dir: Path) -> nn.Module:
     cls = getattr(transformers, arch, None) if arch else None
     model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
     return model.eval()
+
+
+def checkpoint_renamer(model: nn.Module):
+    """name -> name: transformers 5 renames some checkpoint keys when it loads them (GPT-NeoX's
+    ``embed_out`` is the module ``lm_head``). The simple renames of ``model`` (regex on the key),
+    applied only where they turn a name the model lacks into one it has; identity otherwise."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        rules = [(src, t.target_patterns[0]) for t in get_model_conversion_mapping(model)
+                 if type(t) is WeightRenaming and t.scope_prefix is None
+                 for src in t.source_patterns]
+    except (ImportError, AttributeError, TypeError):  # not an HF model / older transformers
+        rules = []
+
+    def rename(name: str, known: set[str]) -> str:
+        if name in known:
+            return name
+        for src, target in rules:
+            new = re.sub(src, target, name, count=1)
+            if new != name and new in known:
+                return new
+        return name
+    return rename
 
 
 def factory_name(factory: ModelFactory) -> str:
@@ -119,7 +146,9 @@ class Models:
         """The dense model with the checkpoint's weights (names must match the architecture)."""
         model = self.architecture()
         ckpt = self.checkpoint
-        result = model.load_state_dict({n: ckpt.get(n) for n in ckpt.names()}, strict=False)
+        rename, known = checkpoint_renamer(model), set(model.state_dict())
+        result = model.load_state_dict({rename(n, known): ckpt.get(n) for n in ckpt.names()},
+                                       strict=False)
         if self.factory is not None:
             tied = {n for group in model_ties(model) for n in group}
             missing = [k for k in result.missing_keys if k not in tied]
@@ -134,7 +163,30 @@ class Models:
     def compressed(self, tensors, layers: dict) -> nn.Module:
         """The architecture with factored modules swapped in for ``layers`` (tensor name ->
         :class:`~lowrank.stages.factored.LayerResult` or its JSON) and ``tensors`` loaded."""
-        return instantiate(dict(tensors), layers, self.architecture(), str(self.checkpoint.path))
+        model = self.architecture()
+        return instantiate(dict(tensors), layers, model, str(self.checkpoint.path),
+                           checkpoint_renamer(model))
+
+    def linear_weight_names(self) -> set[str] | None:
+        """Weights of nn.Linear modules (from the architecture, on the meta device), or None
+        when there is no architecture (raw state dicts)."""
+        if not self.runnable:
+            return None
+        model = self.architecture(meta=True)
+        return {weight_name(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+    def kept_dense(self) -> dict[str, str]:
+        """:func:`lowrank.nn.swap.kept_dense` of the architecture, when there is one."""
+        if not self.runnable:
+            return {}
+        try:
+            return kept_dense(self.architecture(meta=self.factory is None))
+        except (ValueError, KeyError, OSError, ImportError):
+            return {}
+        except LowrankError:  # an unbuildable HF config: later stages say so where they need it
+            if self.factory is not None:
+                raise
+            return {}
 
     def tokenizer(self):
         """The HF directory's tokenizer; text needs one."""

@@ -293,18 +293,20 @@ def test_lowrank_rnn_equals_torch_at_full_rank(cls, batch_first, bidirectional):
         low(nn.utils.rnn.pack_sequence([torch.randn(3, 6, dtype=torch.double)]))
 
 
-def test_plan_factors_recurrent_weights_and_keeps_in_proj_dense():
+def test_plan_factors_recurrent_and_in_proj_weights_keeps_other_parameters_dense():
     from lowrank.stages.analyze import AnalyzeSettings, Spectra, analyze_matrix
     from lowrank.stages.plan import PlanSettings, make_plan
 
     sp = Spectra(AnalyzeSettings())
     for name, w in {"gru.weight_hh_l0_reverse": torch.randn(192, 64),
-                    "attn.in_proj_weight": torch.randn(192, 64)}.items():
+                    "attn.in_proj_weight": torch.randn(192, 64),
+                    "pos.table": torch.randn(192, 64)}.items():
         sp.matrices[name] = analyze_matrix(name, w, AnalyzeSettings())
-    sp.total_params = 2 * 192 * 64
+    sp.total_params = 3 * 192 * 64
     plan = make_plan(sp, PlanSettings(rank=8))
     assert plan.layers["gru.weight_hh_l0_reverse"].rank == 8
-    assert "not a module weight" in plan.layers["attn.in_proj_weight"].reason
+    assert plan.layers["attn.in_proj_weight"].rank == 8  # lowrank.nn.attention
+    assert "not a module weight" in plan.layers["pos.table"].reason
 
 
 # --------------------------------------------------------------------------------------------

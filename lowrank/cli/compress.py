@@ -82,6 +82,9 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
 @calibration_options
 @click.option("--sequential", is_flag=True, help="Recollect each block's calibration statistics "
               "with upstream layers already factored (needs --calibration).")
+@click.option("--split-fused", is_flag=True, help="Factor fused projections (Phi-3 qkv_proj/"
+              "gate_up_proj, GPT-2 c_attn) per part at equal parameters, not as one matrix "
+              "(measured worse on the models tried; see the README).")
 @click.option("--recover", "recover_method", type=click.Choice(["lora", "orthogonal", "factors"]),
               help="Recover accuracy by distillation from the dense model (needs an HF "
               "directory): LoRA or orthogonal adapters on the factors, or the factors themselves.")
@@ -134,7 +137,8 @@ def compress_command(model, output, cache_dir, no_cache, overwrite, json_out, wo
         raise click.UsageError("--per-channel/--reduce-range need --int8")
     spec = compress_spec(
         plan=take(flags, *PLAN_KEYS), calibration=calibration_settings(flags),
-        factorize=take(flags, "method", "seed", "oversample", "niter"),
+        factorize={**take(flags, "method", "seed", "oversample", "niter"),
+                   **({"split_fused": True} if flags.pop("split_fused") else {})},
         recover=take(flags, steps="recover_steps", lr="recover_lr", rank="recover_rank",
                      alpha="recover_alpha", batch_size="recover_batch_size",
                      samples="recover_samples", seed="recover_seed",

@@ -21,6 +21,14 @@ class Factored(nn.Module):
     x ↦ (x·Bᵀ)·Aᵀ + bias, two steps, never A·B. Subclasses set ``A``, ``B`` and ``bias``."""
 
     @property
+    def weight(self) -> torch.Tensor:
+        """No dense weight: an empty tensor with the factors' dtype and device. Model code and
+        PEFT read a child's ``weight`` for those alone (T5's feed-forward casts its input to
+        ``wo.weight.dtype``; PEFT moves adapters to ``weight.device``); anything that would
+        use it as the matrix fails loudly on its shape instead of silently."""
+        return self.A.new_empty(0)
+
+    @property
     def rank(self) -> int:
         return self.A.shape[1]
 
@@ -37,19 +45,40 @@ def _factors(module: nn.Module, rows: int, cols: int, rank: int, device, dtype) 
 
 
 class LowRankLinear(Factored):
+    """A Linear as ``A(Bx) + bias``. With ``split`` (the output sizes of a fused projection's
+    parts, e.g. q, k, v) each part has its own rank-``rank`` factors: ``B`` is (parts·r × in),
+    ``A`` (out × r) holds each part's A_i in its rows, and part i is A_i(B_i x) — a
+    block-diagonal A, stored without its zeros (lowrank_config.json records ``split``)."""
+
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, split: list[int] | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.split = list(split) if split else None
+        if self.split and sum(self.split) != out_features:
+            raise LowrankError(f"split {self.split} does not add up to {out_features} outputs")
         _factors(self, out_features, in_features, rank, device, dtype)
+        if self.split:
+            self.B = nn.Parameter(torch.empty(len(self.split) * rank, in_features, device=device,
+                                              dtype=dtype))
         self.bias = (nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
                      if bias else None)
 
     @classmethod
-    def like(cls, linear: nn.Linear, rank: int) -> LowRankLinear:
+    def like(cls, linear: nn.Linear, rank: int, split: list[int] | None = None) -> LowRankLinear:
         w = linear.weight
         return cls(linear.in_features, linear.out_features, rank, linear.bias is not None,
-                   w.device, w.dtype)
+                   w.device, w.dtype, split)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.split:
+            return super().forward(x)
+        h = F.linear(x, self.B).split(self.rank, -1)
+        out = torch.cat([F.linear(hi, Ai) for hi, Ai in zip(h, self.A.split(self.split))], -1)
+        return out + self.bias if self.bias is not None else out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", split={self.split}" if self.split else "")
 
 
 class LowRankEmbedding(Factored):
@@ -145,11 +174,36 @@ class TiedLowRankLinear(Factored):
         return super().extra_repr() + ", tied"
 
 
-def lowrank_like(module: nn.Module, rank: int) -> nn.Module:
-    """An uninitialized low-rank module with the shapes of a dense one."""
+def is_transposed(module: nn.Module) -> bool:
+    """A Linear that stores its weight as (in, out): transformers' ``Conv1D`` (GPT-2, and the
+    models copied from it). Matched by name and layout so lowrank needs no transformers import."""
+    w = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
+            and getattr(module, "nf", None) == w.shape[1])
+
+
+def plain_lookup(module: nn.Embedding) -> bool:
+    """Whether an Embedding is a plain table lookup. Subclasses with their own forward (BART's
+    scaled word and offset position embeddings) do more, which LowRankEmbedding would drop."""
+    return type(module).forward is nn.Embedding.forward
+
+
+def lowrank_like(module: nn.Module, rank: int, split: list[int] | None = None) -> nn.Module:
+    """An uninitialized low-rank module with the shapes of a dense one (``split``: a fused
+    Linear factored per part, see :class:`LowRankLinear`)."""
     if isinstance(module, nn.Linear):
-        return LowRankLinear.like(module, rank)
+        return LowRankLinear.like(module, rank, split)
+    if is_transposed(module):  # y = x·W + b with W (in, out) is a Linear with weight Wᵀ
+        w = module.weight
+        return LowRankLinear(w.shape[0], w.shape[1], rank, module.bias is not None,
+                             w.device, w.dtype, split)
+    if split:
+        raise LowrankError(f"only Linear layers are factored per part, not "
+                           f"{type(module).__name__}")
     if isinstance(module, nn.Embedding):
+        if not plain_lookup(module):
+            raise LowrankError(f"{type(module).__name__} has its own forward (scaling, offsets) "
+                               f"that a factored lookup would skip; keep it dense")
         return LowRankEmbedding.like(module, rank)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return LowRankConv(module, rank)
@@ -157,8 +211,8 @@ def lowrank_like(module: nn.Module, rank: int) -> nn.Module:
         raise LowrankError(f"{type(module).__name__} weights are factored by tensor name "
                            f"(e.g. 'lstm.weight_hh_l0'), not as one module")
     raise LowrankError(
-        f"no low-rank version of {type(module).__name__} (supported: Linear, Embedding, Conv1d, "
-        f"Conv2d, and the weight_ih/weight_hh tensors of LSTM, GRU, RNN)"
+        f"no low-rank version of {type(module).__name__} (supported: Linear, GPT-2's Conv1D, "
+        f"Embedding, Conv1d, Conv2d, and the weight_ih/weight_hh tensors of LSTM, GRU, RNN)"
     )
 
 

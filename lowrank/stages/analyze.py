@@ -166,10 +166,11 @@ def matrix_infos(ckpt: Checkpoint) -> list:
 
 
 def analyze_matrix(name: str, tensor: torch.Tensor, settings: AnalyzeSettings,
-                   weighting=None) -> Spectrum:
+                   weighting=None, transposed: bool = False) -> Spectrum:
     """Spectrum of one tensor; of its data-aware weighted matrix when ``weighting`` is given
-    (see :mod:`lowrank.linalg`), so energies are output energies on calibration data."""
-    w = matrix_view(tensor)
+    (see :mod:`lowrank.linalg`), so energies are output energies on calibration data.
+    ``transposed``: an (in, out) Conv1D weight, weighted as its (out, in) transpose."""
+    w = matrix_view(tensor, transposed)
     rows, cols = w.shape
     # Non-finite too: float64 values so large (> ~1e154) that the energy ‖W‖² overflows.
     if not torch.isfinite(w).all() or (
@@ -193,14 +194,14 @@ def analyze_matrix(name: str, tensor: torch.Tensor, settings: AnalyzeSettings,
 
 
 def analyze_task(source, name: str, settings: AnalyzeSettings, weighting=None,
-                 device: str | None = None) -> Spectrum:
+                 transposed: bool = False, device: str | None = None) -> Spectrum:
     """:func:`analyze_matrix` of one tensor of checkpoint ``source`` (open, or its path in a
     worker process), with a fixed thread count so results don't depend on the parallel layout;
     on ``device`` (its float64 one: :func:`lowrank.device.float64_device`), one matrix at a
     time."""
     with fixed_threads():
         return analyze_matrix(name, on_device(open_source(source).get(name), device), settings,
-                              weighting)
+                              weighting, transposed)
 
 
 def analyze(
@@ -232,10 +233,12 @@ def analyze(
 
     def tasks():
         for info in infos:
-            cols = math.prod(info.shape[1:])
+            # Only weighted spectra depend on the orientation (singular values do not).
+            flip = stats is not None and info.name in stats.transposed
+            cols = info.shape[0] if flip else math.prod(info.shape[1:])
             yield (source, info.name, settings,
                    stats.weighting(info.name, cols, device) if stats is not None else None,
-                   device)
+                   flip, device)
 
     for spectrum in ordered_map(analyze_task, tasks(), workers, executor):
         spectra.matrices[spectrum.name] = spectrum

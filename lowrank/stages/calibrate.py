@@ -30,8 +30,9 @@ from ..io.files import check_format, write_json
 from ..io.safetensors import save_tensors
 from ..io.samples import Samples, model_batches, num_samples, read_calibration
 from ..linalg import METHODS, make_weighting, psd_sqrt
-from ..models import Models
-from ..naming import weight_name
+from ..models import Models, model_ties
+from ..naming import IN_PROJ, weight_name
+from ..nn.layers import is_transposed, plain_lookup
 from ..nn.recurrent import dense_rnn_forward
 from ..pipeline.stage import Context, Stage, register_stage
 
@@ -75,6 +76,9 @@ class ActivationStats:
     settings: CalibrateSettings = CalibrateSettings()
     # {(Gram digest, shape, device): G^½}: each eigh runs once per run (see whitening_factor).
     memo: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
+    # Weights stored (in, out) (GPT-2's Conv1D): their Gram is of the rows of the stored
+    # tensor, the columns of the (out, in) matrix that is factored (lowrank.naming).
+    transposed: set[str] = field(default_factory=set)
 
     def weighting(self, name: str, cols: int, device: str | None = None):
         """The data-aware weighting of tensor ``name`` (None: no data seen, use plain SVD);
@@ -156,17 +160,25 @@ class _Recorder:
         # The last Linear input and its Gram/abs-sum terms: a layer fed the same input next
         # (query, key, value; gate, up) adds these instead of another GEMM.
         self.last: tuple | None = None
+        # A table used under two names (T5's shared.weight is also encoder.embed_tokens.weight)
+        # is factored once, under its first name: count its rows there.
+        primary = {n: group[0] for group in model_ties(model) for n in group}
         for fqn, module in model.named_modules():
             if isinstance(module, nn.RNNBase):
                 self._hook_rnn(fqn, module, only)
                 continue
+            if isinstance(module, nn.MultiheadAttention):
+                self._hook_attention(f"{fqn}.{IN_PROJ}" if fqn else IN_PROJ, module, only)
             name = weight_name(fqn)
             if only is not None and name not in only:
                 continue
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) or is_transposed(module):
+                if is_transposed(module):
+                    stats.transposed.add(name)
                 self.handles.append(module.register_forward_pre_hook(self._linear(name)))
-            elif isinstance(module, nn.Embedding):
-                self.handles.append(module.register_forward_pre_hook(self._embedding(name, module)))
+            elif isinstance(module, nn.Embedding) and plain_lookup(module):
+                self.handles.append(module.register_forward_pre_hook(
+                    self._embedding(primary.get(name, name), module)))
             elif isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1 \
                     and module.padding_mode == "zeros":
                 self.handles.append(module.register_forward_pre_hook(self._conv(name, module)))
@@ -213,6 +225,24 @@ class _Recorder:
 
         self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
+    def _hook_attention(self, name: str, module: nn.MultiheadAttention, only) -> None:
+        """in_proj_weight multiplies the query, key and value inputs (one B for all three when
+        factored): their rows, each distinct tensor once."""
+        if only is not None and name not in only or not module._qkv_same_embed_dim:
+            return
+
+        def hook(mod, args, kwargs):
+            inputs = list(args[:3]) + [kwargs[k] for k in ("query", "key", "value") if k in kwargs]
+            seen = []
+            for x in inputs:
+                if isinstance(x, torch.Tensor) and not x.is_nested \
+                        and not any(x is y for y in seen):
+                    seen.append(x)
+                    rows = x.transpose(0, 1) if not mod.batch_first and x.dim() == 3 else x
+                    self._accumulate(name, self._rows(rows.detach()))
+
+        self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         # Padding tokens are not data: drop them when the leading dims are (batch, seq).
         if self.mask is not None and x.shape[:-1] == self.mask.shape:
@@ -227,6 +257,8 @@ class _Recorder:
     def _embedding(self, name, module):
         def hook(mod, args):
             ids = args[0].detach()
+            if ids.is_floating_point() or (ids.numel() and int(ids.max()) >= mod.num_embeddings):
+                return  # not row indices
             ids = ids[self.mask] if self.mask is not None and ids.shape == self.mask.shape else ids
             counts = torch.bincount(ids.reshape(-1).to(self.device),
                                     minlength=module.num_embeddings).double()
@@ -238,6 +270,21 @@ class _Recorder:
         self.last = None
         for h in self.handles:
             h.remove()
+
+
+def seq2seq_inputs(model: nn.Module, inputs: dict, mask: torch.Tensor | None) -> dict:
+    """An encoder-decoder model (T5, BART) needs decoder inputs too: the text is its own
+    target (``labels``, padding ignored), from which the model makes the shifted decoder
+    inputs — so the decoder's statistics come from the same tokens, same mask, as the
+    encoder's. Other models: ``inputs`` unchanged."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False) or "input_ids" not in inputs \
+            or "labels" in inputs or "decoder_input_ids" in inputs:
+        return inputs
+    labels = inputs["input_ids"].clone()
+    if mask is not None:
+        labels[~mask] = -100
+    return {**inputs, "labels": labels}
 
 
 def collect_stats(model: nn.Module, tokenizer, data: Samples, settings: CalibrateSettings,
@@ -256,7 +303,7 @@ def collect_stats(model: nn.Module, tokenizer, data: Samples, settings: Calibrat
                 recorder.mask = mask
                 first = next(iter(inputs.values()))
                 stats.tokens += int(mask.sum()) if mask is not None else first.shape[0]
-                model(**inputs)
+                model(**seq2seq_inputs(model, inputs, mask))
                 done += first.shape[0]
                 if on_batch:
                     on_batch(f"{done} samples")
@@ -289,15 +336,18 @@ def save_stats(stats: ActivationStats, directory: Path) -> None:
     save_tensors(directory / "stats.safetensors", stats.to_tensors())
     write_json(directory / "stats.json", {"format": STATS_FORMAT, "version": STATS_VERSION,
                                           "tokens": stats.tokens, "samples": stats.samples,
+                                          "transposed": sorted(stats.transposed),
                                           "settings": asdict(stats.settings)})
 
 
 def load_stats(directory: Path) -> ActivationStats:
     meta = check_format(json.loads((directory / "stats.json").read_text()), STATS_FORMAT,
                         STATS_VERSION, directory / "stats.json")
-    return ActivationStats.from_tensors(load_file(str(directory / "stats.safetensors")),
-                                        meta["tokens"], meta["samples"],
-                                        CalibrateSettings(**meta["settings"]))
+    stats = ActivationStats.from_tensors(load_file(str(directory / "stats.safetensors")),
+                                         meta["tokens"], meta["samples"],
+                                         CalibrateSettings(**meta["settings"]))
+    stats.transposed = set(meta.get("transposed", []))
+    return stats
 
 
 def _run(ctx: Context, settings: CalibrateSettings) -> ActivationStats:

@@ -35,6 +35,7 @@ from ..io.samples import (
 )
 from ..models import Models, output_tensor
 from ..pipeline.stage import Context, Stage, json_loader, json_saver, register_stage
+from .calibrate import seq2seq_inputs
 from .factored import LowRankCheckpoint
 
 
@@ -96,23 +97,38 @@ class EvaluateSettings:
             raise InputError("evaluation samples, max_length, batch_size and k must be >= 1")
 
 
+# GPT-2's causal LM class predates the ForCausalLM naming: GPT2LMHeadModel.
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
 def is_causal_lm(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     archs = getattr(config, "architectures", None) or []
-    return any(a.endswith("ForCausalLM") for a in archs) or type(model).__name__.endswith("ForCausalLM")
+    return any(a.endswith(_CAUSAL_SUFFIXES) for a in [*archs, type(model).__name__])
+
+
+def is_seq2seq(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def perplexity(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 32,
                max_length: int = 128) -> float:
-    """exp of the mean next-token cross-entropy over real tokens."""
+    """exp of the mean next-token cross-entropy over real tokens. An encoder-decoder model
+    (T5, BART) is scored teacher-forced with each text as its own target
+    (:func:`~lowrank.stages.calibrate.seq2seq_inputs`): its logits at i predict token i."""
     total, count = 0.0, 0
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
                               max_length=max_length, return_tensors="pt")
-            logits = model(**batch).logits[:, :-1].float()
-            labels = batch["input_ids"][:, 1:]
-            mask = batch["attention_mask"][:, 1:].bool()
+            if is_seq2seq(model):
+                mask = batch["attention_mask"].bool()
+                logits = model(**seq2seq_inputs(model, dict(batch), mask)).logits.float()
+                labels = batch["input_ids"]
+            else:
+                logits = model(**batch).logits[:, :-1].float()
+                labels = batch["input_ids"][:, 1:]
+                mask = batch["attention_mask"][:, 1:].bool()
             losses = nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
             total += float(losses[mask].sum())
             count += int(mask.sum())
@@ -123,10 +139,11 @@ def evaluate_model(dense: nn.Module, compressed: nn.Module, tokenizer, texts: li
                    settings: EvaluateSettings = EvaluateSettings()) -> dict:
     """Encoders: :func:`fidelity` of pooled embeddings. Causal LMs: perplexity of both."""
     s = settings
-    if is_causal_lm(dense):
+    if is_causal_lm(dense) or is_seq2seq(dense):
         dense_ppl = perplexity(dense, tokenizer, texts, s.batch_size, s.max_length)
         ppl = perplexity(compressed, tokenizer, texts, s.batch_size, s.max_length)
-        return {"kind": "causal-lm", "perplexity_dense": dense_ppl, "perplexity": ppl,
+        kind = "seq2seq" if is_seq2seq(dense) else "causal-lm"
+        return {"kind": kind, "perplexity_dense": dense_ppl, "perplexity": ppl,
                 "perplexity_ratio": ppl / dense_ppl, "samples": len(texts)}
     base = dense.base_model if hasattr(dense, "base_model") else dense
     cand = compressed.base_model if hasattr(compressed, "base_model") else compressed

@@ -37,6 +37,8 @@ class LayerResult:
     rel_error: float | None = None  # ‖W − A·B‖_F / ‖W‖_F
     reason: str | None = None  # why it stayed dense
     tied_to: str | None = None  # the tensor this one is tied to (shares its factors or weight)
+    transposed: bool | None = None  # stored (in, out) (GPT-2's Conv1D): A·B is its transpose
+    split: list[int] | None = None  # a fused projection factored per part: rows of each part
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None or k == "rank"}
@@ -130,7 +132,14 @@ def reconstruct_dense(tensors: dict[str, torch.Tensor], config: dict) -> dict[st
             continue
         a_name, b_name = factor_names(name)
         A, B = dense.pop(a_name), dense.pop(b_name)
-        dense[name] = (A.double() @ B.double()).to(A.dtype).reshape(layer["shape"])
+        if layer.get("split"):  # part i: its rows of A times its rank rows of B
+            r = A.shape[1]
+            w = torch.cat([a.double() @ B[i * r:(i + 1) * r].double()
+                           for i, a in enumerate(A.split(layer["split"]))])
+        else:
+            w = A.double() @ B.double()
+        w = w.T if layer.get("transposed") else w  # a Conv1D weight is stored (in, out)
+        dense[name] = w.to(A.dtype).reshape(layer["shape"])
     for name, layer in config["layers"].items():  # a tied name is the same tensor, as saved
         if layer.get("tied_to"):
             dense[name] = dense[layer["tied_to"]]

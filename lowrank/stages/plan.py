@@ -12,11 +12,9 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from torch import nn
-
 from ..errors import InputError, LowrankError
 from ..io.files import check_format, read_json_file
-from ..naming import FACTORABLE, weight_name
+from ..naming import FACTORABLE
 from ..pipeline.stage import Context, Stage, json_loader, json_saver, register_stage
 from ..timing import LatencyTable, machine_key
 from .allocate import Cost, allocate_budget, is_matmul, latency_cost, round_rank, slower_factored
@@ -140,8 +138,8 @@ def _candidate_reason(name: str, s: Spectrum, settings: PlanSettings) -> str | N
     if any(fnmatch.fnmatchcase(name, p) for p in settings.exclude):
         return "excluded"
     if not FACTORABLE.search(name):
-        return ("not a module weight (factored: <module>.weight and the weight_ih/weight_hh_l<k> "
-                "of LSTM/GRU/RNN)")
+        return ("not a module weight (factored: <module>.weight, the weight_ih/weight_hh_l<k> "
+                "of LSTM/GRU/RNN and MultiheadAttention's in_proj_weight)")
     if not s.finite:
         return "contains NaN/Inf; kept as is"
     if min(s.rows, s.cols) < 2:
@@ -359,13 +357,17 @@ def _run(ctx: Context, settings: PlanStageSettings, spectra: Spectra,
     latency, matmuls = None, None
     if settings.latency_tokens or settings.latency_ratio is not None:
         latency = LatencyTable.for_machine(ctx.cache_dir, settings.latency_threads)
-        matmuls = linear_weight_names(ctx)
+        matmuls = ctx.models.linear_weight_names()
+
     def measure(plans):  # the loss allocation's joint check, on the probe batch it scored
         probe = ScoreSettings(**{k: tuple(v) if isinstance(v, list) else v
                                  for k, v in scores["settings"].items()})
         return measure_joint(ctx.checkpoint, probe, calibrate, plans, ctx.models.factory)
 
     plan = make_plan(spectra, PlanSettings(**policy), weights, latency, matmuls, scores, measure)
+    for name, why in ctx.models.kept_dense().items():  # after the policy: budgets count them
+        if name in plan.layers:
+            plan.layers[name] = LayerPlan(plan.layers[name].shape, None, why)
     if latency is not None:
         latency.save()
     if weights:
@@ -377,15 +379,6 @@ def _plan_from_json(data: dict) -> RankPlan:
     layers = {n: LayerPlan(e["shape"], e["rank"], e.get("reason"), e.get("energy"), e.get("scores"))
               for n, e in data["layers"].items()}
     return RankPlan(layers, data["params"]["before"], data["policy"], data["version"])
-
-
-def linear_weight_names(ctx: Context) -> set[str] | None:
-    """Weights of nn.Linear modules (from the architecture, on the meta device), or None when
-    there is no architecture (raw state dicts)."""
-    if not ctx.models.runnable:
-        return None
-    model = ctx.models.architecture(meta=True)
-    return {weight_name(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
 register_stage(Stage(

@@ -60,14 +60,15 @@ def probe(ckpt: Checkpoint, spectra: Spectra, settings: SensitivitySettings = Se
             continue
         weight = params[name]
         original = weight.detach().clone()
-        w = matrix_view(ckpt.get(name))
+        flip = stats is not None and name in stats.transposed  # a Conv1D weight: (in, out)
+        w = matrix_view(ckpt.get(name), flip)
         weighting = stats.weighting(name, w.shape[1]) if stats is not None else None
         losses = {}
         for fraction in settings.fractions:
             rank = max(1, math.floor(fraction * s.break_even))
             A, B, _, _ = factorize_matrix(w, rank, "exact", layer_seed(0, name), weighting=weighting)
             with torch.inference_mode():
-                weight.copy_((A @ B).reshape(weight.shape).to(weight.dtype))
+                weight.copy_((A @ B).T if flip else (A @ B).reshape(weight.shape))
                 out = model(**batch, output_hidden_states=kind == "hidden")
                 losses[str(rank)] = float(distillation_loss(out, reference, mask, kind))
         with torch.inference_mode():

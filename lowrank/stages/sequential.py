@@ -8,6 +8,7 @@ anything after the last. Each group costs one forward pass over the calibration 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -17,7 +18,7 @@ from ..io.samples import model_batches, read_calibration
 from ..models import Models
 from ..naming import module_name
 from ..nn.swap import swap_lowrank_
-from .calibrate import ActivationStats, collect_stats
+from .calibrate import ActivationStats, collect_stats, seq2seq_inputs
 
 
 def _blocks_prefix(model: nn.Module) -> str | None:
@@ -66,15 +67,20 @@ def sequential_factors(models: Models, ranks: dict[str, int], stats: ActivationS
     returns {name: (A, B, result)}."""
     data = read_calibration(stats.settings.calibration_file, stats.settings.samples, warn=False)
     model, tokenizer = models.runnable_model(need_tokenizer=isinstance(data, list))
-    first_batch, _ = next(model_batches(data, tokenizer, 1, stats.settings.max_length))
+    first_batch, mask = next(model_batches(data, tokenizer, 1, stats.settings.max_length))
+    first_batch = seq2seq_inputs(model, first_batch, mask)
     results = {}
     for i, group in enumerate(execution_groups(model, first_batch, list(ranks))):
         # The first group sees the dense model's inputs: the statistics we already have.
         current = stats if i == 0 else collect_stats(model, tokenizer, data, stats.settings,
                                                      only=set(group))
         for name in group:
-            weight = models.checkpoint.get(name)
-            A, B, result = factor(name, current.weighting(name, weight[0].numel()))
-            swap_lowrank_(model, {module_name(name): A.shape[1]}, {module_name(name): (A, B)})
+            info = models.checkpoint.info(name)
+            # a Conv1D weight is stored (in, out): its inputs have shape[0] features
+            cols = info.shape[0] if name in stats.transposed else math.prod(info.shape[1:])
+            A, B, result = factor(name, current.weighting(name, cols))
+            fqn = module_name(name)
+            swap_lowrank_(model, {fqn: A.shape[1]}, {fqn: (A, B)},
+                          {fqn: result.split} if result.split else None)
             results[name] = (A, B, result)
     return results
