@@ -61,8 +61,8 @@ def test_device_reaches_every_computing_stage(tiny_bert_dir, tmp_path, monkeypat
         monkeypatch.setattr(module, name, wrapper)
 
     spy(calibrate_mod, "collect_stats", lambda a, k: k["device"])
-    spy(analyze_mod, "analyze_task", lambda a, k: a[4])
-    spy(factorize_mod, "factor_task", lambda a, k: a[5])
+    spy(analyze_mod, "analyze_task", lambda a, k: a[5])
+    spy(factorize_mod, "factor_task", lambda a, k: a[7])
     spy(recover_mod, "distill", lambda a, k: a[6])
     spec = lowrank.compress_spec(calibration_file="", calibration={"samples": 16},
                                  recover_method="lora",
