@@ -151,3 +151,13 @@ def test_artifact_format_versions_are_checked(tmp_path, toy_checkpoint):
             else:
                 with pytest.warns(lowrank.LowrankWarning, match="older"):
                     read(copy)
+
+
+def test_recovery_trains_on_the_calibration_text_unless_told_otherwise():
+    spec = lowrank.compress_spec(calibration_file="mine.txt", recover_method="lora")
+    assert spec.settings["recover"]["calibration_file"] == "mine.txt"
+    spec = lowrank.compress_spec(calibration_file="mine.txt", recover_method="lora",
+                                 recover={"calibration_file": "other.txt"})
+    assert spec.settings["recover"]["calibration_file"] == "other.txt"
+    bundled = lowrank.compress_spec(calibration_file="", recover_method="lora")
+    assert "calibration_file" not in bundled.settings["recover"]  # the bundled text

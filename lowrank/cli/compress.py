@@ -98,7 +98,8 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
               help="Training lines (or samples) to use (default 1024).")
 @click.option("--recover-seed", type=int, help="Training seed (default 0).")
 @click.option("--recover-text", type=click.Path(dir_okay=False),
-              help="Training text, one sample per line (default: the bundled calibration text).")
+              help="Training text, one sample per line (default: the --calibration file, else the "
+              "bundled calibration text).")
 @click.option("--evaluate", "eval_file", is_flag=False, flag_value="", default=None,
               metavar="[FILE]", help="Compare with the dense model on held-out text (without "
               "FILE, the evaluation text shipped with lowrank); written to report.json.")

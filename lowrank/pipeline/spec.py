@@ -194,7 +194,9 @@ def compress_spec(
     recover = _given(**(recover or {}))
     if recover_method:
         spec.stages.append("recover")
-        spec.settings["recover"] = {"method": recover_method, **recover}
+        # Recovery trains on the calibration text unless told otherwise: the user's own domain.
+        trained_on = {"calibration_file": calibration_file} if calibration_file else {}
+        spec.settings["recover"] = {"method": recover_method, **trained_on, **recover}
     elif recover:
         raise OptionError("recover settings", "recover_method")
     for option, given in (("optimize", optimize), ("int8", int8 is not None), ("bench", bench)):
