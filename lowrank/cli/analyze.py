@@ -41,11 +41,9 @@ def analyze_command(model, json_out, method, exact_max_dim, workers, executor, d
         spectra = analyze(ckpt, settings, advance, workers=workers, executor=executor,
                           device=resolve_device(device))
     rows = [s.summary() for s in spectra.matrices.values()]
-    if json_out:
-        emit_json({"model": str(ckpt.path), "total_params": spectra.total_params,
-                   "matrices": rows}, json_out)
-        if json_out == "-":
-            return
+    if emit_json({"model": str(ckpt.path), "total_params": spectra.total_params,
+                   "matrices": rows}, json_out):
+        return
     table = Table(title=f"Spectra of {ckpt.path}", show_lines=False)
     for col in ("matrix", "shape", "stable rank", "r@90%", "r@95%", "r@99%", "break-even",
                 "saved@95%"):

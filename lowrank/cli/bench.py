@@ -33,10 +33,8 @@ def bench_command(models, batches, sequences, runs, warmup, rounds, threads, jso
         names[name if name not in names else path] = Path(path)
     with rich_track("bench", len(settings.batches) * len(settings.sequences)) as advance:
         result = bench(names, settings, advance)
-    if json_out:
-        emit_json(result, json_out)
-        if json_out == "-":
-            return
+    if emit_json(result, json_out):
+        return
     table = Table(title=f"Latency: {result['machine']['cpu']}, {threads} threads")
     for col in LATENCY_HEAD:
         table.add_column(col, justify="left" if col == "model" else "right")

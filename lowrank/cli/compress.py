@@ -53,10 +53,8 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
     for name, e in report["layers"].items():  # on stderr, with --json too
         if "NaN" in (e.get("reason") or ""):
             warn(f"{name} holds NaN/Inf; kept dense, unchanged")
-    if json_out:
-        emit_json(report, json_out)
-        if json_out == "-":
-            return
+    if emit_json(report, json_out):
+        return
     table = Table(title="Factored layers")
     for col in ("matrix", "shape", "rank", "energy", "rel. error", "method"):
         table.add_column(col, justify="left" if col == "matrix" else "right", overflow="fold")

@@ -82,12 +82,17 @@ def rich_track(description: str, total: int):
         yield lambda name: progress.update(task, advance=1, item=name)
 
 
-def emit_json(data, target: str) -> None:
+def emit_json(data, target: str | None) -> bool:
+    """``--json``: write ``data`` to ``target`` (a file, or stdout for "-"; nothing for None).
+    True when it went to stdout, which then holds nothing else."""
+    if not target:
+        return False
     text = json.dumps(data, indent=2)
     if target == "-":
         click.echo(text)
     else:
         Path(target).write_text(text + "\n")
+    return target == "-"
 
 
 json_option = click.option(

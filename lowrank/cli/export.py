@@ -53,10 +53,8 @@ def export_command(model, outdir, atol, rtol, logprob_tol, opset, past, overwrit
         data = {k: v for k, v in result.to_json().items() if k != "path"}
         data["path"] = str(outdir / "model.onnx")
         write_json(tmp / "export.json", data)
-    if json_out:
-        emit_json(data, json_out)
-        if json_out == "-":
-            return
+    if emit_json(data, json_out):
+        return
     out.print(f"validation: {data['rule']}")
     for v in data["validation"]:
         lm = (f"; top-1 agreement {v['top1_agreement']:.2%}, max |Δ log-prob| "

@@ -45,11 +45,10 @@ def gate_command(report_path, min_cosine, min_knn, max_param_ratio, min_speedup,
         raise click.UsageError("give at least one goal (--min-cosine, --goal, ...)")
     report = read_report(Path(report_path))
     results = check(report, parsed, allow_missing)
-    if json_out:
-        emit_json(results, json_out)
-    if json_out != "-":
+    json_only = emit_json(results, json_out)  # stdout then holds the JSON alone
+    if not json_only:
         for result in results:
             out.print(escape(describe(result)), highlight=False)
     raise_if_failed(results)
-    if json_out != "-":
+    if not json_only:
         out.print(f"gate passed: {len(results)} checks")

@@ -62,8 +62,6 @@ def generate_command(model, prompt, max_new_tokens, sample, temperature, top_k, 
     ids = generate_tokens(engine, tokenizer, prompt, max_new_tokens, sample, temperature, top_k,
                           seed)
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    if json_out:
-        emit_json({"prompt": prompt, "continuation": text, "new_tokens": ids}, json_out)
-        if json_out == "-":
-            return
+    if emit_json({"prompt": prompt, "continuation": text, "new_tokens": ids}, json_out):
+        return
     out.print(prompt + text, highlight=False, markup=False)

@@ -48,10 +48,8 @@ def plan_command(model, plan_out, cache_dir, json_out, **flags):
     rank_plan = run.artifacts["plan"]
     save_plan(rank_plan, Path(plan_out))
     data = rank_plan.to_json()
-    if json_out:
-        emit_json(data, json_out)
-        if json_out == "-":
-            return
+    if emit_json(data, json_out):
+        return
     table = Table(title="Rank plan")
     for col in ("matrix", "shape", "rank", "energy", "note"):
         table.add_column(col, justify="left" if col in ("matrix", "note") else "right",
