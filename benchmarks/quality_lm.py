@@ -5,7 +5,8 @@ Calibrates on lines 10000-12000 of ../shared/data/debian_descriptions.txt; evalu
 first 200 paragraphs of ../shared/data/python_docs.txt (max 128 tokens): perplexity ratio to
 dense and next-token top-1 agreement with dense. Writes reports/quality-smollm2.{md,json}.
 
-    python benchmarks/quality_lm.py [--model DIR] [--ratio 0.85] [--allocations loss energy]
+    python benchmarks/quality_lm.py [--model DIR] [--ratio 0.85] [--paragraphs N]
+        [--variants NAME=FLAGS ...]   e.g. default= energy="--allocation energy"
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -45,7 +47,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="/root/.cache/smollm2-135m")
     ap.add_argument("--ratio", type=float, default=0.85)
-    ap.add_argument("--allocations", nargs="+", default=["loss", "energy"])
+    # Each variant is the default command plus FLAGS (empty: the default command itself).
+    ap.add_argument("--variants", nargs="+", default=["default=", "energy=--allocation energy"])
     ap.add_argument("--paragraphs", type=int, default=200)
     ap.add_argument("--out", default=str(ROOT / "reports" / "quality-smollm2"))
     args = ap.parse_args()
@@ -69,13 +72,12 @@ def main():
         calib = Path(tmp) / "calibration.txt"
         calib.write_text("\n".join(
             (DATA / "debian_descriptions.txt").read_text().splitlines()[10000:12000]) + "\n")
-        for allocation in args.allocations:
-            out = Path(tmp) / allocation
+        for variant in args.variants:
+            name, _, flags = variant.partition("=")
+            out = Path(tmp) / name
             cmd = [sys.executable, "-c", "from lowrank.cli import main; main()", "compress",
                    args.model, str(out), "--param-ratio", str(args.ratio), "--calibration",
-                   str(calib), "--no-cache"]
-            if allocation != "loss":
-                cmd += ["--allocation", allocation]
+                   str(calib), "--no-cache", *shlex.split(flags)]
             start = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             wall = time.perf_counter() - start
@@ -86,7 +88,7 @@ def main():
             plan = json.loads((out / "plan.json").read_text())
             nll, top = score(lowrank.load(out), tokenizer, texts)
             rows.append({
-                "allocation": allocation, "param_ratio": plan["params"]["ratio"],
+                "variant": name, "flags": flags, "param_ratio": plan["params"]["ratio"],
                 "ppl": math.exp(nll), "ppl_ratio": math.exp(nll - dense_nll),
                 "top1_agreement": float((top == dense_top).float().mean()),
                 "compress_s": round(wall, 1),
@@ -99,7 +101,8 @@ def main():
     result = {"model": args.model, "paragraphs": args.paragraphs, "dense_ppl": math.exp(dense_nll), "ratio": args.ratio,
               "calibration": "debian_descriptions.txt lines 10000-12000",
               "evaluation": f"python_docs.txt first {args.paragraphs} paragraphs, max 128 tokens", "rows": rows}
-    Path(args.out + f"-{'-'.join(args.allocations)}.json").write_text(
+    names = "-".join(v.partition("=")[0] for v in args.variants)
+    Path(args.out + f"-{names}.json").write_text(
         json.dumps(result, indent=2) + "\n")
 
 
