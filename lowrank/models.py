@@ -9,6 +9,7 @@ non-HF models.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pkgutil
 import re
@@ -235,3 +236,21 @@ def output_tensor(out) -> torch.Tensor:
     if isinstance(out, dict) and out:
         return output_tensor(next(iter(out.values())))
     raise InputError(f"cannot find the output tensor of a {type(out).__name__}")
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module):
+    """Run a transformers model with its plain ("eager") attention inside the block: an ONNX
+    graph traced from it has the MatMul–Softmax–MatMul pattern onnxruntime's transformer
+    optimizer fuses into one Attention op (traced from SDPA it fused none on MiniLM, from eager
+    all 6: benchmarks/latency_optimized.py). The same numbers either way."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if before in (None, "eager") or not hasattr(model, "set_attn_implementation"):
+        yield model
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(before)

@@ -144,3 +144,27 @@ def test_bench_pairs_each_compressed_variant_with_its_dense_twin(tiny_bert_dir, 
     p50 = {r["model"]: r["p50_ms"] for r in latency["results"]}
     assert pairs[("compressed-int8", "dense-int8")] == pytest.approx(
         p50["dense-int8"] / p50["compressed-int8"], rel=1e-3)
+
+
+def test_encoder_export_keeps_the_attention_pattern_the_optimizer_fuses(tiny_bert_dir, tmp_path):
+    """The export traces eager attention (SDPA's graph fuses no Attention op); the model keeps
+    its own attention implementation afterwards; factored Q/K/V block the fusion."""
+    from lowrank.models import load_dense
+    from lowrank.stages.export import ExportSettings, export_onnx
+    from lowrank.stages.optimize import fusion_shape, optimize_onnx
+
+    dense = load_dense(tiny_bert_dir)
+    dense.set_attn_implementation("sdpa")
+    export_onnx(dense, tmp_path / "dense.onnx", ExportSettings())
+    assert dense.config._attn_implementation == "sdpa"
+    fused = optimize_onnx(tmp_path / "dense.onnx", tmp_path / "dense-opt.onnx",
+                          *fusion_shape(dense))["fused"]
+    assert fused.get("Attention") == dense.config.num_hidden_layers
+
+    out = tmp_path / "out"
+    lowrank.run_pipeline(lowrank.compress_spec(plan={"rank": 8}), tiny_bert_dir, out)
+    factored = lowrank.load(out)
+    export_onnx(factored, tmp_path / "lr.onnx", ExportSettings())
+    fused = optimize_onnx(tmp_path / "lr.onnx", tmp_path / "lr-opt.onnx",
+                          *fusion_shape(factored))["fused"]
+    assert "Attention" not in fused and fused.get("SkipLayerNormalization", 0) > 0

@@ -30,7 +30,7 @@ from ..backends import require
 from ..errors import InputError, ValidationError
 from ..io.files import write_json
 from ..io.samples import LABELS, is_tensor_file, num_samples, read_calibration_tensors
-from ..models import output_tensor
+from ..models import eager_attention, output_tensor
 from ..nn.adapters import lowrank_modules
 from ..pipeline.stage import Context, Stage, register_stage
 from .evaluate import is_causal_lm
@@ -194,7 +194,7 @@ def export_onnx(model: nn.Module, path: Path, settings: ExportSettings = ExportS
     else:
         outputs = [output]
         wrapper = _Wrapper(model, names, output).eval()  # export restores this mode: keep eval
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), eager_attention(model):
             warnings.simplefilter("ignore")  # tracer and deprecation chatter, not user-facing
             torch.onnx.export(wrapper, example, str(path), input_names=names, output_names=outputs,
                               dynamic_axes=axes, opset_version=settings.opset, dynamo=False,
