@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
+
 PAST = "past_key_values."
 PAD = 0  # the id written in padding: any id, since the mask hides it
 
@@ -54,7 +56,7 @@ def step_feeds(ids: np.ndarray, past: int) -> dict:
 def pad(prompts: list[list[int]], left: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(ids, attention_mask), int64 (batch, longest prompt), padded on the left or right."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise InputError("every prompt needs at least one token")
     width = max(map(len, prompts))
     ids = np.full((len(prompts), width), PAD, np.int64)
     mask = np.zeros((len(prompts), width), np.int64)

@@ -289,3 +289,26 @@ def validate_seq2seq_generation(model: nn.Module, directory: Path, prompts: list
 
 def seq2seq_prompts(model: nn.Module, seed: int) -> list[list[int]]:
     return random_prompts(model.config.vocab_size, seed)
+
+
+def hoist_shared_initializers(model) -> int:
+    """Store once, in the outer graph, each initializer that both branches of a merged decoder's
+    ``If`` hold under one name with the same content (onnxruntime's quantizer writes a branch's
+    int8 weights into that branch, so each weight would be stored twice); returns how many moved."""
+    outer = model.graph
+    taken = {i.name for i in outer.initializer} | {i.name for i in outer.input}
+    for node in outer.node:
+        branches = [a.g for a in node.attribute if node.op_type == "If" and a.g.node]
+        if len(branches) != 2:
+            continue
+        first = {i.name: i for i in branches[0].initializer}
+        second = {i.name: i for i in branches[1].initializer}
+        shared = [n for n in first if n in second and n not in taken
+                  and first[n].SerializeToString() == second[n].SerializeToString()]
+        for branch in branches:
+            kept = [i for i in branch.initializer if i.name not in shared]
+            del branch.initializer[:]
+            branch.initializer.extend(kept)
+        outer.initializer.extend(first[n] for n in shared)
+        return len(shared)
+    return 0
