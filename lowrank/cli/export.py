@@ -62,8 +62,7 @@ def export_command(model, outdir, atol, rtol, logprob_tol, opset, past, overwrit
     for v in data["validation"]:
         lm = (f"; top-1 agreement {v['top1_agreement']:.2%}, max |Δ log-prob| "
               f"{v['max_logprob_diff']:.2e}" if "top1_agreement" in v else "")
-        what = f" {v['output']}" if "output" in v else ""
-        out.print(f"input {'x'.join(map(str, v['shape']))}{what}: max abs diff {v['max_abs_diff']:.2e} = "
+        out.print(f"input {'x'.join(map(str, v['shape']))}: max abs diff {v['max_abs_diff']:.2e} = "
                   f"{v['rel_error']:.1e} × RMS {v['scale']:.3g}{lm}")
     if data["files"]:
         out.print(f"encoder-decoder: {', '.join(data['files'])} (Optimum's seq2seq layout)")

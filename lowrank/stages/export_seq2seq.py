@@ -229,9 +229,10 @@ def merge_decoders(no_past, with_past):
 
 
 def validate_seq2seq(model: nn.Module, directory: Path, settings) -> list[dict]:
-    """The encoder's output and the decoder's teacher-forced logits (no-cache branch) against
-    PyTorch on ``settings.shapes`` (batch, sequence: the text is its own decoder input, the
-    second half of rows padded in the encoder), by :func:`.export_validate.compare`.
+    """The decoder's teacher-forced logits (no-cache branch) and, under "encoder", the encoder's
+    output against PyTorch on ``settings.shapes`` (batch, sequence: the text is its own decoder
+    input, the second half of rows padded in the encoder), by :func:`.export_validate.compare`:
+    one entry per input.
 
     Raises:
         ValidationError: an entry fails the rule.
@@ -249,19 +250,18 @@ def validate_seq2seq(model: nn.Module, directory: Path, settings) -> list[dict]:
             logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids).logits
         got_hidden = engine.encode(ids.numpy(), mask.numpy())
         got = engine.decode_all(ids.numpy(), mask.numpy(), got_hidden)
-        real = np.ones(ids.shape, bool)
-        for name, have, want, lm in (("last_hidden_state", got_hidden, hidden, None),
-                                     ("logits", got, logits, real)):
-            valid = mask.numpy().astype(bool) if lm is None else None
-            have, want = (have[valid], want.numpy()[valid]) if valid is not None else \
-                (have, want.float().numpy())
-            entry = {"shape": [batch, seq], "output": name, **compare(have, want, settings, lm)}
-            entries.append(entry)
-            if not entry["ok"]:
+        real = mask.numpy().astype(bool)  # the encoder's padding is not compared
+        encoder = compare(got_hidden[real], hidden.numpy()[real], settings)
+        entry = {"shape": [batch, seq], **compare(got, logits.float().numpy(), settings,
+                                                  np.ones(ids.shape, bool)),
+                 "encoder": encoder}
+        entries.append(entry)
+        for name, v in (("last_hidden_state", encoder), ("logits", entry)):
+            if not v["ok"]:
                 raise ValidationError(
                     f"{directory}: onnxruntime's {name} differs from PyTorch on input "
-                    f"{[batch, seq]}: max abs diff {entry['max_abs_diff']:.3g} "
-                    f"({entry['rel_error']:.3g} × the output's RMS {entry['scale']:.3g}); "
+                    f"{[batch, seq]}: max abs diff {v['max_abs_diff']:.3g} "
+                    f"({v['rel_error']:.3g} × the output's RMS {v['scale']:.3g}); "
                     f"rule: {settings.rule(name == 'logits')}")
     return entries
 
