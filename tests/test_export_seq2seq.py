@@ -13,7 +13,7 @@ import torch
 from onnx import numpy_helper
 
 import lowrank
-from lowrank.errors import ValidationError
+from lowrank.errors import InputError, ValidationError
 from lowrank.generate import engine, generate_batch
 from lowrank.generate_seq2seq import DECODER_FILE, ENCODER_FILE
 from lowrank.pipeline import PipelineSpec
@@ -126,6 +126,8 @@ def test_t5_exports_and_generates_like_pytorch(tmp_path):
         pad_token_id=0, decoder_start_token_id=0, eos_token_id=1, initializer_factor=2.0)).eval()
     lowrank.factorize_(model, {"encoder.block.0.layer.1.DenseReluDense.wi.weight": 8,
                                "decoder.block.1.layer.2.DenseReluDense.wo.weight": 8})
+    with pytest.raises(InputError, match="with its cache only"):
+        export_onnx(model, tmp_path / "model.onnx", ExportSettings(cache=False))
     result = export_onnx(model, tmp_path / "model.onnx")
     assert result.factors["factors"] == 4
     assert all(g["match_length"] == g["tokens"] for g in result.generation)

@@ -90,7 +90,10 @@ def export_onnx(model: nn.Module, path: Path, settings: ExportSettings | None = 
 
     settings = settings or ExportSettings()
     model = model.eval()
-    if settings.cache and takes_seq2seq_cache(model, inputs):
+    if takes_seq2seq_cache(model, inputs):
+        if not settings.cache:
+            raise InputError("an encoder-decoder model is exported with its cache only "
+                             "(drop --no-past / [export] cache = false)")
         return export_seq2seq(model, path.parent, settings)
     names, output, feeds = signature(model, inputs)
     if feeds is None:

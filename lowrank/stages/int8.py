@@ -131,8 +131,10 @@ def _run(ctx: Context, settings: Int8Settings, export: OnnxArtifact, calibrate=N
             raise InputError("int8 of an encoder-decoder export is dynamic only (its encoder "
                              "and decoder would need calibration inputs each)")
         else:  # an encoder-decoder export: each file on its own
-            info = {f.name: quantize_int8(f, Path(scratch.name) / f.name, settings)
-                    for f in sorted(export.directory.glob("*.onnx"))}
+            files = {f.name: quantize_int8(f, Path(scratch.name) / f.name, settings)
+                     for f in sorted(export.directory.glob("*.onnx"))}
+            info = {**next(iter(files.values())), "bytes": sum(i["bytes"] for i in files.values()),
+                    "files": {name: i["bytes"] for name, i in files.items()}}
         advance("quantized")
     return OnnxArtifact(Path(scratch.name), info, scratch)
 
