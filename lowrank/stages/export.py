@@ -147,7 +147,7 @@ def export_seq2seq(model: nn.Module, directory: Path, settings: ExportSettings) 
     result.generation = validate_seq2seq_generation(
         model, directory, random_prompts(vocab_size(model), settings.seed + 2),
         settings.new_tokens, settings.logprob_tol)
-    result.bytes = sum(p.stat().st_size for p in paths)
+    result.bytes = sum(f.stat().st_size for name in files for f in directory.glob(name + "*"))
     return result
 
 

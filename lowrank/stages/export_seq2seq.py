@@ -161,7 +161,10 @@ def write_seq2seq(model: nn.Module, directory: Path, opset: int, seed: int = 0) 
     start, eos = decoder_start(model.config)
     onnx.helper.set_model_props(merged, {"decoder_start_token_id": str(start),
                                          "eos_token_id": str(eos)})
-    onnx.save(merged, str(directory / DECODER_FILE))
+    big = sum(p.numel() * p.element_size() for p in model.parameters()) > 2 * 1024**3
+    # protobuf's 2 GB limit: the weights next to the graph (the exporter does so for the encoder)
+    onnx.save(merged, str(directory / DECODER_FILE), save_as_external_data=big,
+              all_tensors_to_one_file=True, location=DECODER_FILE + "_data")
     return {ENCODER_FILE: {"inputs": ["input_ids", "attention_mask"],
                            "outputs": ["last_hidden_state"]},
             DECODER_FILE: {"inputs": [i.name for i in merged.graph.input],
