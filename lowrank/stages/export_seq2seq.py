@@ -11,7 +11,9 @@ Two files in one directory, named and laid out as Optimum's ``text2text-generati
   ``past_key_values.N.decoder.key``/``.value`` (batch_size, heads, past_decoder_sequence_length,
   head_dim) and ``past_key_values.N.encoder.key``/``.value`` (batch_size, heads,
   encoder_sequence_length_out, head_dim), and ``use_cache_branch`` (bool, shape [1]); outputs
-  ``logits`` then ``present.N.decoder.key``/``.value``, ``present.N.encoder.key``/``.value``.
+  ``logits`` (batch_size, decoder_sequence_length, vocab) then ``present.N.decoder.key``/``.value``
+  (batch_size, heads, present_decoder_sequence_length, head_dim), ``present.N.encoder.key``/
+  ``.value`` (batch_size, heads, encoder_sequence_length_out, head_dim).
 
 The merged decoder is Optimum's: an ``If`` on ``use_cache_branch`` between two traced graphs that
 share one set of initializers. False (first step): the past inputs are ignored (feed any shape,
@@ -29,6 +31,7 @@ EncoderDecoderCache, token for token up to a near tie (:func:`lowrank.generate.l
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -47,7 +50,6 @@ from ..generate_seq2seq import (
     decoder_start,
 )
 from .evaluate import is_seq2seq
-from .export_decoder import random_prompts
 from .export_validate import compare
 
 KINDS = ("decoder", "encoder")  # self-attention cache, cross-attention cache
@@ -147,9 +149,11 @@ def write_seq2seq(model: nn.Module, directory: Path, opset: int, seed: int = 0) 
             "encoder_hidden_states": enc_axes}
     hidden = torch.randn(batch, enc_len, _hidden(model), generator=generator)
     dec_ids = torch.randint(0, model.config.vocab_size, (batch, dec_len), generator=generator)
-    cache_axes = {n: {0: "batch_size", 2: f"{n}_length"} for n in past + present}
-    with warnings.catch_warnings(), _scratch() as tmp:
-        warnings.simplefilter("ignore")
+    cache_axes = {n: {0: "batch_size", 2: "encoder_sequence_length_out" if ".encoder." in n
+                      else "past_decoder_sequence_length"} for n in past}
+    cache_axes |= {n: {0: "batch_size", 2: f"{n}_length"} for n in present}  # set by the merge
+    with tempfile.TemporaryDirectory(prefix="lowrank-seq2seq-") as scratch:
+        tmp = Path(scratch)  # the two decoders, before they are merged
         _export(_Decoder(model), (dec_ids, mask, hidden), tmp / "no_past.onnx", head,
                 ["logits", *present], axes | cache_axes, opset)
         cache = [torch.randn(batch, h, past_len if i % 4 < 2 else enc_len, d, generator=generator)
@@ -169,15 +173,6 @@ def write_seq2seq(model: nn.Module, directory: Path, opset: int, seed: int = 0) 
                            "outputs": ["last_hidden_state"]},
             DECODER_FILE: {"inputs": [i.name for i in merged.graph.input],
                            "outputs": [o.name for o in merged.graph.output]}}
-
-
-def _scratch():
-    import tempfile
-
-    class _Dir(tempfile.TemporaryDirectory):
-        def __enter__(self):
-            return Path(super().__enter__())
-    return _Dir(prefix="lowrank-seq2seq-")
 
 
 def _rename_inputs(graph, renames: dict[str, str]) -> None:
@@ -208,7 +203,7 @@ def merge_decoders(no_past, with_past):
         dims = [d.dim_value or d.dim_param
                 for d in out.type.tensor_type.shape.dim]
         if out.name.startswith("present."):
-            dims[2] = "present_sequence_length" if ".decoder." in out.name else \
+            dims[2] = "present_decoder_sequence_length" if ".decoder." in out.name else \
                 "encoder_sequence_length_out"
         outputs.append(helper.make_tensor_value_info(out.name, out.type.tensor_type.elem_type,
                                                      dims))
@@ -288,10 +283,6 @@ def validate_seq2seq_generation(model: nn.Module, directory: Path, prompts: list
             f"{bad['prompt_length']} tokens): PyTorch prefers its token by {bad['gap']:.3g} "
             f"nats (> {tie_tol:g})")
     return entries
-
-
-def seq2seq_prompts(model: nn.Module, seed: int) -> list[list[int]]:
-    return random_prompts(model.config.vocab_size, seed)
 
 
 def hoist_shared_initializers(model) -> int:
