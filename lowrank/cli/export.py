@@ -26,8 +26,9 @@ from .console import emit_json, json_option, model_factory_option, out, resolve_
               "at ties this close.")
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--past/--no-past", default=True, show_default=True,
-              help="Causal LMs: export with the KV cache (Optimum's text-generation-with-past "
-              "inputs and outputs) and check greedy decoding against PyTorch.")
+              help="Causal LMs and encoder-decoder models: export with the KV cache (Optimum's "
+              "text-generation-with-past / seq2seq layouts) and check greedy decoding against "
+              "PyTorch.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUTDIR.")
 @model_factory_option
 @click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False),
@@ -36,8 +37,10 @@ from .console import emit_json, json_option, model_factory_option, out, resolve_
 @json_option
 def export_command(model, outdir, atol, rtol, logprob_tol, opset, past, overwrite, model_factory,
                    inputs_file, json_out):
-    """Export MODEL (an HF directory or a lowrank output) to OUTDIR/model.onnx and validate it
-    against PyTorch on three random inputs; exit 4 when they differ beyond the rule."""
+    """Export MODEL (an HF directory or a lowrank output) to OUTDIR/model.onnx (encoder-decoder
+    models: OUTDIR/encoder_model.onnx + decoder_model_merged.onnx) and validate it against
+    PyTorch on three random inputs (and greedy decoding with the cache); exit 4 when they differ
+    beyond the rule."""
     source = Path(resolve_model(model))
     outdir = Path(outdir)
     check_output_path(outdir, [source], overwrite)
@@ -51,7 +54,7 @@ def export_command(model, outdir, atol, rtol, logprob_tol, opset, past, overwrit
         result = export_onnx(network, tmp / "model.onnx", settings, inputs)
         advance("validated")
         data = {k: v for k, v in result.to_json().items() if k != "path"}
-        data["path"] = str(outdir / "model.onnx")
+        data["path"] = str(outdir / result.path.name)
         write_json(tmp / "export.json", data)
     if emit_json(data, json_out):
         return
@@ -61,6 +64,8 @@ def export_command(model, outdir, atol, rtol, logprob_tol, opset, past, overwrit
               f"{v['max_logprob_diff']:.2e}" if "top1_agreement" in v else "")
         out.print(f"input {'x'.join(map(str, v['shape']))}: max abs diff {v['max_abs_diff']:.2e} = "
                   f"{v['rel_error']:.1e} × RMS {v['scale']:.3g}{lm}")
+    if data["files"]:
+        out.print(f"encoder-decoder: {', '.join(data['files'])} (Optimum's seq2seq layout)")
     for g in data["generation"]:
         out.print(f"greedy with the KV cache, prompt of {g['prompt_length']} tokens: "
                   f"{g['match_length']} of {g['tokens']} tokens equal to PyTorch's")

@@ -1,5 +1,7 @@
-"""`lowrank generate MODEL "prompt"`: a continuation from an ONNX decoder (with its KV cache) or
-a PyTorch causal LM directory, through the same loop (:mod:`lowrank.generate`)."""
+"""`lowrank generate MODEL "prompt" ["prompt" ...]`: continuations from an ONNX export (a decoder
+with its KV cache, or an encoder-decoder export: encoder_model.onnx + decoder_model_merged.onnx)
+or a PyTorch model directory, through the same loop (:mod:`lowrank.generate`); several prompts
+run as one batch."""
 
 from __future__ import annotations
 
@@ -8,9 +10,10 @@ from pathlib import Path
 import click
 
 from ..errors import InputError
-from ..generate import generate_tokens, is_decoder_session, onnx_session
+from ..generate import engine, generate_tokens, is_decoder_session, onnx_session
+from ..generate_seq2seq import OnnxSeq2Seq, TorchSeq2Seq, seq2seq_files
 from ..load import load_any
-from ..stages.evaluate import is_causal_lm
+from ..stages.evaluate import is_causal_lm, is_seq2seq
 from .console import emit_json, json_option, out, resolve_model
 
 
@@ -21,7 +24,7 @@ def find_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     path = Path(path)
-    places = [path] if path.is_dir() else [path.parent, path.parent.parent]
+    places = [path, path.parent] if path.is_dir() else [path.parent, path.parent.parent]
     for place in places:
         if any((place / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
             return AutoTokenizer.from_pretrained(place, local_files_only=True)
@@ -29,24 +32,39 @@ def find_tokenizer(path: str | Path):
 
 
 def load_engine(path: str | Path):
-    """(model or session, tokenizer) for an ONNX decoder file or a PyTorch model directory (an
-    HF causal LM or a lowrank output of one)."""
+    """(engine, tokenizer) for an ONNX export (a decoder file; an encoder-decoder export's
+    directory or either of its files) or a PyTorch model directory (an HF causal LM or
+    encoder-decoder model, or a lowrank output of one)."""
     path = Path(path)
+    if seq2seq_files(path):
+        return engine(path), find_tokenizer(path)
     if path.is_file():
         session = onnx_session(path)
         if not is_decoder_session(session):
             raise InputError(f"{path}: not a decoder with a KV cache (past_key_values.* inputs); "
                              f"export the causal LM with `lowrank export`")
-        return session, find_tokenizer(path)
+        return engine(session), find_tokenizer(path)
     model = load_any(path)
-    if not is_causal_lm(model):
-        raise InputError(f"{path}: not a causal LM (generation needs one)")
-    return model, find_tokenizer(path)
+    if not (is_causal_lm(model) or is_seq2seq(model)):
+        raise InputError(f"{path}: not a causal LM or encoder-decoder model (generation needs one)")
+    return engine(model), find_tokenizer(path)
+
+
+def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str]:
+    """The positional prompts, then the file's non-empty lines."""
+    found = list(prompts)
+    if prompts_file:
+        found += [line for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+    if not found:
+        raise click.UsageError("give a PROMPT or --prompts-file")
+    return found
 
 
 @click.command("generate")
 @click.argument("model")
-@click.argument("prompt")
+@click.argument("prompts", nargs=-1)
+@click.option("--prompts-file", type=click.Path(dir_okay=False, exists=True),
+              help="More prompts, one a line; all prompts run as one batch.")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0,
@@ -55,13 +73,20 @@ def load_engine(path: str | Path):
               help="With --sample: only the K likeliest tokens (0: all).")
 @click.option("--seed", type=int, default=0, show_default=True, help="With --sample.")
 @json_option
-def generate_command(model, prompt, max_new_tokens, sample, temperature, top_k, seed, json_out):
-    """Continue PROMPT with MODEL: an exported decoder (OUTPUT/onnx/model.onnx; tokenizer from
-    OUTPUT) or an HF causal LM / lowrank output directory (PyTorch)."""
-    engine, tokenizer = load_engine(resolve_model(model))
-    ids = generate_tokens(engine, tokenizer, prompt, max_new_tokens, sample, temperature, top_k,
-                          seed)
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    if emit_json({"prompt": prompt, "continuation": text, "new_tokens": ids}, json_out):
+def generate_command(model, prompts, prompts_file, max_new_tokens, sample, temperature, top_k,
+                     seed, json_out):
+    """Continue each PROMPT with MODEL: an export (OUTPUT/onnx/model.onnx, or an encoder-decoder
+    model's OUTPUT/onnx directory; tokenizer from OUTPUT) or an HF causal LM / encoder-decoder /
+    lowrank output directory (PyTorch). Several prompts are generated as one batch (left
+    padding for decoders), each stopping at EOS."""
+    texts = read_prompts(prompts, prompts_file)
+    lm, tokenizer = load_engine(resolve_model(model))
+    new = generate_tokens(lm, tokenizer, texts, max_new_tokens, sample, temperature, top_k, seed)
+    results = [{"prompt": p, "continuation": tokenizer.decode(ids, skip_special_tokens=True),
+                "new_tokens": ids} for p, ids in zip(texts, new)]
+    if emit_json(results[0] if len(results) == 1 else {"generations": results}, json_out):
         return
-    out.print(prompt + text, highlight=False, markup=False)
+    seq2seq = isinstance(lm, (OnnxSeq2Seq, TorchSeq2Seq))  # writes anew, not a continuation
+    for r in results:
+        text = r["continuation"] if seq2seq else r["prompt"] + r["continuation"]
+        out.print(text, highlight=False, markup=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from ..errors import InputError
 from ..io.samples import is_tensor_file, read_calibration_tensors
 from ..pipeline.stage import Context, Stage, json_loader, json_saver, register_stage
 from ..timing import BenchSettings, bench
@@ -23,6 +24,9 @@ TWINS = (("compressed", "dense"), ("compressed-optimized", "dense-optimized"),
 def _run(ctx: Context, settings: BenchSettings, export: OnnxArtifact, int8=None,
          calibrate=None, optimize=None) -> dict:
     """Dense vs compressed ONNX (optimized and int8 versions too when the pipeline makes them)."""
+    if not export.path.is_file():  # an encoder-decoder export: encoder + merged decoder
+        raise InputError("latency benchmarks (--bench): not supported yet for an encoder-decoder "
+                         "export")
     dense = ctx.models.dense()
     example = (calibrate.settings.calibration_file
                if calibrate is not None and ctx.models.factory is not None

@@ -28,11 +28,14 @@ from ..models import Models
 from ..pipeline.stage import Context, Stage, register_stage
 from ..timing import machine
 from .export import OnnxArtifact, load_onnx, onnx_scratch, save_onnx, write_onnx
+from .export_seq2seq import hoist_shared_initializers
 
 FORMATS = ("dynamic", "static")
 # Shape inference cannot type the outputs of onnxruntime's fused contrib ops (an optimized
 # graph: lowrank.stages.optimize); everything lowrank exports is float32.
 FUSED_GRAPH_TYPES = {"DefaultTensorType": 1}  # onnx.TensorProto.FLOAT
+# A merged decoder (encoder-decoder export) computes inside the branches of an If.
+DYNAMIC_OPTIONS = FUSED_GRAPH_TYPES | {"EnableSubgraph": True}
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,8 @@ def quantize_int8(source: Path, target: Path, settings: Int8Settings = Int8Setti
         if settings.format == "dynamic":
             quantize_dynamic(str(prepared), str(target), per_channel=settings.per_channel,
                              reduce_range=reduce_range, weight_type=QuantType.QInt8,
-                             extra_options=FUSED_GRAPH_TYPES)
+                             extra_options=DYNAMIC_OPTIONS)
+            _share_branch_weights(Path(target))
         else:
             if not calibration_feeds:
                 raise InputError("static int8 quantization needs calibration inputs")
@@ -93,6 +97,14 @@ def quantize_int8(source: Path, target: Path, settings: Int8Settings = Int8Setti
                             weight_type=QuantType.QInt8, extra_options=FUSED_GRAPH_TYPES)
     return {"format": settings.format, "per_channel": settings.per_channel,
             "reduce_range": reduce_range, "bytes": Path(target).stat().st_size}
+
+
+def _share_branch_weights(path: Path) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    if hoist_shared_initializers(proto):
+        onnx.save(proto, str(path))
 
 
 def int8_feeds(models: Models, settings: Int8Settings, calibration_file: str | None):
@@ -112,8 +124,17 @@ def _run(ctx: Context, settings: Int8Settings, export: OnnxArtifact, calibrate=N
     export = optimize or export  # quantize the fused graph when the pipeline optimizes
     scratch = onnx_scratch(ctx, "int8")
     with ctx.track("int8", 1) as advance:
-        info = quantize_int8(export.path, Path(scratch.name) / "model.onnx", settings,
-                             int8_feeds(ctx.models, settings, source))
+        if export.path.is_file():
+            info = quantize_int8(export.path, Path(scratch.name) / "model.onnx", settings,
+                                 int8_feeds(ctx.models, settings, source))
+        elif settings.format != "dynamic":
+            raise InputError("int8 of an encoder-decoder export is dynamic only (its encoder "
+                             "and decoder would need calibration inputs each)")
+        else:  # an encoder-decoder export: each file on its own
+            files = {f.name: quantize_int8(f, Path(scratch.name) / f.name, settings)
+                     for f in sorted(export.directory.glob("*.onnx"))}
+            info = {**next(iter(files.values())), "bytes": sum(i["bytes"] for i in files.values()),
+                    "files": {name: i["bytes"] for name, i in files.items()}}
         advance("quantized")
     return OnnxArtifact(Path(scratch.name), info, scratch)
 

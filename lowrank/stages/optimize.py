@@ -67,6 +67,9 @@ def fusion_shape(model) -> tuple[str, int, int]:
 def _run(ctx: Context, settings: OptimizeSettings, export: OnnxArtifact,
          factorize: LowRankCheckpoint, recover=None) -> OnnxArtifact:
     final = recover or factorize
+    if not export.path.is_file():  # an encoder-decoder export: encoder + merged decoder
+        raise InputError("graph optimization (--optimize): not supported yet for an encoder-decoder "
+                         "export")
     model = ctx.models.compressed(final.tensors, final.layers)
     model_type, heads, hidden = fusion_shape(model)
     if settings.model_type != "auto":
