@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_lm import DATA, score  # noqa: E402  (a script beside this one)
+from quality_lm import DATA, score  # a script beside this one
 
 
 def main():
