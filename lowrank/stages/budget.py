@@ -60,8 +60,8 @@ def train_steps(params: list[torch.nn.Parameter], step_loss: Callable[[int], tor
             elif step <= PROBE_STEPS:
                 step_s = (now - timed_from) / (step - 1)
                 total[0] = steps_to_fit(start + seconds - now, step_s, step)
-            elif now - start > seconds:  # the machine slowed down: stop at the budget
-                total[0] = step
+            elif now - start + (now - timed_from) / (step - 1) > seconds + 1e-9:
+                total[0] = step  # the machine slowed down: the next step would overrun
         if on_step:
             on_step(step, total[0], losses[-1])
     return losses
