@@ -113,15 +113,25 @@ def test_cli_recovers_a_causal_lm_blockwise_within_minutes(tiny_llama_dir, tmp_p
     out = tmp_path / "out"
     result = invoke("compress", tiny_llama_dir, out, "--rank", "8", "--calibration", text,
                     "--calibration-samples", "64", "--recover", "lora",
-                    "--recover-minutes", "0.5", "--recover-steps", "3", "--recover-batch-size", "8",
+                    "--recover-mode", "blockwise", "--recover-minutes", "0.5", "--recover-steps", "3",
+                    "--recover-batch-size", "8",
                     "--json",
                     tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     recovery = json.loads((tmp_path / "r.json").read_text())["recovery"]
-    assert recovery["mode"] == "blockwise"  # the default for causal LMs
+    assert recovery["mode"] == "blockwise"
     assert recovery["settings"]["calibration_file"] == str(text)
     assert recovery["settings"]["minutes"] == 0.5  # recorded, but explicit steps win:
     assert recovery["block_steps"] == 2 * 3 and recovery["steps"] == 3  # per block, then 3
     assert recovery["tokens_per_second"] > 0
     assert [b["block"] for b in recovery["blocks"]] == ["model.layers.0", "model.layers.1"]
     assert lowrank.load(out)(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("bad", [{"mode": "layerwise"}, {"minutes": 0}, {"final_share": 1.0}])
+def test_bad_recovery_settings_are_one_line_errors(bad):
+    from lowrank.errors import InputError
+
+    with pytest.raises(InputError):
+        RecoverSettings(**bad)
+    assert RecoverSettings(mode="blockwise").mode == "blockwise"

@@ -93,7 +93,7 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
 @click.option("--recover-mode", type=click.Choice(["auto", "blockwise", "end-to-end"]),
               help="blockwise: each block trained to match the dense block on cached inputs, "
               "then a short end-to-end pass; end-to-end: the whole model's output (default auto: "
-              "blockwise for causal LMs, end-to-end otherwise, as measured best).")
+              "end-to-end, measured best so far; see reports/recovery-minutes.md).")
 @click.option("--recover-lr", type=float,
               help="Learning rate (default 3e-3 for adapters, 3e-4 for factors).")
 @click.option("--recover-rank", type=int, help="LoRA rank (default 32).")
