@@ -86,7 +86,14 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
 @click.option("--recover", "recover_method", type=click.Choice(["lora", "orthogonal", "factors"]),
               help="Recover accuracy by distillation from the dense model (needs an HF "
               "directory): LoRA or orthogonal adapters on the factors, or the factors themselves.")
-@click.option("--recover-steps", type=int, help="Training steps (default 300).")
+@click.option("--recover-minutes", type=float, help="Training time budget in minutes: the "
+              "steps are chosen to fit it (default 3).")
+@click.option("--recover-steps", type=int, help="Training steps instead of a time budget "
+              "(per block in block-wise mode).")
+@click.option("--recover-mode", type=click.Choice(["auto", "blockwise", "end-to-end"]),
+              help="blockwise: each block trained to match the dense block on cached inputs, "
+              "then a short end-to-end pass; end-to-end: the whole model's output (default auto: "
+              "end-to-end, measured best so far; see reports/recovery-minutes.md).")
 @click.option("--recover-lr", type=float,
               help="Learning rate (default 3e-3 for adapters, 3e-4 for factors).")
 @click.option("--recover-rank", type=int, help="LoRA rank (default 32).")
@@ -138,7 +145,8 @@ def compress_command(model, output, cache_dir, no_cache, overwrite, json_out, wo
         plan=take(flags, *PLAN_KEYS), calibration=calibration_settings(flags),
         factorize={**take(flags, "method", "seed", "oversample", "niter"),
                    **({"split_fused": True} if flags.pop("split_fused") else {})},
-        recover=take(flags, steps="recover_steps", lr="recover_lr", rank="recover_rank",
+        recover=take(flags, steps="recover_steps", minutes="recover_minutes",
+                     mode="recover_mode", lr="recover_lr", rank="recover_rank",
                      alpha="recover_alpha", batch_size="recover_batch_size",
                      samples="recover_samples", seed="recover_seed",
                      calibration_file="recover_text"),

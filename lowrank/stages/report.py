@@ -128,8 +128,12 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                          f"{g['tokens']} tokens{greedy}"))
     if "recovery" in report:
         r = report["recovery"]
-        rows.append(("recovery", f"{r['method']}, {r['settings']['steps']} steps: held-out loss "
-                     f"{r['heldout_loss_before']:.4f} → {r['heldout_loss_after']:.4f}"))
+        blocks = f"{r['block_steps']} block steps + " if r.get("block_steps") else ""
+        speed = f", {r['tokens_per_second']:.0f} tokens/s" if r.get("tokens_per_second") else ""
+        rows.append(("recovery", (f"{r['method']} {r.get('mode', 'end-to-end')}, {blocks}"
+                                  f"{r.get('steps', r['settings']['steps'])} steps in "
+                                  f"{r['seconds']:.0f} s{speed}: held-out loss "
+                                  f"{r['heldout_loss_before']:.4f} → {r['heldout_loss_after']:.4f}")))
     if "export" in report:
         e = report["export"]
         worst = max(e["validation"], key=lambda v: v["rel_error"])

@@ -21,7 +21,7 @@ from ..nn.swap import swap_lowrank_
 from .calibrate import ActivationStats, collect_stats, seq2seq_inputs
 
 
-def _blocks_prefix(model: nn.Module) -> str | None:
+def blocks_prefix(model: nn.Module) -> str | None:
     """Name of the largest ModuleList (e.g. ``encoder.layer``), None when there is none."""
     lists = [(len(m), n) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n]
     return max(lists)[1] if lists else None
@@ -46,7 +46,7 @@ def execution_groups(model: nn.Module, inputs: dict, names: list[str]) -> list[l
     finally:
         for h in handles:
             h.remove()
-    prefix = _blocks_prefix(model)
+    prefix = blocks_prefix(model)
 
     def group_of(name: str) -> str:
         if prefix and name.startswith(prefix + "."):
