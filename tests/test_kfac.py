@@ -61,7 +61,7 @@ def test_shrinkage_keeps_a_rank_deficient_output_gram_finite():
     assert torch.linalg.eigvalsh(stats.out_grams["w"]).min() < 1e-10
     assert torch.linalg.eigvalsh(shrink(stats.out_grams["w"], 0.05)).min() > 0
     wt = make_weighting("w", stats, "kfac", shrinkage=0.05)
-    A, B, energy, error = factorize_matrix(w, 8, "exact", weighting=wt)
+    A, B, _, error = factorize_matrix(w, 8, "exact", weighting=wt)
     assert torch.isfinite(A).all() and torch.isfinite(B).all() and 0 < error < 1
     # Unshrunk, the inverse square root of G_g does not exist: the factors blow up.
     bare = make_weighting("w", stats, "kfac", shrinkage=0.0)

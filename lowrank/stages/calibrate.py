@@ -65,6 +65,9 @@ class CalibrateSettings:
     # Fisher) or the "real" next tokens (the empirical Fisher; causal LMs only).
     kfac_shrinkage: float = 0.05
     kfac_labels: str = "sampled"
+    # Backward passes on the first N samples only: the out × out Grams cost as much as the
+    # input ones and the backward twice the forward; with shrinkage, fewer tokens do.
+    kfac_samples: int = 64
     # Linear-input statistics: "keep" every token, "skip-first" drop each sequence's first
     # token, or "clip" each token's input norm at outlier_factor × the batch's median norm.
     outliers: str = "keep"
@@ -81,8 +84,9 @@ class CalibrateSettings:
         if self.outliers not in OUTLIERS or not self.outlier_factor >= 1:
             raise InputError(f"outliers must be one of {', '.join(OUTLIERS)} (outlier factor "
                              f">= 1), got {self.outliers!r}")
-        if self.samples < 1 or self.max_length < 1 or self.batch_size < 1:
-            raise InputError("calibration samples, max_length and batch_size must be >= 1")
+        if min(self.samples, self.max_length, self.batch_size, self.kfac_samples) < 1:
+            raise InputError("calibration samples, max_length, batch_size and kfac_samples must "
+                             "be >= 1")
 
 
 @dataclass
@@ -185,11 +189,13 @@ def collect_stats(model: nn.Module, tokenizer, data: Samples, settings: Calibrat
                 recorder.mask = _statistics_mask(mask, settings.outliers)
                 first = next(iter(inputs.values()))
                 stats.tokens += int(mask.sum()) if mask is not None else first.shape[0]
-                if gradients is not None:
+                backward = gradients is not None and done < settings.kfac_samples
+                if backward:
                     gradients.mask = recorder.mask
-                out = model(**seq2seq_inputs(model, inputs, mask),
-                            **({"output_hidden_states": True} if kind == "hidden" else {}))
-                if gradients is not None:
+                with torch.set_grad_enabled(backward):
+                    out = model(**seq2seq_inputs(model, inputs, mask),
+                                **({"output_hidden_states": True} if kind == "hidden" else {}))
+                if backward:
                     real = inputs.get("input_ids") if settings.kfac_labels == "real" else None
                     objective, _ = sampled_objective(out, mask, kind, gen, real)
                     if objective.requires_grad:

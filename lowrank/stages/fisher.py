@@ -83,7 +83,8 @@ class OutputGradients:
 
     def _hook(self, name: str):
         def hook(module, args, out):
-            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            if not torch.is_grad_enabled() or not isinstance(out, torch.Tensor) \
+                    or not out.is_floating_point():
                 return None
             if not out.requires_grad:  # nothing upstream needs a gradient: start the graph here
                 out = out.detach().requires_grad_()
