@@ -7,6 +7,12 @@ Data-aware weighting: which matrix Y to truncate instead of W, and how to map ba
   the top eigenvectors of W G Wᵀ, and A = U_r, B = U_rᵀ·W minimizes the output error
   Σ‖(W − AB)x‖² over the calibration tokens (equal to SVD-LLM's Cholesky whitening, with no
   inverse, so a rank-deficient G is fine).
+- ``kfac`` (Linear, two-sided): Y = G_g^½·W·G_x^½ with G_x = Σ x xᵀ and G_g = Σ g gᵀ the
+  Gram of the gradients g = ∂loss/∂y of the layer's outputs (shrunk toward a multiple of I:
+  :func:`shrink`). ‖G_g^½(W − AB)G_x^½‖_F² is the Kronecker-factored (KFAC) Fisher estimate
+  of the loss a weight change causes; with U_r the top-r left singular vectors of Y, A =
+  G_g^{-½}U_r, B = U_rᵀG_g^½W minimizes it. Only the output side is inverted (the shrinkage
+  keeps it well conditioned); without a G_g (no gradient seen) it is ``whiten``.
 - ``scale`` (Linear, ASVD-style): Y = W·diag(s), s = mean|x|^α per input channel; A = U√Σ,
   B = √Σ·Vh·diag(1/s).
 - ``rows`` (Embedding): Y = diag(d)·W, d = √(token count + smoothing), so frequent rows are
@@ -33,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("whiten", "scale")
+METHODS = ("whiten", "kfac", "scale")
 SVD_METHODS = ("auto", "gram", "exact", "randomized")
 # Float64 blocks of the Gram and projection passes hold at most this many elements (32 MB): a
 # float64 copy of a whole big matrix would double the memory the run needs.
@@ -42,8 +48,13 @@ BLOCK_ELEMENTS = 1 << 22
 
 @dataclass(frozen=True)
 class Weighting:
-    kind: str  # "whiten" | "scale" | "rows"
+    kind: str  # "whiten" | "kfac" | "scale" | "rows"
     factor: torch.Tensor  # G^½ (in × in) | s (in,) | d (rows,), float64
+    left: torch.Tensor | None = None  # kfac: G_g^½ (out × out), float64
+
+    def one_sided(self) -> Weighting:
+        """This weighting without its output side (kfac → whiten): for row blocks of W."""
+        return Weighting("whiten", self.factor) if self.kind == "kfac" else self
 
 
 def psd_sqrt(g: torch.Tensor, device: str | None = None) -> torch.Tensor:
@@ -54,9 +65,17 @@ def psd_sqrt(g: torch.Tensor, device: str | None = None) -> torch.Tensor:
     return ((vecs * vals.clamp(min=0).sqrt()) @ vecs.T).to(g.device)
 
 
+def shrink(g: torch.Tensor, amount: float) -> torch.Tensor:
+    """(1 − amount)·G + amount·(tr G / n)·I: positive definite unless G = 0, scale kept."""
+    n = g.shape[0]
+    out = g * (1 - amount)
+    out.diagonal().add_(amount * float(g.diagonal().sum()) / n)
+    return out
+
+
 def make_weighting(name: str, stats, method: str = "whiten", alpha: float = 0.5,
                    smoothing: float = 1.0, cols: int | None = None,
-                   sqrt=psd_sqrt) -> Weighting | None:
+                   sqrt=psd_sqrt, shrinkage: float = 0.05) -> Weighting | None:
     """The weighting for tensor ``name`` from :class:`~lowrank.stages.calibrate.ActivationStats`, or
     None when the calibration saw no data for it (plain SVD then). ``sqrt`` computes G^½
     (:meth:`~lowrank.stages.calibrate.ActivationStats.weighting` passes a memoized one)."""
@@ -64,8 +83,12 @@ def make_weighting(name: str, stats, method: str = "whiten", alpha: float = 0.5,
         counts = stats.token_counts[name]
         return Weighting("rows", (counts + smoothing).sqrt())
     if name in stats.grams and (cols is None or stats.grams[name].shape[0] == cols):
-        if method == "whiten":
-            return Weighting("whiten", sqrt(stats.grams[name]))
+        if method in ("whiten", "kfac"):
+            right = sqrt(stats.grams[name])
+            out_gram = getattr(stats, "out_grams", {}).get(name)
+            if method == "whiten" or out_gram is None or not float(out_gram.diagonal().sum()) > 0:
+                return Weighting("whiten", right)
+            return Weighting("kfac", right, sqrt(shrink(out_gram, shrinkage)))
         if method == "scale":
             mean_abs = stats.abs_sums[name] / max(stats.tokens, 1)
             return Weighting("scale", mean_abs.clamp(min=1e-8) ** alpha)
@@ -77,6 +100,8 @@ def weighted(w: torch.Tensor, wt: Weighting) -> torch.Tensor:
     f = wt.factor.to(w.device, w.dtype)
     if wt.kind == "whiten":
         return w @ f
+    if wt.kind == "kfac":
+        return wt.left.to(w.device, w.dtype) @ w @ f
     if wt.kind == "scale":
         return w * f
     return f[:, None] * w
@@ -87,6 +112,9 @@ def factors_from_svd(w, wt: Weighting, U, S, Vh):
     root = S.sqrt()
     if wt.kind == "whiten":
         return U.contiguous(), (U.T @ w).contiguous()
+    if wt.kind == "kfac":  # A = G_g^{-½}U: a solve (G_g^½ is positive definite once shrunk)
+        left = wt.left.to(w.device, w.dtype)
+        return torch.linalg.solve(left, U).contiguous(), (U.T @ (left @ w)).contiguous()
     f = wt.factor.to(w.device, w.dtype)
     if wt.kind == "scale":
         return (U * root).contiguous(), ((root[:, None] * Vh) / f).contiguous()
@@ -238,7 +266,9 @@ def factorize_split(w: torch.Tensor, sizes: list[int], rank: int, method: str = 
     """:func:`factorize_matrix` of each block of rows of ``w`` (``sizes``: a fused projection's
     q, k, v or gate, up) at ``rank`` each: A (m × r) stacks the blocks' A_i, B (k·r × n)
     their B_i, and row block i of W is A_i·B_i (a block-diagonal A, stored without its zeros).
-    Energy and error are those of the whole matrix."""
+    Energy and error are those of the whole matrix. A kfac weighting is used one-sided here
+    (its output Gram spans all the blocks' rows)."""
+    weighting = weighting.one_sided() if weighting is not None else None
     parts = [factorize_matrix(block, rank, method, seed + i, oversample, niter, weighting)
              for i, block in enumerate(w.split(sizes))]
     A, B = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

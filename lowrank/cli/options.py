@@ -39,8 +39,13 @@ calibration_options = options(
                  "FILE, the calibration text shipped with lowrank."),
     click.option("--calibration-samples", type=int, help="Calibration lines to use (default 256)."),
     click.option("--max-length", type=int, help="Tokens per calibration sample (default 128)."),
-    click.option("--data-method", type=click.Choice(["whiten", "scale"]),
-                 help="Data-aware method: whiten (output-optimal, default) or scale (ASVD-style)."),
+    click.option("--data-method", type=click.Choice(["whiten", "kfac", "scale"]),
+                 help="Data-aware method: whiten (output-optimal, default), kfac (two-sided: "
+                 "also the output gradients' Gram, one backward pass per calibration batch) or "
+                 "scale (ASVD-style)."),
+    click.option("--outliers", type=click.Choice(["keep", "skip-first", "clip"]),
+                 help="Calibration tokens with massive activations: keep them, skip each "
+                 "sequence's first token, or clip token norms at 5x the median."),
     click.option("--sensitivity", is_flag=True,
                  help="Probe each layer's end-to-end sensitivity at a few ranks and weight "
                  "the --param-ratio allocation by it (cached; needs an HF directory)."),
@@ -55,12 +60,13 @@ def take(flags: dict, *keys: str, **renames: str) -> dict:
 
 
 def calibration_settings(flags: dict) -> dict:
-    return take(flags, "max_length", samples="calibration_samples", method="data_method")
+    return take(flags, "max_length", "outliers", samples="calibration_samples",
+                method="data_method")
 
 
 # compress_spec's parameter names (lowrank.errors.OptionError) as the flags that set them.
 FLAGS = {"calibration_file": "--calibration",
-         "calibration settings": "--calibration-samples/--max-length/--data-method options",
+         "calibration settings": "--calibration-samples/--max-length/--data-method/--outliers options",
          "sequential": "--sequential", "recover settings": "--recover-* options",
          "recover_method": "--recover", "optimize": "--optimize", "int8": "--int8", "bench": "--bench",
          "export": "--export onnx"}

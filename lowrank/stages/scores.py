@@ -36,10 +36,11 @@ from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from ..io.samples import model_batches, read_calibration
 from ..linalg import factorize_matrix, matrix_view
-from ..models import Models, output_tensor
+from ..models import Models
 from ..pipeline.stage import Context, Stage, json_loader, json_saver, register_stage
 from .analyze import Spectra
 from .calibrate import ActivationStats
+from .fisher import sampled_objective as _objective
 from .recover import RecoverSettings, distillation_loss, loss_kind
 
 SCORES_FORMAT, SCORES_VERSION = "lowrank.scores", 1
@@ -66,31 +67,6 @@ class ScoreSettings:
 def candidate_ranks(rows: int, cols: int, fractions) -> list[int]:
     be = rows * cols / (rows + cols)
     return sorted({max(1, math.floor(f * be)) for f in fractions})
-
-
-def _objective(out, mask, kind: str, gen: torch.Generator) -> tuple[torch.Tensor, float]:
-    """(sampled scalar objective, scale): Σ_s (scale·⟨∂objective/∂w, δ⟩_s)² estimates the
-    distillation loss of a weight change δ on this batch to second order."""
-    if kind == "logits":
-        logits = out.logits.float()
-        real = mask if mask is not None else torch.ones(logits.shape[:-1], dtype=torch.bool)
-        logp = logits.log_softmax(-1)
-        with torch.no_grad():
-            labels = torch.multinomial(logp[real].exp(), 1, generator=gen).squeeze(-1)
-        # KL per real token (batchmean) ≈ ½ δᵀFδ / tokens, F = E[ggᵀ] for sampled labels.
-        return -logp[real].gather(-1, labels[:, None]).sum(), math.sqrt(0.5 / int(real.sum()))
-    # MSE / mean square: Gauss-Newton 2·JᵀJ·w, sampled by noise ε: E[(εᵀJδ)²] = ‖Jδ‖².
-    tensors = (list(out.hidden_states) if kind == "hidden" else [output_tensor(out)])
-    total = 0.0
-    for t in tensors:
-        t = t.float()
-        rows = t[mask] if mask is not None and kind == "hidden" else t
-        weight = 1 / (len(tensors) * rows.numel() * float(rows.detach().pow(2).mean()) + 1e-30)
-        noise = torch.randn(t.shape, generator=gen)
-        if mask is not None and kind == "hidden":
-            noise = noise * mask[..., None]
-        total = total + math.sqrt(weight) * (noise * t).sum()
-    return total, 1.0
 
 
 class _Scorer:

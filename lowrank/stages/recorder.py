@@ -1,0 +1,172 @@
+"""Forward hooks that accumulate calibration statistics (:mod:`lowrank.stages.calibrate`): the
+input Gram Σ x xᵀ and Σ|x| of every Linear, Conv1d/2d (input patches), LSTM/GRU/RNN and
+MultiheadAttention in-projection, and the row counts of every Embedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..device import float64_device
+from ..models import model_ties
+from ..naming import IN_PROJ, weight_name
+from ..nn.layers import is_transposed, plain_lookup
+from ..nn.recurrent import dense_rnn_forward
+
+
+def conv_patches(conv: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """(batch, positions, in·kernel): the input patch each output position multiplies, in the
+    column order of the (out, in·kernel) view of the kernel."""
+    one_d = conv.weight.dim() == 3
+    if x.dim() == conv.weight.dim() - 1:  # unbatched
+        x = x.unsqueeze(0)
+    if one_d:  # a 1-D conv is a 2-D one of height 1
+        x = x.unsqueeze(2)
+
+    def pad2(v, fill):  # 1-D settings as the width of a height-1 2-D conv
+        return (fill, v[0]) if one_d else tuple(v)
+
+    kernel, stride, dilation = (pad2(conv.kernel_size, 1), pad2(conv.stride, 1),
+                                pad2(conv.dilation, 1))
+    padding = conv.padding
+    if isinstance(padding, str):  # "valid" or "same" (stride 1): pad explicitly, maybe unevenly
+        padding = (0, 0)
+        if conv.padding == "same":
+            total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            x = F.pad(x, [total[1] // 2, total[1] - total[1] // 2,
+                          total[0] // 2, total[0] - total[0] // 2])
+    else:
+        padding = pad2(padding, 0)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    return cols.transpose(1, 2)
+
+
+class Recorder:
+    """Forward hooks that accumulate ``stats`` (an ActivationStats) for named Linear, Embedding,
+    Conv1d/2d and LSTM/GRU/RNN modules."""
+
+    def __init__(self, model: nn.Module, stats, only: set[str] | None = None,
+                 device: str | None = None):
+        self.stats, self.mask, self.handles = stats, None, []
+        self.clip = stats.settings.outlier_factor if stats.settings.outliers == "clip" else None
+        self.device = float64_device(device)  # where the float64 Grams accumulate
+        # The last Linear input and its Gram/abs-sum terms: a layer fed the same input next
+        # (query, key, value; gate, up) adds these instead of another GEMM.
+        self.last: tuple | None = None
+        # A table used under two names (T5's shared.weight is also encoder.embed_tokens.weight)
+        # is factored once, under its first name: count its rows there.
+        primary = {n: group[0] for group in model_ties(model) for n in group}
+        for fqn, module in model.named_modules():
+            if isinstance(module, nn.RNNBase):
+                self._hook_rnn(fqn, module, only)
+                continue
+            if isinstance(module, nn.MultiheadAttention):
+                self._hook_attention(f"{fqn}.{IN_PROJ}" if fqn else IN_PROJ, module, only)
+            name = weight_name(fqn)
+            if only is not None and name not in only:
+                continue
+            if isinstance(module, nn.Linear) or is_transposed(module):
+                if is_transposed(module):
+                    stats.transposed.add(name)
+                self.handles.append(module.register_forward_pre_hook(self._linear(name)))
+            elif isinstance(module, nn.Embedding) and plain_lookup(module):
+                self.handles.append(module.register_forward_pre_hook(
+                    self._embedding(primary.get(name, name), module)))
+            elif isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1 \
+                    and module.padding_mode == "zeros":
+                self.handles.append(module.register_forward_pre_hook(self._conv(name, module)))
+
+    def _accumulate(self, name: str, x: torch.Tensor, share: bool = False) -> None:
+        rows = x.reshape(-1, x.shape[-1]).to(self.device, torch.float64)
+        last = self.last if share else None
+        if last is not None and last[0].shape == rows.shape and torch.equal(last[0], rows):
+            gram, abs_sum = last[1], last[2]  # the same values: the same terms, bit for bit
+        else:
+            gram, abs_sum = rows.T @ rows, rows.abs().sum(0)
+            if share:  # our own copy: the model may change its input in place afterwards
+                own = rows.clone() if rows.data_ptr() == x.data_ptr() else rows
+                self.last = (own, gram, abs_sum)
+        s = self.stats
+        if name in s.grams:
+            s.grams[name] += gram
+            s.abs_sums[name] += abs_sum
+        else:  # copies: the terms may be shared with the next layer
+            s.grams[name], s.abs_sums[name] = gram.clone(), abs_sum.clone()
+
+    def _conv(self, name, module):
+        def hook(mod, args):
+            patches = conv_patches(mod, args[0].detach())
+            if self.mask is not None and patches.shape[:2] == self.mask.shape:
+                patches = patches[self.mask]  # a same-padded 1-D conv over tokens
+            self._accumulate(name, patches)
+        return hook
+
+    def _hook_rnn(self, fqn: str, module: nn.RNNBase, only: set[str] | None) -> None:
+        if type(module) not in (nn.LSTM, nn.GRU, nn.RNN) or getattr(module, "proj_size", 0):
+            return
+        prefix = f"{fqn}." if fqn else ""
+
+        def record(weight: str, x: torch.Tensor) -> None:
+            if only is None or prefix + weight in only:
+                self._accumulate(prefix + weight, x.detach())
+
+        def hook(mod, args, kwargs):
+            inputs = list(args) + [kwargs[k] for k in ("input", "hx") if k in kwargs]
+            if not inputs or isinstance(inputs[0], nn.utils.rnn.PackedSequence):
+                return  # packed sequences: no statistics, plain SVD for this module
+            dense_rnn_forward(mod, inputs[0], inputs[1] if len(inputs) > 1 else None, record)
+
+        self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _hook_attention(self, name: str, module: nn.MultiheadAttention, only) -> None:
+        """in_proj_weight multiplies the query, key and value inputs (one B for all three when
+        factored): their rows, each distinct tensor once."""
+        if only is not None and name not in only or not module._qkv_same_embed_dim:
+            return
+
+        def hook(mod, args, kwargs):
+            inputs = list(args[:3]) + [kwargs[k] for k in ("query", "key", "value") if k in kwargs]
+            seen = []
+            for x in inputs:
+                if isinstance(x, torch.Tensor) and not x.is_nested \
+                        and not any(x is y for y in seen):
+                    seen.append(x)
+                    rows = x.transpose(0, 1) if not mod.batch_first and x.dim() == 3 else x
+                    self._accumulate(name, self._rows(rows.detach()))
+
+        self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        # Padding tokens are not data: drop them when the leading dims are (batch, seq).
+        if self.mask is not None and x.shape[:-1] == self.mask.shape:
+            rows = x[self.mask]
+        else:
+            rows = x.reshape(-1, x.shape[-1])
+        if self.clip is not None and rows.shape[0]:  # massive activations: norm <= factor·median
+            norms = rows.float().norm(dim=-1)
+            limit = self.clip * norms.median()
+            rows = rows * (limit / norms.clamp(min=1e-30)).clamp(max=1).to(rows.dtype)[:, None]
+        return rows
+
+    def _linear(self, name):
+        def hook(module, args):
+            self._accumulate(name, self._rows(args[0].detach()), share=True)
+        return hook
+
+    def _embedding(self, name, module):
+        def hook(mod, args):
+            ids = args[0].detach()
+            if ids.is_floating_point() or (ids.numel() and int(ids.max()) >= mod.num_embeddings):
+                return  # not row indices
+            ids = ids[self.mask] if self.mask is not None and ids.shape == self.mask.shape else ids
+            counts = torch.bincount(ids.reshape(-1).to(self.device),
+                                    minlength=module.num_embeddings).double()
+            s = self.stats.token_counts
+            s[name] = s[name] + counts if name in s else counts
+        return hook
+
+    def remove(self):
+        self.last = None
+        for h in self.handles:
+            h.remove()
