@@ -69,7 +69,7 @@ def compress(model: str, flags: list[str], keep: Path | None = None) -> dict:
         plan = json.loads(Path(f"{tmp}/out/plan.json").read_text())
         if keep is not None:
             keep.write_text(json.dumps(plan))
-    stages = {r["name"]: r["seconds"] for r in manifest["stages"]}
+    stages = {r["stage"]: r["seconds"] for r in manifest["stages"]}
     ranks = {n: e["rank"] for n, e in plan["layers"].items() if e.get("rank") is not None}
     return {"wall": wall, "stages": stages, "ranks": ranks}
 
