@@ -188,7 +188,13 @@ def gram_svdvals(w: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram_matrix(w)).clamp(min=0).sqrt().flip(0)
 
 
-def gram_svd(w: torch.Tensor, rank: int):
+def gram_eigenvectors(x: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of ``x``'s float64 Gram X·Xᵀ (``x``: k × N, k the short side), ascending
+    eigenvalues: everything :func:`gram_svd` needs for any rank."""
+    return torch.linalg.eigh(gram_matrix(x)).eigenvectors
+
+
+def gram_svd(w: torch.Tensor, rank: int, eigh=gram_eigenvectors):
     """Top-``rank`` (U, S, Vh) of ``w`` from the eigenvectors of its smaller float64 Gram, in
     ``w``'s dtype.
 
@@ -198,10 +204,13 @@ def gram_svd(w: torch.Tensor, rank: int):
     (the reconstruction needs only Q's span), and the energy kept, ΣS² = ‖QᵀX‖², is consistent
     with the residual. Dividing P by S needs no care except S ≈ 0, where the row of P is ≈ 0
     too: it is zeroed (σ below the dtype's smallest normal number carries no energy).
+    ``eigh``: computes the eigenvectors (a memoized :func:`gram_eigenvectors`, e.g.
+    :meth:`~lowrank.stages.calibrate.ActivationStats.gram_eigenvectors`, shares one eigensolve
+    between the scores stage and factorization).
     """
     x, transposed = _short_side(w)
     r = min(rank, x.shape[0])
-    vecs = torch.linalg.eigh(gram_matrix(x)).eigenvectors  # ascending eigenvalues
+    vecs = eigh(x)  # ascending eigenvalues
     q = vecs[:, vecs.shape[1] - r:].flip(1).contiguous()  # top r, descending
     del vecs
     p = torch.empty(r, x.shape[1], dtype=w.dtype, device=w.device)
@@ -218,40 +227,53 @@ def gram_svd(w: torch.Tensor, rank: int):
 
 
 def truncated_svd(w: torch.Tensor, rank: int, method: str, seed: int = 0, oversample: int = 10,
-                  niter: int = 4):
-    """Top-``rank`` (U, S, Vh) of ``w`` by ``exact``, ``gram`` or ``randomized``."""
+                  niter: int = 4, eigh=None):
+    """Top-``rank`` (U, S, Vh) of ``w`` by ``exact``, ``gram`` (``eigh``: see :func:`gram_svd`)
+    or ``randomized``."""
     if method == "exact":
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)
         return U[:, :rank], S[:rank], Vh[:rank]
     if method == "gram":
-        return gram_svd(w, rank)
+        return gram_svd(w, rank, eigh or gram_eigenvectors)
     if method == "randomized":
         return randomized_svd(w, rank, oversample, niter, seed)
     raise ValueError(f"unknown factorization method {method!r} (exact, gram, randomized)")
 
 
+def weighted_factors(w: torch.Tensor, rank: int, method: str = "exact", seed: int = 0,
+                     oversample: int = 10, niter: int = 4, weighting: Weighting | None = None,
+                     eigh=None):
+    """The factors of :func:`factorize_matrix` without its error pass: ``(A, B, S, target,
+    work)``, A and B in ``work``'s dtype (float64 when weighted), S the singular values of
+    ``target`` (the weighted matrix), ``work`` the float matrix the factors approximate."""
+    work = w if w.dtype in (torch.float32, torch.float64) else w.float()
+    if weighting is not None:  # the weighted products need double precision (G spans decades)
+        work = work.double()
+    target = weighted(work, weighting) if weighting is not None else work
+    U, S, Vh = truncated_svd(target, rank, method, seed, oversample, niter, eigh)
+    if weighting is not None:
+        A, B = factors_from_svd(work, weighting, U, S, Vh)
+    else:
+        root = S.sqrt()
+        A, B = (U * root).contiguous(), (root[:, None] * Vh).contiguous()
+    return A, B, S, target, work
+
+
 def factorize_matrix(w: torch.Tensor, rank: int, method: str = "exact", seed: int = 0,
-                     oversample: int = 10, niter: int = 4, weighting: Weighting | None = None):
+                     oversample: int = 10, niter: int = 4, weighting: Weighting | None = None,
+                     eigh=None):
     """Rank-``rank`` factors of a 2-D ``w``: A = U_r√S_r, B = √S_r·Vh_r (Eckart–Young), or the
-    data-aware factors above when a ``weighting`` is given.
+    data-aware factors above when a ``weighting`` is given; ``eigh``: see :func:`gram_svd`.
 
     Returns:
         ``(A, B, energy_kept, rel_error)``: A is (m, r), B is (r, n), in ``w``'s float dtype;
         energy is that of the truncated matrix (output energy on calibration data when
         weighted); rel_error is ‖W − A·B‖_F / ‖W‖_F.
     """
-    work = w if w.dtype in (torch.float32, torch.float64) else w.float()
-    if weighting is not None:  # the weighted products need double precision (G spans decades)
-        work = work.double()
-    target = weighted(work, weighting) if weighting is not None else work
-    U, S, Vh = truncated_svd(target, rank, method, seed, oversample, niter)
-    if weighting is not None:
-        A, B = factors_from_svd(work, weighting, U, S, Vh)
-    else:
-        root = S.sqrt()
-        A, B = (U * root).contiguous(), (root[:, None] * Vh).contiguous()
+    A, B, S, target, work = weighted_factors(w, rank, method, seed, oversample, niter,
+                                             weighting, eigh)
     kept = float(S.double().pow(2).sum())
-    del U, S, Vh  # the full SVD outputs: free them before the error pass (peak memory)
+    del S  # free the SVD outputs before the error pass (peak memory)
     out_dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
     A, B = A.to(out_dtype), B.to(out_dtype)
     total, w_sq = squared_norm(target), squared_norm(work)
@@ -262,14 +284,14 @@ def factorize_matrix(w: torch.Tensor, rank: int, method: str = "exact", seed: in
 
 def factorize_split(w: torch.Tensor, sizes: list[int], rank: int, method: str = "exact",
                     seed: int = 0, oversample: int = 10, niter: int = 4,
-                    weighting: Weighting | None = None):
+                    weighting: Weighting | None = None, eigh=None):
     """:func:`factorize_matrix` of each block of rows of ``w`` (``sizes``: a fused projection's
     q, k, v or gate, up) at ``rank`` each: A (m × r) stacks the blocks' A_i, B (k·r × n)
     their B_i, and row block i of W is A_i·B_i (a block-diagonal A, stored without its zeros).
     Energy and error are those of the whole matrix. A kfac weighting is used one-sided here
     (its output Gram spans all the blocks' rows)."""
     weighting = weighting.one_sided() if weighting is not None else None
-    parts = [factorize_matrix(block, rank, method, seed + i, oversample, niter, weighting)
+    parts = [factorize_matrix(block, rank, method, seed + i, oversample, niter, weighting, eigh)
              for i, block in enumerate(w.split(sizes))]
     A, B = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     blocks = w.split(sizes)

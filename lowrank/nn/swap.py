@@ -222,3 +222,9 @@ def model_ties(model: nn.Module) -> list[list[str]]:
     for name, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(name)
     return [g for g in groups.values() if len(g) > 1]
+
+
+def blocks_prefix(model: nn.Module) -> str | None:
+    """Name of the largest ModuleList (e.g. ``encoder.layer``), None when there is none."""
+    lists = [(len(m), n) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n]
+    return max(lists)[1] if lists else None

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..nn.swap import blocks_prefix
 from .budget import train_steps
-from .sequential import blocks_prefix
 
 State = tuple[torch.Tensor, tuple, dict]  # a block's hidden-states input, other args, kwargs
 

@@ -33,7 +33,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.files import check_format, write_json
 from ..io.safetensors import save_tensors
 from ..io.samples import Samples, model_batches, num_samples, read_calibration
-from ..linalg import METHODS, make_weighting, psd_sqrt
+from ..linalg import METHODS, gram_eigenvectors, make_weighting, psd_sqrt
 from ..models import Models
 from ..pipeline.stage import Context, Stage, register_stage
 from .fisher import OutputGradients, sampled_objective
@@ -41,9 +41,9 @@ from .recorder import Recorder
 from .recover import RecoverSettings, loss_kind
 
 STATS_FORMAT, STATS_VERSION = "lowrank.stats", 1
-# Whitening factors G^½ kept for reuse (analyze, then factorize, and equal Grams such as
-# query/key/value's): at most this many bytes, least recently used dropped first (recomputed
-# when asked again), so a big model's factors do not all sit in memory at once.
+# Whitening factors G^½ and Gram eigenvectors kept for reuse (analyze, scores, factorize, and
+# equal Grams such as query/key/value's): at most this many bytes, least recently used dropped
+# first (recomputed when asked again), so a big model's factors do not all sit in memory at once.
 WHITENING_MEMO_BYTES = 2 << 30
 OUTLIERS = ("keep", "skip-first", "clip")
 
@@ -100,7 +100,8 @@ class ActivationStats:
     tokens: int = 0  # real tokens seen
     samples: int = 0
     settings: CalibrateSettings = CalibrateSettings()
-    # {(Gram digest, shape, device): G^½}: each eigh runs once per run (see whitening_factor).
+    # {(kind, content key, device): G^½ or Gram eigenvectors}: each eigh runs once per run
+    # (see whitening_factor, gram_eigenvectors).
     memo: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
     # Weights stored (in, out) (GPT-2's Conv1D): their Gram is of the rows of the stored
     # tensor, the columns of the (out, in) matrix that is factored (lowrank.naming).
@@ -118,19 +119,27 @@ class ActivationStats:
         """G^½ of ``gram``, memoized by content: analysis and factorization of one run, and
         layers fed the same input (query, key and value), share one eigendecomposition.
         Hashing G reads n² numbers; the eigh it saves costs ~n³."""
-        data = gram.detach().cpu().contiguous().view(torch.uint8).numpy()
-        key = (hashlib.blake2b(data.data, digest_size=16).digest(), tuple(gram.shape),
-               float64_device(device))
+        where = float64_device(device)
+        return self._memoized(("sqrt", _digest(gram), where), lambda: psd_sqrt(gram, where))
+
+    def gram_eigenvectors(self, x: torch.Tensor) -> torch.Tensor:
+        """:func:`lowrank.linalg.gram_eigenvectors` of ``x`` (a weighted matrix's short side),
+        memoized by content like :meth:`whitening_factor`: the scores stage's full-rank factors
+        and factorization's truncated ones come from one eigensolve per matrix. Kept on CPU."""
+        vecs = self._memoized(("eigh", _digest(x), str(x.device)),
+                              lambda: gram_eigenvectors(x).cpu())
+        return vecs.to(x.device)
+
+    def _memoized(self, key: tuple, compute) -> torch.Tensor:
         if key in self.memo:
             self.memo.move_to_end(key)
             return self.memo[key]
-        root = psd_sqrt(gram, key[2])
-        self.memo[key] = root
+        value = self.memo[key] = compute()
         held = sum(t.numel() * t.element_size() for t in self.memo.values())
         while held > WHITENING_MEMO_BYTES and len(self.memo) > 1:
             _, dropped = self.memo.popitem(last=False)
             held -= dropped.numel() * dropped.element_size()
-        return root
+        return value
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -149,6 +158,12 @@ class ActivationStats:
             kind, name = key.split(":", 1)
             target[kind][name] = t
         return stats
+
+
+def _digest(t: torch.Tensor) -> tuple:
+    """A content key for a tensor: its bytes' hash, shape and dtype."""
+    data = t.detach().cpu().contiguous().view(torch.uint8).numpy()
+    return hashlib.blake2b(data.data, digest_size=16).digest(), tuple(t.shape), str(t.dtype)
 
 
 def seq2seq_inputs(model: nn.Module, inputs: dict, mask: torch.Tensor | None) -> dict:

@@ -138,10 +138,11 @@ def split_rank(rank: int, cols: int, sizes: list[int]) -> int:
 
 def factor_task(source, name: str, rank: int, settings: FactorizeSettings,
                 weighting: Weighting | None, transposed: bool = False,
-                split: list[int] | None = None, device: str | None = None,
+                split: list[int] | None = None, device: str | None = None, eigh=None,
                 ) -> tuple[str, torch.Tensor, torch.Tensor, LayerResult]:
     """Factor one matrix of checkpoint ``source`` (an open one, or its path in a worker process)
     on ``device`` (:func:`lowrank.device.on_device`: this matrix only; factors come back on CPU).
+    ``eigh``: the Gram eigensolver, memoized (:func:`lowrank.linalg.gram_svd`) in serial runs.
 
     Runs with a fixed thread count (:func:`lowrank.parallel.fixed_threads`), so the bytes do not
     depend on whether it ran serially, in a process pool or on Ray.
@@ -155,11 +156,12 @@ def factor_task(source, name: str, rank: int, settings: FactorizeSettings,
             rank = split_rank(rank, w.shape[1], split)
             A, B, energy, err = factorize_split(w, split, rank, method,
                                                 layer_seed(settings.seed, name),
-                                                settings.oversample, settings.niter, weighting)
+                                                settings.oversample, settings.niter, weighting,
+                                                eigh)
         else:
             A, B, energy, err = factorize_matrix(
                 w, rank, method, layer_seed(settings.seed, name), settings.oversample,
-                settings.niter, weighting,
+                settings.niter, weighting, eigh,
             )
     if weighting is not None:
         method = f"{method}+{weighting.kind}"
@@ -231,9 +233,12 @@ def factorize(
         done = sequential_factors(Models(ckpt), planned, stats, factor)
     order = sorted(infos)
     jobs = [n for n in order if n in planned and n not in done]
+    # Serially, the Gram eigenvectors the scores stage computed are reused (same bytes as a
+    # worker's own eigensolve: same function, same thread count).
+    eigh = getattr(stats, "gram_eigenvectors", None) if not parallel else None
     results = ordered_map(factor_task, ((source, n, planned[n], settings, weighting(n),
-                                         n in transposed, splits.get(n), device) for n in jobs),
-                          workers, executor)
+                                         n in transposed, splits.get(n), device, eigh)
+                                        for n in jobs), workers, executor)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, LayerResult] = {}
     writer = ShardWriter(out_dir, {"lowrank_version": __version__}) if out_dir else None

@@ -12,9 +12,13 @@ of seconds each), so the loss is estimated to second order from the same data, e
   model's own distribution (logits), or Gaussian noise projected on the outputs (MSE). One
   backward pass per batch gives, for each probe sequence s, its sample a_s = ⟨g_s, δ⟩, and
   Σ_s a_s² estimates the loss on the probe batch (see ``_objective`` for the scale).
-- δ = W − W_r for the factors factorize computes (exact SVD, data-aware weighting): with the full
-  factors A (m×k), B (k×n) of :func:`lowrank.linalg.factorize_matrix`, W_r = A[:, :r]·B[:r], so
+- δ = W − W_r for the factors factorize computes (data-aware weighting): with the full factors
+  A (m×k), B (k×n) of :func:`lowrank.linalg.weighted_factors`, W_r = A[:, :r]·B[:r], so
   ⟨g, (W − W_r)x⟩ = gᵀWx − Σ_{i<r} (Aᵀg)_i (Bx)_i: one cumulative sum scores every rank at once.
+  The factors come from the float64 Gram eigenvectors (``gram``), memoized in the statistics
+  (:meth:`~lowrank.stages.calibrate.ActivationStats.gram_eigenvectors`): factorization's
+  truncated factors, same solver and thread count, reuse that eigensolve. The products with the
+  gradients run in float32 (the gradients are float32), the per-sequence sums in float64.
 - A weight used twice (a tied embedding and LM head) sums the contributions of both uses: one
   decision, scored with both uses factored.
 
@@ -35,8 +39,9 @@ from torch import nn
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from ..io.samples import model_batches, read_calibration
-from ..linalg import factorize_matrix, matrix_view
+from ..linalg import matrix_view, weighted_factors
 from ..models import Models
+from ..parallel import fixed_threads
 from ..pipeline.stage import Context, Stage, json_loader, json_saver, register_stage
 from .analyze import Spectra
 from .calibrate import ActivationStats
@@ -98,23 +103,36 @@ class _Scorer:
         A, B = self.factors[name]
         g = g.detach().to(A.dtype)
         lead = g.shape[0]
-        full = (g * plain.to(A.dtype)).reshape(lead, -1).sum(1)  # ⟨g, Wx⟩ per sequence
+        # ⟨g, Wx⟩ per sequence; sums in float64 (the score of rank r is a difference of them)
+        full = (g * plain.to(A.dtype)).reshape(lead, -1).sum(1, dtype=torch.float64)
         if linear:  # (Aᵀg)_i (Bx)_i
             parts = (g @ A) * (x.to(A.dtype) @ B.T)
         else:  # an embedding row W[id] = A[id]·B: (A[id])_i (Bg)_i
             parts = A[x] * (g @ B.T)
-        parts = parts.reshape(lead, -1, parts.shape[-1]).sum(1)  # (sequences, k)
+        parts = parts.reshape(lead, -1, parts.shape[-1]).sum(1, dtype=torch.float64)  # (seq, k)
         kept = torch.cumsum(parts, 1)
-        total = full[:, None] - torch.cat([torch.zeros(lead, 1, dtype=A.dtype), kept], 1)
+        total = full[:, None] - torch.cat([torch.zeros(lead, 1, dtype=kept.dtype), kept], 1)
         if lead != self.batch:  # shared over the batch (position embeddings): one sample, still
             # unbiased (sequences' samples are independent with mean 0), kept in the first row
             total = torch.cat([total.sum(0, keepdim=True),
-                               torch.zeros(self.batch - 1, total.shape[1], dtype=A.dtype)])
+                               torch.zeros(self.batch - 1, total.shape[1], dtype=kept.dtype)])
         self.samples[name] = self.samples.get(name, 0) + total  # summed over uses
 
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+def full_factors(ckpt: Checkpoint, name: str, stats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 full-rank factors A, B of matrix ``name`` (data-aware with ``stats``), ordered
+    by singular value: A[:, :r]·B[:r] is the rank-r matrix factorization computes. One thread,
+    like factorization's tasks, so the memoized eigenvectors are the ones it would compute."""
+    w = matrix_view(ckpt.get(name))
+    weighting = stats.weighting(name, w.shape[1]) if stats is not None else None  # as factorize
+    eigh = stats.gram_eigenvectors if stats is not None else None
+    with fixed_threads():
+        A, B, _, _, _ = weighted_factors(w, min(w.shape), "gram", weighting=weighting, eigh=eigh)
+    return A.float(), B.float()
 
 
 def probe_data(ckpt: Checkpoint, settings: ScoreSettings, stats, factory=None):
@@ -143,10 +161,7 @@ def score_candidates(ckpt: Checkpoint, spectra: Spectra,
             params.setdefault(id(p), name)
     factors = {}
     for name in params.values():
-        w = matrix_view(ckpt.get(name))
-        weighting = stats.weighting(name, w.shape[1]) if stats is not None else None
-        A, B, _, _ = factorize_matrix(w, min(w.shape), "exact", weighting=weighting)
-        factors[name] = (A.double(), B.double())
+        factors[name] = full_factors(ckpt, name, stats)
         if on_step:
             on_step(name)
     scorer = _Scorer(model, factors, params)
@@ -187,7 +202,7 @@ def score_candidates(ckpt: Checkpoint, spectra: Spectra,
 def measure_joint(ckpt: Checkpoint, settings: ScoreSettings, stats, plans: list[dict[str, int]],
                   factory=None) -> list[float]:
     """The measured distillation loss on the probe batch of each plan ({tensor name: rank}),
-    all its matrices factored at once as the scores assumed (exact SVD, data-aware)."""
+    all its matrices factored at once as the scores assumed (:func:`full_factors`)."""
     model, batches, kind = probe_data(ckpt, settings, stats, factory)
     params = dict(model.named_parameters())
     factors: dict[str, tuple] = {}  # full factors per matrix, sliced to each plan's rank
@@ -198,10 +213,7 @@ def measure_joint(ckpt: Checkpoint, settings: ScoreSettings, stats, plans: list[
             originals = {n: params[n].detach().clone() for n in plan}
             for name, rank in plan.items():
                 if name not in factors:
-                    w = matrix_view(ckpt.get(name))
-                    weighting = stats.weighting(name, w.shape[1]) if stats is not None else None
-                    A, B, _, _ = factorize_matrix(w, min(w.shape), "exact", weighting=weighting)
-                    factors[name] = (A.float(), B.float())
+                    factors[name] = full_factors(ckpt, name, stats)
                 A, B = factors[name]
                 params[name].copy_((A[:, :rank] @ B[:rank]).reshape(params[name].shape))
             total, count = 0.0, 0

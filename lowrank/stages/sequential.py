@@ -17,14 +17,8 @@ from torch import nn
 from ..io.samples import model_batches, read_calibration
 from ..models import Models
 from ..naming import module_name
-from ..nn.swap import swap_lowrank_
+from ..nn.swap import blocks_prefix, swap_lowrank_
 from .calibrate import ActivationStats, collect_stats, seq2seq_inputs
-
-
-def blocks_prefix(model: nn.Module) -> str | None:
-    """Name of the largest ModuleList (e.g. ``encoder.layer``), None when there is none."""
-    lists = [(len(m), n) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n]
-    return max(lists)[1] if lists else None
 
 
 def execution_groups(model: nn.Module, inputs: dict, names: list[str]) -> list[list[str]]:

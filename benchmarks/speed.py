@@ -1,0 +1,208 @@
+"""Each compress stage's time as a ratio to this machine's limit for the same work (issue 13).
+
+For every model, `lowrank compress MODEL OUT FLAGS --no-cache` runs in its own process (stage
+seconds from OUT/manifest.json, whole wall time around the process); then, in this process and
+right after (so both see the same machine load), the limits:
+
+- analyze: the Gram matrix (float64, the smaller side) plus float64 `eigvalsh` of every matrix
+  the stage analyzes (`lowrank.linalg.gram_svdvals` on the plain matrix);
+- calibrate: plain `torch.inference_mode` forward passes of the dense model over the same
+  batches (calibration samples, max_length, batch size as the stage's defaults);
+- factorize: the truncated SVDs the plan needs, each matrix at its planned rank with the solver
+  factorize picks (`truncated_svd`, plain matrix; weighting costs one GEMM more);
+- scores: forward + backward passes (weight gradients included) over the probe batches with the
+  stage's sampled objective, no hooks.
+
+Limits use torch's default thread count here; stages run per-matrix work with one thread
+(lowrank.parallel.fixed_threads) unless --workers. The machine is shared: ratios measured in
+the same run are the meaningful numbers, absolute seconds are noisy.
+
+    python benchmarks/speed.py [--models minilm smollm2 sharded] [--repeats 3]
+        [--sharded-workers 1 2] [--out reports/speed]
+
+The sharded checkpoint (24 fp32 matrices 2048×8192, 1.6 GB) is generated under /tmp by
+benchmarks/memory.py's generator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+CALIB = "/tmp/calib-debian.txt"
+SHARDED = Path(tempfile.gettempdir()) / "lowrank-speed-sharded"
+MODELS = {  # name: (model argument, compress flags, compress runs)
+    "minilm": ("minilm", ["--param-ratio", "0.5", "--calibration", CALIB], 3),
+    "smollm2": ("/root/.cache/smollm2-135m", ["--param-ratio", "0.85", "--calibration", CALIB], 1),
+    "sharded": (str(SHARDED), ["--param-ratio", "0.5"], 1),
+}
+OLD_SHARDED_SERIAL_S = 573.7  # reports/memory-sharded.md, before issue 13
+
+
+def compress(model: str, flags: list[str], keep: Path | None = None) -> dict:
+    """One compress in its own process: wall seconds, stage seconds, the plan's ranks (plan.json
+    copied to ``keep`` when given)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-c", "from lowrank.cli import main; main()", "compress", model,
+               f"{tmp}/out", *flags, "--no-cache"]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+        manifest = json.loads(Path(f"{tmp}/out/manifest.json").read_text())
+        plan = json.loads(Path(f"{tmp}/out/plan.json").read_text())
+        if keep is not None:
+            keep.write_text(json.dumps(plan))
+    stages = {r["stage"]: r["seconds"] for r in manifest["stages"]}
+    ranks = {n: e["rank"] for n, e in plan["layers"].items() if e.get("rank") is not None}
+    return {"wall": wall, "stages": stages, "ranks": ranks}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def analyze_limit(ckpt) -> float:
+    from lowrank.linalg import gram_svdvals, matrix_view
+    from lowrank.stages.analyze import matrix_infos
+
+    return sum(_timed(lambda n=i.name: gram_svdvals(matrix_view(ckpt.get(n))))
+               for i in matrix_infos(ckpt))
+
+
+def factorize_limit(ckpt, ranks: dict[str, int]) -> float:
+    from lowrank.linalg import layer_seed, matrix_view, truncated_svd
+    from lowrank.stages.factorize import FactorizeSettings, choose_method
+
+    s, total = FactorizeSettings(), 0.0
+    for name, rank in ranks.items():
+        w = matrix_view(ckpt.get(name))
+        method = choose_method(*w.shape, s)
+        seed = layer_seed(s.seed, name)
+        total += _timed(lambda w=w, r=rank, m=method, seed=seed:
+                        truncated_svd(w, r, m, seed, s.oversample, s.niter))
+    return total
+
+
+def calibrate_limit(ckpt) -> float:
+    from lowrank.io.samples import model_batches, read_calibration
+    from lowrank.models import Models
+    from lowrank.stages.calibrate import CalibrateSettings
+
+    s = CalibrateSettings()
+    data = read_calibration(CALIB, s.samples, warn=False)
+    model, tokenizer = Models(ckpt).runnable_model()
+    batches = list(model_batches(data, tokenizer, s.batch_size, s.max_length))
+
+    def run():
+        with torch.inference_mode():
+            for inputs, _ in batches:
+                model(**inputs)
+    return _timed(run)
+
+
+def scores_limit(ckpt) -> float:
+    from lowrank.stages.scores import ScoreSettings, _objective, probe_data
+
+    s = ScoreSettings()
+    stats = SimpleNamespace(settings=SimpleNamespace(calibration_file=CALIB))
+    model, batches, kind = probe_data(ckpt, s, stats)
+    gen = torch.Generator().manual_seed(s.seed)
+
+    def run():
+        for inputs, mask in batches:
+            out = model(**inputs, output_hidden_states=kind == "hidden")
+            _objective(out, mask, kind, gen)[0].backward()
+    return _timed(run)
+
+
+def measure(name: str, repeats: int, workers: list[int], keep: Path | None) -> dict:
+    from lowrank.cli.console import resolve_model
+    from lowrank.io.checkpoint import open_checkpoint
+
+    model, flags, runs = MODELS[name]
+    runs = min(runs, repeats)
+    result = {"command": f"lowrank compress {model} OUT {' '.join(flags)} --no-cache",
+              "runs": {}}
+    for n in workers if name == "sharded" else [1]:
+        extra = ["--workers", str(n)] if n > 1 else []
+        plan = keep / f"plan-{name}-{n}.json" if keep else None
+        done = [compress(model, flags + extra, plan) for _ in range(runs)]
+        print(name, n, [round(d["wall"], 1) for d in done], flush=True)
+        result["runs"][str(n)] = {
+            "wall": statistics.median(d["wall"] for d in done),
+            "stages": {k: statistics.median(d["stages"][k] for d in done)
+                       for k in done[0]["stages"]},
+            "all_walls": [d["wall"] for d in done]}
+        ranks = done[0]["ranks"]
+    ckpt = open_checkpoint(resolve_model(model))
+    limits = {"analyze": analyze_limit(ckpt), "factorize": factorize_limit(ckpt, ranks)}
+    if "--calibration" in flags:
+        limits["calibrate"] = calibrate_limit(ckpt)
+        limits["scores"] = scores_limit(ckpt)
+    result["limits"] = limits
+    print(name, "limits", {k: round(v, 1) for k, v in limits.items()}, flush=True)
+    return result
+
+
+def write_report(results: dict, out: Path, threads: int) -> None:
+    lines = ["# Stage times against the machine's limit (issue 13)", "",
+             (f"`python benchmarks/speed.py` ({datetime.date.today()}, {platform.machine()}, "
+              f"{os.cpu_count()} cores shared with other jobs, torch {torch.__version__}, "
+              f"limits with {threads} threads). Ratio = stage seconds / limit seconds (see the "
+              "script's docstring for each limit); medians where several runs."), "",
+             "| model | workers | stage | stage s | limit s | ratio |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        for n, run in r["runs"].items():
+            for stage, limit in r["limits"].items():
+                sec = run["stages"].get(stage)
+                if sec is not None:
+                    lines.append(f"| {name} | {n} | {stage} | {sec:.1f} | {limit:.1f} | "
+                                 f"{sec / limit:.2f} |")
+            lines.append(f"| {name} | {n} | whole compress (wall) | {run['wall']:.1f} | | |")
+    lines += ["", "Commands:", ""] + [f"- {n}: `{r['command']}`" for n, r in results.items()]
+    if "sharded" in results:
+        lines += ["", "Sharded data-free compress vs the old serial 573.7 s "
+                  "(reports/memory-sharded.md): " + ", ".join(
+                      f"workers {n}: {OLD_SHARDED_SERIAL_S / run['wall']:.1f}× faster"
+                      for n, run in results["sharded"]["runs"].items())]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sharded-workers", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "speed")
+    ap.add_argument("--keep-plans", type=Path, help="copy each model's plan.json here")
+    args = ap.parse_args()
+    if "sharded" in args.models:
+        from memory import generate
+        generate(SHARDED, 24, 4, 2048, 8192)
+    results = {}
+    for name in args.models:  # the report is rewritten after each model
+        results[name] = measure(name, args.repeats, args.sharded_workers, args.keep_plans)
+        write_report(results, args.out, torch.get_num_threads())
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Scores-stage speed (issue 13): float32 probing chooses what float64 exact-SVD probing chose,
+and the Gram eigenvectors the scores stage computes are the ones factorization reuses."""
+
+import dataclasses
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from lowrank.io.checkpoint import open_checkpoint
+from lowrank.linalg import factorize_matrix, matrix_view
+from lowrank.stages import calibrate as calibrate_mod
+from lowrank.stages import scores as scores_mod
+from lowrank.stages.analyze import analyze
+from lowrank.stages.calibrate import CalibrateSettings, calibrate
+from lowrank.stages.factorize import factorize
+from lowrank.stages.plan import PlanSettings, make_plan
+from lowrank.stages.scores import ScoreSettings, score_candidates
+
+SETTINGS = ScoreSettings(samples=16, batch_size=8, max_length=32)
+
+
+@pytest.fixture(scope="module")
+def probed(tiny_llama_dir):
+    ckpt = open_checkpoint(tiny_llama_dir)
+    stats = calibrate(ckpt, CalibrateSettings(samples=32))
+    return ckpt, stats, analyze(ckpt, stats=stats)
+
+
+def _float64_exact(ckpt, name, stats):  # the stage before issue 13: LAPACK SVD, float64 hooks
+    w = matrix_view(ckpt.get(name))
+    A, B, _, _ = factorize_matrix(w, min(w.shape), "exact", weighting=stats.weighting(name,
+                                                                                    w.shape[1]))
+    return A.double(), B.double()
+
+
+def test_float32_scores_choose_what_float64_chose(probed, monkeypatch):
+    ckpt, stats, spectra = probed
+    fast = score_candidates(ckpt, spectra, SETTINGS, stats)
+    monkeypatch.setattr(scores_mod, "full_factors", _float64_exact)
+    slow = score_candidates(ckpt, spectra, SETTINGS, stats)
+    assert fast["matrices"].keys() == slow["matrices"].keys()
+    for name, entry in slow["matrices"].items():
+        assert fast["matrices"][name]["ranks"] == entry["ranks"]
+        assert fast["matrices"][name]["scores"] == pytest.approx(entry["scores"], rel=1e-3,
+                                                                 abs=1e-9)
+    for ratio in (0.6, 0.8):
+        plans = [make_plan(spectra, PlanSettings(param_ratio=ratio), scores=s)
+                 for s in (fast, slow)]
+        assert {n: p.rank for n, p in plans[0].layers.items()} == \
+            {n: p.rank for n, p in plans[1].layers.items()}
+
+
+def _whitening_only(stats):  # a copy of the memo without Gram eigenvectors
+    return OrderedDict((k, v) for k, v in stats.memo.items() if k[0] == "sqrt")
+
+
+def test_factorize_reuses_the_scores_eigensolves(probed, monkeypatch):
+    ckpt, stats, spectra = probed
+    stats = dataclasses.replace(stats, memo=_whitening_only(stats))
+    calls = []
+    real = calibrate_mod.gram_eigenvectors
+    monkeypatch.setattr(calibrate_mod, "gram_eigenvectors", lambda x: calls.append(x) or real(x))
+    scores = score_candidates(ckpt, spectra, SETTINGS, stats)
+    scored = len(calls)
+    assert scored == len(scores["matrices"])
+    plan = make_plan(spectra, PlanSettings(param_ratio=0.7), scores=scores)
+    reused = factorize(ckpt, plan, stats=stats)
+    factored = plan.factored()
+    assert factored and all(n in scores["matrices"] for n in factored)
+    assert len(calls) == scored  # no eigensolve of its own
+    fresh = factorize(ckpt, plan, stats=dataclasses.replace(stats, memo=_whitening_only(stats)))
+    assert len(calls) == scored + len(factored)
+    for key, tensor in fresh.tensors.items():
+        assert torch.equal(reused.tensors[key], tensor), key
