@@ -92,3 +92,12 @@ def tiny_llama_dir(tmp_path_factory, minilm_path):
     from pathlib import Path
 
     return _tiny_hf_dir(tmp_path_factory.mktemp("tiny-llama"), Path(minilm_path), causal=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is faster than two fighting over a small GEMM."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

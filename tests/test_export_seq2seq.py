@@ -25,12 +25,7 @@ transformers = pytest.importorskip("transformers")
 CLS, SEP = 101, 102  # MiniLM's tokenizer: decoder start and EOS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bart():
