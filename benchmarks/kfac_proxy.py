@@ -3,7 +3,7 @@ Linear factored at rank 0.6 x its break-even rank (embedding/LM head dense), fac
 weighting at a time (whiten; kfac at shrinkage 0.01 / 0.05 / 0.2), statistics with every token
 ("keep") or without each sequence's first ("skip-first"), and kfac with the real next tokens.
 Scored as KL(dense || cut) per token and top-1 agreement on the first 30 python_docs paragraphs
-(max 128 tokens). Calibration: the first 64 lines of /tmp/calib-debian.txt (Debian descriptions
+(max 128 tokens). Calibration: the first 64 lines of benchmarks/calibration_text.py's file (Debian descriptions
 lines 10000-12000), 128 tokens. Prints one JSON row per variant as it finishes.
 
     PYTHONPATH=. python benchmarks/kfac_proxy.py
@@ -20,6 +20,7 @@ import torch
 
 from lowrank.linalg import factorize_matrix
 from lowrank.stages.calibrate import CalibrateSettings, collect_stats
+from calibration_text import calibration_file  # a module beside this script
 
 MODEL = "/root/.cache/smollm2-135m"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -31,7 +32,7 @@ def main():
     torch.set_num_threads(2)
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(MODEL)
-    calib = Path("/tmp/calib-debian.txt").read_text().splitlines()[:64]
+    calib = calibration_file().read_text().splitlines()[:64]
     texts = [t for t in (DATA / "python_docs.txt").read_text().splitlines() if t.strip()][:30]
     batch = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=128)
     mask = batch["attention_mask"].bool()

@@ -3,7 +3,7 @@ share of its input Gram's trace (Σ‖x‖² over real tokens) held by each sequ
 the largest token's ‖x‖² over the median. Prints the Linears where the first tokens hold > 5%.
 
     python benchmarks/outliers_lm.py [--model DIR] [--lines 64]
-    (calibration text: /tmp/calib-debian.txt, Debian descriptions lines 10000-12000)
+    (calibration text: Debian descriptions lines 10000-12000, benchmarks/calibration_text.py)
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import argparse
 from pathlib import Path
 
 import torch
+from calibration_text import calibration_file  # a module beside this script
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="/root/.cache/smollm2-135m")
-    ap.add_argument("--text", default="/tmp/calib-debian.txt")
+    ap.add_argument("--text", default=str(calibration_file()))
     ap.add_argument("--lines", type=int, default=64)
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,7 +1,7 @@
 """Recovery within a time budget on SmolLM2-135M (issue 11 item 5): recovery variants on one
 cached training-free compression, scored on held-out text against the dense model.
 
-Calibration and recovery training: /tmp/calib-debian.txt (lines 10000-12000 of
+Calibration and recovery training: benchmarks/calibration_text.py (lines 10000-12000 of
 ../shared/data/debian_descriptions.txt); evaluation: the first N paragraphs of
 ../shared/data/python_docs.txt (another source), max 128 tokens, scored as
 benchmarks/quality_lm.py does (perplexity ratio to dense, next-token top-1 agreement).
@@ -28,13 +28,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_lm import DATA, score  # a script beside this one
+from calibration_text import calibration_file  # a module beside this script
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="/root/.cache/smollm2-135m")
     ap.add_argument("--ratio", type=float, default=0.85)
-    ap.add_argument("--calibration", default="/tmp/calib-debian.txt")
+    ap.add_argument("--calibration", default=str(calibration_file()))
     ap.add_argument("--variants", nargs="+", required=True)
     ap.add_argument("--paragraphs", type=int, default=100)
     ap.add_argument("--cache-dir", default="/tmp/recov/cache")

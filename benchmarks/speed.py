@@ -40,10 +40,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from calibration_text import calibration_file  # a module beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-CALIB = "/tmp/calib-debian.txt"
+CALIB = str(calibration_file())
 SHARDED = Path(tempfile.gettempdir()) / "lowrank-speed-sharded"
 MODELS = {  # name: (model argument, compress flags, compress runs)
     "minilm": ("minilm", ["--param-ratio", "0.5", "--calibration", CALIB], 3),
