@@ -80,6 +80,9 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
 @calibration_options
 @click.option("--sequential", is_flag=True, help="Recollect each block's calibration statistics "
               "with upstream layers already factored (needs --calibration).")
+@click.option("--compensate/--no-compensate", default=None, help="Fit each layer's factors to "
+              "the dense model's outputs from the inputs it gets in the model factored so far, "
+              "block by block (needs --calibration).")
 @click.option("--split-fused", is_flag=True, help="Factor fused projections (Phi-3 qkv_proj/"
               "gate_up_proj, GPT-2 c_attn) per part at equal parameters, not as one matrix "
               "(measured worse on the models tried; see the README).")
@@ -143,7 +146,7 @@ def compress_command(model, output, cache_dir, no_cache, overwrite, json_out, wo
         raise click.UsageError("--per-channel/--reduce-range need --int8")
     spec = compress_spec(
         plan=take(flags, *PLAN_KEYS), calibration=calibration_settings(flags),
-        factorize={**take(flags, "method", "seed", "oversample", "niter"),
+        factorize={**take(flags, "method", "seed", "oversample", "niter", "compensate"),
                    **({"split_fused": True} if flags.pop("split_fused") else {})},
         recover=take(flags, steps="recover_steps", minutes="recover_minutes",
                      mode="recover_mode", lr="recover_lr", rank="recover_rank",

@@ -29,6 +29,8 @@ from ..linalg import (
     factorize_split,
     layer_seed,
     matrix_view,
+    residual_norm2,
+    squared_norm,
 )
 from ..models import Models, model_ties
 from ..naming import IN_PROJ, RECURRENT, factor_names, module_name, split_owner, weight_name
@@ -40,7 +42,7 @@ from ..version import __version__
 from .analyze import matrix_infos
 from .factored import LayerResult, LowRankCheckpoint, load_lowrank, save_lowrank
 from .plan import RankPlan
-from .sequential import sequential_factors
+from .sequential import compensated_factors, sequential_factors
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,12 @@ class FactorizeSettings:
     # With calibration: recollect each layer group's statistics on the model with upstream
     # layers already factored (lowrank.stages.sequential); one forward pass per block.
     sequential: bool = False
+    # With calibration: fit each layer's factors to the dense model's outputs from the inputs
+    # it gets in the model factored so far (lowrank.stages.sequential.compensated_factors):
+    # upstream error is corrected, not only re-weighted. A few model forwards on cached block
+    # inputs; `compensate_damping` × the mean input eigenvalue pulls toward the weight.
+    compensate: bool = False
+    compensate_damping: float = 0.01
     # Factor a fused projection (Phi-3 qkv_proj/gate_up_proj, GPT-2 c_attn) per part, each part
     # at the rank that keeps the planned parameter count, instead of as one matrix. Off: at equal
     # parameters the fused factors had the lower whitened output error in every case measured
@@ -139,10 +147,14 @@ def split_rank(rank: int, cols: int, sizes: list[int]) -> int:
 def factor_task(source, name: str, rank: int, settings: FactorizeSettings,
                 weighting: Weighting | None, transposed: bool = False,
                 split: list[int] | None = None, device: str | None = None, eigh=None,
+                matrix: torch.Tensor | None = None,
                 ) -> tuple[str, torch.Tensor, torch.Tensor, LayerResult]:
     """Factor one matrix of checkpoint ``source`` (an open one, or its path in a worker process)
     on ``device`` (:func:`lowrank.device.on_device`: this matrix only; factors come back on CPU).
     ``eigh``: the Gram eigensolver, memoized (:func:`lowrank.linalg.gram_svd`) in serial runs.
+    ``matrix``: the (out, in) matrix to factor in place of the weight (a compensated target,
+    :func:`lowrank.stages.sequential.compensated_targets`); the error reported is still the
+    weight's, ‖W − A·B‖ / ‖W‖.
 
     Runs with a fixed thread count (:func:`lowrank.parallel.fixed_threads`), so the bytes do not
     depend on whether it ran serially, in a process pool or on Ray.
@@ -151,6 +163,7 @@ def factor_task(source, name: str, rank: int, settings: FactorizeSettings,
     info = ckpt.info(name)
     with fixed_threads():
         w = matrix_view(on_device(ckpt.get(name), device), transposed)
+        weight, w = w, w if matrix is None else on_device(matrix, device)
         method = choose_method(*w.shape, settings)
         if split:
             rank = split_rank(rank, w.shape[1], split)
@@ -163,6 +176,9 @@ def factor_task(source, name: str, rank: int, settings: FactorizeSettings,
                 w, rank, method, layer_seed(settings.seed, name), settings.oversample,
                 settings.niter, weighting, eigh,
             )
+        if matrix is not None:
+            err = math.sqrt(residual_norm2(weight, A.to(weight.dtype), B.to(weight.dtype))
+                            / max(squared_norm(weight), 1e-300))
     if weighting is not None:
         method = f"{method}+{weighting.kind}"
     return (name, A.to("cpu", info.dtype), B.to("cpu", info.dtype),
@@ -216,21 +232,24 @@ def factorize(
         return stats.weighting(name, cols, device)
 
     done = {}
-    if stats is not None and settings.sequential:
+    if stats is not None and (settings.sequential or settings.compensate):
         recurrent = [n for n in planned
                      if RECURRENT.match(split_owner(n)[1]) or split_owner(n)[1] == IN_PROJ]
         if recurrent:
             raise LowrankError(f"sequential statistics handle module weights only, not "
                                f"{recurrent[0]} (leave it out, or factor without sequential)")
 
-        def factor(name: str, w: Weighting | None):
+        def factor(name: str, w: Weighting | None, matrix: torch.Tensor | None = None):
             _, A, B, result = factor_task(ckpt, name, planned[name], settings, w,
-                                          name in transposed, splits.get(name), device)
+                                          name in transposed, splits.get(name), device,
+                                          matrix=matrix)
             if on_layer:
                 on_layer(name)
             return A, B, result
 
-        done = sequential_factors(Models(ckpt), planned, stats, factor)
+        done = (compensated_factors(Models(ckpt), planned, stats, factor,
+                                    settings.compensate_damping) if settings.compensate
+                else sequential_factors(Models(ckpt), planned, stats, factor))
     order = sorted(infos)
     jobs = [n for n in order if n in planned and n not in done]
     # Serially, the Gram eigenvectors the scores stage computed are reused (same bytes as a
@@ -324,7 +343,7 @@ def factorize_(model: nn.Module, plan: RankPlan | dict[str, int],
 
 def _run(ctx: Context, settings: FactorizeSettings, plan: RankPlan,
          calibrate=None) -> LowRankCheckpoint:
-    if settings.sequential and ctx.models.factory is not None:
+    if (settings.sequential or settings.compensate) and ctx.models.factory is not None:
         raise InputError("sequential statistics run HF models only, not a model factory's")
     scratch = ctx.scratch("factorize")
     model = _tie_model(ctx)

@@ -8,6 +8,7 @@ anything after the last. Each group costs one forward pass over the calibration 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from ..io.samples import model_batches, read_calibration
+from ..linalg import Weighting, matrix_view, psd_sqrt
 from ..models import Models
 from ..naming import module_name
 from ..nn.swap import blocks_prefix, swap_lowrank_
@@ -77,4 +79,183 @@ def sequential_factors(models: Models, ranks: dict[str, int], stats: ActivationS
             swap_lowrank_(model, {fqn: A.shape[1]}, {fqn: (A, B)},
                           {fqn: result.split} if result.split else None)
             results[name] = (A, B, result)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Compensation: factors fitted to the dense outputs from the compressed model's inputs
+
+
+def compensated_targets(weights: list[torch.Tensor], gram: torch.Tensor, cross: torch.Tensor,
+                        damping: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The matrices to truncate, and their whitening, for factors that map the *compressed*
+    model's inputs x̃ to the *dense* layers' outputs W·x (``weights``: the (out, in) matrices
+    that multiply one input).
+
+    Σ‖W x − M x̃‖² + λ‖M − W‖² (λ = ``damping`` × mean eigenvalue of G̃; the ridge pulls M toward
+    W where the calibration inputs say little) is ‖(M − M*)·G'^½‖² + const with
+    G' = G̃ + λI, M* = (W·Cᵀ + λW)·G'⁻¹, G̃ = Σ x̃ x̃ᵀ and C = Σ x̃ xᵀ; so the best rank-r M is
+    M* truncated in G'^½'s metric: data-aware factorization of M* with whitening G'^½. When
+    x̃ = x, M* = W and this is plain whitening. Returns ([M*] in the weights' dtype, G'^½);
+    float64 maths.
+    """
+    g_reg = gram.double().clone()
+    lam = damping * float(g_reg.diagonal().mean())
+    g_reg.diagonal().add_(lam)
+    cholesky = torch.linalg.cholesky(g_reg)
+    cross = cross.double()
+    targets = []
+    for w in weights:
+        w64 = w.double()
+        rhs = w64 @ cross.T + lam * w64
+        # G' is symmetric: M* = (G'⁻¹·rhsᵀ)ᵀ
+        targets.append(torch.cholesky_solve(rhs.T, cholesky).T.to(w.dtype))
+    return targets, psd_sqrt(g_reg)
+
+
+class _Reached(Exception):
+    """Stops a block's forward pass once the hooked layer's input has been used."""
+
+
+class _PairedInputs:
+    """Forward pre-hooks on the first weight of each input-sharing group. In the dense block
+    they keep every batch's (real-token) inputs x; in the partly factored block, the hooked
+    layer adds x̃x̃ᵀ and x̃xᵀ to its group's G̃ and C (float64 sums of float32 batch products)
+    and stops the pass (nothing after it is needed)."""
+
+    def __init__(self, dense: dict[str, nn.Module]):
+        self.mask, self.batch = None, 0
+        self.dense: dict[str, list[torch.Tensor]] = {n: [] for n in dense}
+        self.gram: dict[str, torch.Tensor] = {}
+        self.cross: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_pre_hook(self._keep(n)) for n, m in dense.items()]
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach()
+        rows = x[self.mask] if self.mask is not None and x.shape[:-1] == self.mask.shape \
+            else x.reshape(-1, x.shape[-1])
+        return rows.float()
+
+    def _keep(self, name):
+        def hook(module, args):
+            self.dense[name].append(self._rows(args[0]))
+        return hook
+
+    def student(self, name: str, module: nn.Module):
+        """Hook ``module`` of the partly factored block; returns the handle."""
+        def hook(module, args):
+            rows, dense = self._rows(args[0]), self.dense[name][self.batch]
+            for store, product in ((self.gram, rows.T @ rows), (self.cross, rows.T @ dense)):
+                store[name] = store[name] + product.double() if name in store \
+                    else product.double()
+            raise _Reached
+        return module.register_forward_pre_hook(hook)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _input_groups(block: nn.Module, modules: dict[str, nn.Module], state) -> list[list[str]]:
+    """The weights of ``modules`` (inside ``block``) grouped by the tensor they multiply
+    (query/key/value share one, gate/up another), in the order they run."""
+    from .blockwise import run_block
+
+    seen: list[tuple[torch.Tensor, list[str]]] = []
+
+    def hook(name):
+        def record(module, args):
+            for x, group in seen:
+                if args[0] is x:
+                    group.append(name)
+                    return
+            seen.append((args[0], [name]))
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            run_block(block, state)
+    finally:
+        for h in handles:
+            h.remove()
+    return [group for _, group in seen]
+
+
+def compensated_factors(models: Models, ranks: dict[str, int], stats: ActivationStats,
+                        factor: Callable, damping: float = 0.01) -> dict:
+    """Factor the weights in ``ranks`` in execution order, each fitted to the dense model's
+    outputs from the inputs it gets in the model factored so far (:func:`compensated_targets`):
+    errors from upstream layers are corrected, not only re-weighted. Works on cached block
+    inputs (a few model forwards in all): per transformer block, each group of weights that
+    share an input runs the dense block on the dense inputs and the partly factored block on
+    the compressed ones. Weights outside the blocks (embeddings, an LM head) are factored
+    first, from the dense statistics. ``factor(name, weighting, matrix)`` factors one
+    weight (``matrix``: the target in (out, in) form); returns {name: (A, B, result)}."""
+    from .blockwise import block_inputs, run_block
+
+    data = read_calibration(stats.settings.calibration_file, stats.settings.samples, warn=False)
+    model, tokenizer = models.runnable_model(need_tokenizer=isinstance(data, list))
+    prefix = blocks_prefix(model)
+    if prefix is None or getattr(model.config, "is_encoder_decoder", False):
+        return sequential_factors(models, ranks, stats,
+                                  lambda name, w: factor(name, w, None))
+    blocks = model.get_submodule(prefix)
+    batches = list(model_batches(data, tokenizer, stats.settings.batch_size,
+                                 stats.settings.max_length))
+    masks = [mask for _, mask in batches]
+    results = {}
+
+    def put(name, A, B, result):
+        fqn = module_name(name)
+        swap_lowrank_(model, {fqn: A.shape[1]}, {fqn: (A, B)},
+                      {fqn: result.split} if result.split else None)
+        results[name] = (A, B, result)
+
+    def cols(name):
+        info = models.checkpoint.info(name)
+        return info.shape[0] if name in stats.transposed else math.prod(info.shape[1:])
+
+    dense_states = block_inputs(model, blocks, batches)
+    inside: dict[int, list[str]] = {}
+    for name in ranks:
+        if name.startswith(prefix + "."):
+            inside.setdefault(int(name[len(prefix) + 1:].split(".")[0]), []).append(name)
+        else:
+            put(name, *factor(name, stats.weighting(name, cols(name)), None))
+    student_states = block_inputs(model, blocks, batches) if results else dense_states
+    for i, block in enumerate(blocks):
+        names = inside.get(i, [])
+        dense_block = copy.deepcopy(block) if names else block
+        sub = (lambda root, n, i=i: root.get_submodule(module_name(n)[len(f"{prefix}.{i}."):]))
+        groups = _input_groups(dense_block, {n: sub(dense_block, n) for n in names},
+                               dense_states[0]) if names else []
+        paired = _PairedInputs({g[0]: sub(dense_block, g[0]) for g in groups})
+        with torch.no_grad():
+            try:  # the dense block's outputs and the inputs of its layers, one pass
+                targets = []
+                for state, paired.mask in zip(dense_states, masks):
+                    targets.append(run_block(dense_block, state))
+                for group in groups:
+                    handle = paired.student(group[0], sub(block, group[0]))
+                    for paired.batch, (state, paired.mask) in enumerate(zip(student_states,
+                                                                               masks)):
+                        try:
+                            run_block(block, state)
+                        except _Reached:
+                            pass
+                    handle.remove()
+                    weights = [matrix_view(models.checkpoint.get(n), n in stats.transposed)
+                               for n in group]
+                    matrices, sqrt_gram = compensated_targets(
+                        weights, paired.gram.pop(group[0]), paired.cross.pop(group[0]), damping)
+                    for name, matrix in zip(group, matrices):
+                        A, B, result = factor(name, Weighting("whiten", sqrt_gram), matrix)
+                        result.method += "+compensated"
+                        put(name, A, B, result)
+                    paired.dense.pop(group[0])
+            finally:
+                paired.remove()
+            student_states = [(run_block(block, s), s[1], s[2]) for s in student_states]
+        dense_states = [(y, s[1], s[2]) for y, s in zip(targets, dense_states)]
     return results
