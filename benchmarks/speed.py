@@ -13,12 +13,14 @@ right after (so both see the same machine load), the limits:
 - scores: forward + backward passes (weight gradients included) over the probe batches with the
   stage's sampled objective, no hooks.
 
-Limits use torch's default thread count here; stages run per-matrix work with one thread
-(lowrank.parallel.fixed_threads) unless --workers. The machine is shared: ratios measured in
-the same run are the meaningful numbers, absolute seconds are noisy.
+Limits use torch's default thread count here; stages run per-matrix work one thread per
+matrix (lowrank.parallel.fixed_threads), as many matrices at a time as compress's --workers
+(default auto: one thread per core; the sharded checkpoint also with each --sharded-workers
+value, e.g. 1 for serial). The machine is shared: ratios measured in the same run are the
+meaningful numbers, absolute seconds are noisy.
 
     python benchmarks/speed.py [--models minilm smollm2 sharded] [--repeats 3]
-        [--sharded-workers 1 2] [--out reports/speed]
+        [--sharded-workers auto 1 2] [--out reports/speed]
 
 The sharded checkpoint (24 fp32 matrices 2048×8192, 1.6 GB) is generated under /tmp by
 benchmarks/memory.py's generator.
@@ -143,8 +145,8 @@ def measure(name: str, repeats: int, workers: list[int], keep: Path | None) -> d
     runs = min(runs, repeats)
     result = {"command": f"lowrank compress {model} OUT {' '.join(flags)} --no-cache",
               "runs": {}}
-    for n in workers if name == "sharded" else [1]:
-        extra = ["--workers", str(n)] if n > 1 else []
+    for n in workers if name == "sharded" else ["auto"]:
+        extra = ["--workers", str(n)] if n != "auto" else []
         plan = keep / f"plan-{name}-{n}.json" if keep else None
         done = [compress(model, flags + extra, plan) for _ in range(runs)]
         print(name, n, [round(d["wall"], 1) for d in done], flush=True)
@@ -193,7 +195,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sharded-workers", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--sharded-workers", nargs="+", default=["auto", "1"],
+                    help="compress --workers values for the sharded checkpoint (auto: default)")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "speed")
     ap.add_argument("--keep-plans", type=Path, help="copy each model's plan.json here")
     args = ap.parse_args()

@@ -1,10 +1,14 @@
-"""Per-matrix work in parallel: local processes (``--workers N``) or a Ray cluster
-(``--executor ray``).
+"""Per-matrix work in parallel: threads of this process (the default, ``--workers auto``: one
+per CPU core), local processes (``--executor process``) or a Ray cluster (``--executor ray``).
 
 Results come back in task order and at most ``2 × workers`` tasks are in flight, so memory stays
 bounded however many matrices a checkpoint has. Each task runs with a fixed number of torch
 threads (:func:`fixed_threads`): BLAS/LAPACK results depend on the thread count, and this is what
-makes the output byte-identical whether it was computed serially, in processes or on Ray.
+makes the output byte-identical whether it was computed serially, in threads, in processes or on
+Ray. Threads work because torch releases the GIL in its kernels, and because torch's intra-op
+thread count is per thread under OpenMP/MKL: each pool thread sets it once (1) when it starts,
+the calling thread keeps its own (so what it computes meanwhile, e.g. whitening factors, has the
+bytes of a serial run), and the process-wide default new threads take is restored at the end.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ import contextlib
 import ctypes
 import functools
 import multiprocessing
+import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import torch
 
@@ -23,14 +29,23 @@ from .backends import require
 from .errors import InputError
 from .io.checkpoint import Checkpoint, open_checkpoint
 
-EXECUTORS = ("process", "ray")
+EXECUTORS = ("thread", "process", "ray")
+AUTO = "auto"  # workers: one per CPU core (on CPU; 1 with an accelerator)
 THREADS_PER_TASK = 1
+_POOL_THREAD = threading.local()  # .pinned: a thread of _thread_map's pool
 
 
 @contextlib.contextmanager
 def fixed_threads(n: int = THREADS_PER_TASK):
-    """Run a per-matrix task with ``n`` torch threads (and a heap that gives memory back)."""
+    """Run a per-matrix task with ``n`` torch threads (and a heap that gives memory back).
+
+    In a pool thread of the thread executor, a no-op: the thread was set to
+    ``THREADS_PER_TASK`` when it started, and setting and restoring torch's thread count from
+    several threads at once would race on its process-wide default."""
     _pin_mmap_threshold()
+    if getattr(_POOL_THREAD, "pinned", False):
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -61,31 +76,82 @@ def _pin_mmap_threshold(threshold: int = 4 << 20) -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
 
 
-def check_executor(executor: str, workers: int) -> None:
-    if executor not in EXECUTORS:
-        raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def resolve_workers(workers: int | str, device: str | None = None) -> int:
+    """``workers`` as a count: ``"auto"`` is one per CPU core, or 1 when the maths runs on an
+    accelerator (``device`` other than CPU: tasks would only queue on it)."""
+    if workers == AUTO:
+        return cpu_cores() if device is None or str(device).startswith("cpu") else 1
+    if isinstance(workers, str) and workers.isdigit():
+        workers = int(workers)
+    if isinstance(workers, bool) or not isinstance(workers, int):
+        raise InputError(f"workers must be an integer >= 1 or {AUTO!r}, got {workers!r}")
     if workers < 1:
         raise InputError(f"workers must be >= 1, got {workers}")
+    return workers
+
+
+def check_executor(executor: str, workers: int | str) -> None:
+    if executor not in EXECUTORS:
+        raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    resolve_workers(workers)
     if executor == "ray":
         require("ray")
 
 
-def ordered_map(fn: Callable, tasks: Iterable[tuple], workers: int = 1,
-                executor: str = "process") -> Iterator:
+def in_process(executor: str, workers: int | str, device: str | None = None) -> bool:
+    """Whether tasks run in this process (serially or in threads): they can then take the
+    open checkpoint and share memoized results, instead of a path and their own."""
+    return executor == "thread" or (executor == "process"
+                                    and resolve_workers(workers, device) == 1)
+
+
+def ordered_map(fn: Callable, tasks: Iterable[tuple], workers: int | str = 1,
+                executor: str = "thread") -> Iterator:
     """``fn(*task)`` for each task, in order. ``tasks`` is consumed lazily (a task may carry
-    large arguments, e.g. a Gram matrix). ``fn`` must be importable (module level)."""
+    large arguments, e.g. a Gram matrix). ``fn`` must be importable (module level) for the
+    process and Ray executors; with threads, ``fn`` and the tasks' arguments are shared, so
+    ``fn`` must be thread-safe."""
     check_executor(executor, workers)
+    workers = resolve_workers(workers)
     if executor == "ray":
         yield from _ray_map(fn, tasks, workers)
     elif workers == 1:
         for task in tasks:
             yield fn(*task)
+    elif executor == "thread":
+        yield from _thread_map(fn, tasks, workers)
     else:
         # spawn, not fork: forking a process whose OpenMP/MKL threads are running can deadlock.
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             yield from _windowed(lambda task: pool.submit(fn, *task), lambda f: f.result(),
                                  tasks, 2 * workers)
+
+
+def _pin_pool_thread() -> None:
+    _POOL_THREAD.pinned = True
+    torch.set_num_threads(THREADS_PER_TASK)  # this thread's own (OpenMP, MKL) thread count
+
+
+def _thread_map(fn: Callable, tasks: Iterable[tuple], workers: int) -> Iterator:
+    before = torch.get_num_threads()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="lowrank", initializer=_pin_pool_thread)
+    try:
+        yield from _windowed(lambda task: pool.submit(fn, *task), lambda f: f.result(),
+                             tasks, 2 * workers)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        # The pool threads' set_num_threads also set the default that threads started later
+        # take; this thread's own count never changed.
+        torch.set_num_threads(before)
 
 
 def _ray_map(fn: Callable, tasks: Iterable[tuple], workers: int) -> Iterator:

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import threading
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 from lowrank.errors import InputError
 from lowrank.io.checkpoint import LazyTensors, open_checkpoint
 from lowrank.io.safetensors import ShardWriter, write_tensors
-from lowrank.parallel import ordered_map
+from lowrank.parallel import fixed_threads, ordered_map
 from lowrank.stages.analyze import analyze
 from lowrank.stages.factorize import factorize
 from lowrank.stages.plan import PlanSettings, make_plan
@@ -100,10 +101,50 @@ def test_ordered_map_keeps_task_order_and_consumes_tasks_lazily():
             consumed.append(i)
             yield (i,)
 
-    results = ordered_map(_square, tasks(), workers=2)
-    assert next(results) == 0
-    assert len(consumed) <= 4  # a window of 2 × workers, not every task up front
-    assert list(results) == [i * i for i in range(1, 20)]
+    for executor in ("thread", "process"):
+        consumed.clear()
+        results = ordered_map(_square, tasks(), workers=2, executor=executor)
+        assert next(results) == 0
+        assert len(consumed) <= 4  # a window of 2 × workers, not every task up front
+        assert list(results) == [i * i for i in range(1, 20)]
+
+
+def _threads_in_task(i):
+    with fixed_threads():  # a no-op in the pool's threads, which run at 1 thread already
+        return i, torch.get_num_threads()
+
+
+def test_thread_executor_runs_tasks_at_one_thread_and_restores_the_thread_count():
+    torch.set_num_threads(2)  # the test machine may have one core: make the change visible
+    try:
+        got = list(ordered_map(_threads_in_task, [(i,) for i in range(12)], workers=3,
+                               executor="thread"))
+        assert got == [(i, 1) for i in range(12)]
+        assert torch.get_num_threads() == 2
+        later = []  # and the default a thread started later takes
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [2]
+    finally:
+        torch.set_num_threads(_DEFAULT_THREADS)
+
+
+_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def test_thread_executor_gives_the_bytes_of_a_serial_run(toy_checkpoint):
+    ckpt = open_checkpoint(toy_checkpoint)
+    serial = analyze(ckpt, workers=1)
+    threaded = analyze(ckpt, workers=3, executor="thread")
+    assert threaded.to_json() == serial.to_json()
+    assert all(threaded.matrices[n].singular_values == s.singular_values
+               for n, s in serial.matrices.items())
+    plan = make_plan(serial, PlanSettings(param_ratio=0.6))
+    a = factorize(ckpt, plan, workers=1)
+    b = factorize(ckpt, plan, workers=3, executor="thread")
+    assert a.tensors.keys() == b.tensors.keys() and a.layers == b.layers
+    assert all(torch.equal(b.tensors[n], t) for n, t in a.tensors.items())
 
 
 def test_bad_executor_and_worker_counts_are_input_errors():
@@ -111,14 +152,18 @@ def test_bad_executor_and_worker_counts_are_input_errors():
         list(ordered_map(_square, [(1,)], executor="dask"))
     with pytest.raises(InputError, match="workers must be >= 1"):
         list(ordered_map(_square, [(1,)], workers=0))
+    with pytest.raises(InputError, match="workers must be an integer"):
+        list(ordered_map(_square, [(1,)], workers="many"))
+    result = invoke("compress", "x", "y", "--workers", "0")
+    assert result.exit_code == 2 and "'auto'" in result.output
 
 
-@pytest.mark.parametrize("executor", ["process", "ray"])
+@pytest.mark.parametrize("executor", ["thread", "process", "ray"])
 def test_parallel_output_is_byte_identical_to_serial(tmp_path, toy_checkpoint, executor):
     if executor == "ray":
         pytest.importorskip("ray")  # the `ray` extra; installed with `dev`
     serial = invoke("compress", toy_checkpoint, tmp_path / "serial", "--param-ratio", 0.6,
-                    "--no-cache")
+                    "--no-cache", "--workers", 1)
     assert serial.exit_code == 0, serial.output
     parallel = invoke("compress", toy_checkpoint, tmp_path / "parallel", "--param-ratio", 0.6,
                       "--no-cache", "--workers", 2, "--executor", executor)

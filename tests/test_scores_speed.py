@@ -37,7 +37,8 @@ def _float64_exact(ckpt, name, stats):  # the stage before issue 13: LAPACK SVD,
 def test_float32_scores_choose_what_float64_chose(probed, monkeypatch):
     ckpt, stats, spectra = probed
     fast = score_candidates(ckpt, spectra, SETTINGS, stats)
-    monkeypatch.setattr(scores_mod, "full_factors", _float64_exact)
+    monkeypatch.setattr(scores_mod, "_factors_task",
+                        lambda ckpt, name, weighting, stats: _float64_exact(ckpt, name, stats))
     slow = score_candidates(ckpt, spectra, SETTINGS, stats)
     assert fast["matrices"].keys() == slow["matrices"].keys()
     for name, entry in slow["matrices"].items():
@@ -73,3 +74,26 @@ def test_factorize_reuses_the_scores_eigensolves(probed, monkeypatch):
     assert len(calls) == scored + len(factored)
     for key, tensor in fresh.tensors.items():
         assert torch.equal(reused.tensors[key], tensor), key
+
+
+def test_threaded_scores_and_their_reuse_are_byte_identical_to_serial(probed, monkeypatch):
+    """The scores' full factors in threads (the default: one per core; 3 here) give the bytes
+    of a serial run, each Gram eigensolve runs once, and factorize in threads reuses them."""
+    ckpt, stats, spectra = probed
+    calls = []
+    real = calibrate_mod.gram_eigenvectors
+    monkeypatch.setattr(calibrate_mod, "gram_eigenvectors", lambda x: calls.append(x) or real(x))
+    runs = {}
+    for workers in (1, 3):
+        run_stats = dataclasses.replace(stats, memo=_whitening_only(stats))
+        before = len(calls)
+        scores = score_candidates(ckpt, spectra, SETTINGS, run_stats, workers=workers)
+        assert len(calls) - before == len(scores["matrices"])  # one eigensolve per matrix
+        plan = make_plan(spectra, PlanSettings(param_ratio=0.7), scores=scores)
+        runs[workers] = (scores, factorize(ckpt, plan, stats=run_stats, workers=workers))
+        assert len(calls) - before == len(scores["matrices"])  # factorize reused them
+    (serial, serial_ckpt), (threaded, threaded_ckpt) = runs[1], runs[3]
+    assert threaded == serial
+    assert serial_ckpt.tensors.keys() == threaded_ckpt.tensors.keys()
+    for key, tensor in serial_ckpt.tensors.items():
+        assert torch.equal(threaded_ckpt.tensors[key], tensor), key

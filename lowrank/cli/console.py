@@ -106,14 +106,28 @@ model_factory_option = click.option(
     "directory too), e.g. mypkg.models:build. Calibration, recovery, evaluation and export "
     "then take tensor files.")
 
+class _Workers(click.ParamType):
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int) and value >= 1:
+            return value
+        if isinstance(value, str) and value.isdigit() and int(value) >= 1:
+            return int(value)
+        self.fail(f"{value!r} is not an integer >= 1 or 'auto'", param, ctx)
+
+
 workers_option = click.option(
-    "--workers", type=click.IntRange(min=1), default=1, show_default=True,
-    help="Analyze and factor matrices in N processes (same output as 1; memory grows with N).")
+    "--workers", type=_Workers(), default="auto", show_default=True,
+    help="Analyze, score and factor N matrices at a time (auto: one per CPU core; 1 on a GPU). "
+    "Same output whatever N; memory grows with N.")
 
 executor_option = click.option(
-    "--executor", type=click.Choice(["process", "ray"]), default="process", show_default=True,
-    help="Where per-matrix work runs: local processes, or Ray tasks (pip install "
-    "'lowrank[ray]'; RAY_ADDRESS selects a cluster).")
+    "--executor", type=click.Choice(["thread", "process", "ray"]), default="thread",
+    show_default=True,
+    help="Where per-matrix work runs: threads of this process, local processes (each its own "
+    "torch and copy of the data), or Ray tasks (pip install 'lowrank[ray]'; RAY_ADDRESS "
+    "selects a cluster).")
 
 device_option = click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=None,

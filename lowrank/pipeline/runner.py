@@ -24,7 +24,7 @@ from ..errors import GateFailed, InputError
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.files import atomic_directory, check_output_path, copy_model_files, write_json
 from ..models import Models
-from ..parallel import check_executor
+from ..parallel import check_executor, resolve_workers
 from ..stages.gate import check, raise_if_failed
 from ..stages.report import build_report, write_report
 from ..version import __version__
@@ -103,8 +103,8 @@ def execute(
     cache_dir: Path | None = None,
     track: Track = no_progress,
     model_factory=None,
-    workers: int = 1,
-    executor: str = "process",
+    workers: int | str = "auto",
+    executor: str = "thread",
     work_dir: Path | None = None,
     device: str | None = None,
 ) -> RunResult:
@@ -112,7 +112,8 @@ def execute(
 
     ``model_factory`` (or the pipeline file's ``model_factory``): ``package.module:function``
     or a zero-argument callable returning the dense ``nn.Module`` of a non-HF checkpoint.
-    ``workers``/``executor``: per-matrix work in parallel (:mod:`lowrank.parallel`).
+    ``workers``/``executor``: per-matrix work in parallel (:mod:`lowrank.parallel`; default:
+    one thread per CPU core).
     ``device``: ``cpu``, ``cuda`` or ``mps`` (or the pipeline file's ``device``; default: an
     accelerator when torch sees one, see :mod:`lowrank.device`).
     ``work_dir``: factorize and export put their files in temporary directories there instead
@@ -125,6 +126,7 @@ def execute(
     model_factory = model_factory or spec.model_factory
     check_executor(executor, workers)
     device = resolve_device(device or spec.device)
+    workers = resolve_workers(workers, device)
     settings = {name: make_settings(spec, STAGES[name]) for name in spec.stages}
     _check_order(spec)
     cache = Cache(cache_dir)
@@ -201,8 +203,8 @@ def run_pipeline(
     overwrite: bool = False,
     track: Track = no_progress,
     model_factory=None,
-    workers: int = 1,
-    executor: str = "process",
+    workers: int | str = "auto",
+    executor: str = "thread",
     device: str | None = None,
 ) -> RunResult:
     """Run ``spec``'s stages on checkpoint ``model`` and write the output directory atomically.
@@ -217,8 +219,11 @@ def run_pipeline(
         track: progress factory ``(description, total) -> context manager of advance(name)``.
         model_factory: the architecture of a non-HF checkpoint, ``package.module:function`` or
             a zero-argument callable returning the dense ``nn.Module`` (see :func:`execute`).
-        workers: processes (or Ray tasks) for the per-matrix work; the output is the same.
-        executor: ``"process"`` (local) or ``"ray"`` (a Ray cluster; ``RAY_ADDRESS``).
+        workers: how many matrices at a time for the per-matrix work (analyze, the scores'
+            factors, factorize); ``"auto"``: one per CPU core (1 on an accelerator). The output
+            is the same whatever the count.
+        executor: ``"thread"`` (threads of this process), ``"process"`` (local processes) or
+            ``"ray"`` (a Ray cluster; ``RAY_ADDRESS``).
         device: where calibration, analysis, factorization and recovery compute: ``"cpu"``,
             ``"cuda"``, ``"mps"``; None: the pipeline file's, else an accelerator if any.
 

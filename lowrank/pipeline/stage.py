@@ -38,8 +38,10 @@ class Context:
     models: Models
     track: Track = no_progress
     cache_dir: Path | None = None
-    workers: int = 1  # per-matrix work (analyze, factorize) in parallel: lowrank.parallel
-    executor: str = "process"
+    # Per-matrix work (analyze, scores' factors, factorize) in parallel: lowrank.parallel;
+    # "auto": one thread per CPU core.
+    workers: int | str = "auto"
+    executor: str = "thread"
     # Where factorize and export put their files (bounded memory); None keeps them in memory.
     work_dir: Path | None = None
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES  # checkpoint files written into OUTPUT

@@ -32,7 +32,14 @@ from ..linalg import (
     squared_norm,
     weighted,
 )
-from ..parallel import fixed_threads, open_source, ordered_map
+from ..parallel import (
+    AUTO,
+    fixed_threads,
+    in_process,
+    open_source,
+    ordered_map,
+    resolve_workers,
+)
 from ..pipeline.stage import Context, Stage, json_loader, json_saver, register_stage
 
 SPECTRA_FORMAT, SPECTRA_VERSION = "lowrank.spectra", 1
@@ -209,8 +216,8 @@ def analyze(
     settings: AnalyzeSettings = AnalyzeSettings(),
     on_matrix: Callable[[str], None] | None = None,
     stats=None,
-    workers: int = 1,
-    executor: str = "process",
+    workers: int | str = AUTO,
+    executor: str = "thread",
     device: str | None = None,
 ) -> Spectra:
     """Compute the spectrum of every floating-point tensor with two or more dimensions.
@@ -221,7 +228,8 @@ def analyze(
         on_matrix: called with each tensor name after it is analyzed (progress bars).
         stats: :class:`~lowrank.stages.calibrate.ActivationStats`; when given, layers with calibration
             data get their calibrated (output-energy) spectrum.
-        workers, executor: matrices in parallel (see :mod:`lowrank.parallel`); same result.
+        workers, executor: matrices in parallel (see :mod:`lowrank.parallel`; default: one
+            thread per core); same result.
         device: where the maths runs, one matrix at a time (:mod:`lowrank.device`; CPU: None).
 
     Returns:
@@ -229,7 +237,8 @@ def analyze(
     """
     spectra = Spectra(settings, total_params=ckpt.num_params())
     infos = matrix_infos(ckpt)
-    source = str(ckpt.path) if workers > 1 or executor != "process" else ckpt
+    workers = resolve_workers(workers, device)
+    source = ckpt if in_process(executor, workers) else str(ckpt.path)
 
     def tasks():
         for info in infos:

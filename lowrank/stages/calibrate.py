@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +46,11 @@ STATS_FORMAT, STATS_VERSION = "lowrank.stats", 1
 # equal Grams such as query/key/value's): at most this many bytes, least recently used dropped
 # first (recomputed when asked again), so a big model's factors do not all sit in memory at once.
 WHITENING_MEMO_BYTES = 2 << 30
+# ActivationStats.memo is read and written from the thread executor's pool threads too
+# (lowrank.parallel): one lock for every memo's dict, and the keys being computed, so that two
+# threads wanting the same eigensolve compute it once.
+_MEMO_LOCK = threading.Lock()
+_COMPUTING: dict[tuple, threading.Event] = {}
 OUTLIERS = ("keep", "skip-first", "clip")
 
 
@@ -131,14 +137,32 @@ class ActivationStats:
         return vecs.to(x.device)
 
     def _memoized(self, key: tuple, compute) -> torch.Tensor:
-        if key in self.memo:
-            self.memo.move_to_end(key)
-            return self.memo[key]
-        value = self.memo[key] = compute()
-        held = sum(t.numel() * t.element_size() for t in self.memo.values())
-        while held > WHITENING_MEMO_BYTES and len(self.memo) > 1:
-            _, dropped = self.memo.popitem(last=False)
-            held -= dropped.numel() * dropped.element_size()
+        """The memo's value for ``key``, else ``compute()``'s, kept (least recently used
+        values dropped beyond WHITENING_MEMO_BYTES). Thread-safe; a key is computed by one
+        thread at a time, others wanting it wait for its value."""
+        flight = (id(self.memo), key)
+        while True:
+            with _MEMO_LOCK:
+                if key in self.memo:
+                    self.memo.move_to_end(key)
+                    return self.memo[key]
+                other = _COMPUTING.get(flight)
+                if other is None:
+                    mine = _COMPUTING[flight] = threading.Event()
+                    break
+            other.wait()  # then look again (its value, or compute it if that one failed)
+        try:
+            value = compute()
+            with _MEMO_LOCK:
+                self.memo[key] = value
+                held = sum(t.numel() * t.element_size() for t in self.memo.values())
+                while held > WHITENING_MEMO_BYTES and len(self.memo) > 1:
+                    _, dropped = self.memo.popitem(last=False)
+                    held -= dropped.numel() * dropped.element_size()
+        finally:
+            with _MEMO_LOCK:
+                del _COMPUTING[flight]
+            mine.set()
         return value
 
     def to_tensors(self) -> dict[str, torch.Tensor]:

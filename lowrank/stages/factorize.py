@@ -36,7 +36,14 @@ from ..models import Models, model_ties
 from ..naming import IN_PROJ, RECURRENT, factor_names, module_name, split_owner, weight_name
 from ..nn.layers import is_transposed
 from ..nn.swap import fused_splits, swap_lowrank_, transposed_weights
-from ..parallel import fixed_threads, open_source, ordered_map
+from ..parallel import (
+    AUTO,
+    fixed_threads,
+    in_process,
+    open_source,
+    ordered_map,
+    resolve_workers,
+)
 from ..pipeline.stage import Context, Stage, register_stage
 from ..version import __version__
 from .analyze import matrix_infos
@@ -151,13 +158,14 @@ def factor_task(source, name: str, rank: int, settings: FactorizeSettings,
                 ) -> tuple[str, torch.Tensor, torch.Tensor, LayerResult]:
     """Factor one matrix of checkpoint ``source`` (an open one, or its path in a worker process)
     on ``device`` (:func:`lowrank.device.on_device`: this matrix only; factors come back on CPU).
-    ``eigh``: the Gram eigensolver, memoized (:func:`lowrank.linalg.gram_svd`) in serial runs.
+    ``eigh``: the Gram eigensolver, memoized (:func:`lowrank.linalg.gram_svd`) in-process
+    (serial or threads).
     ``matrix``: the (out, in) matrix to factor in place of the weight (a compensated target,
     :func:`lowrank.stages.sequential.compensated_targets`); the error reported is still the
     weight's, ‖W − A·B‖ / ‖W‖.
 
     Runs with a fixed thread count (:func:`lowrank.parallel.fixed_threads`), so the bytes do not
-    depend on whether it ran serially, in a process pool or on Ray.
+    depend on whether it ran serially, in threads, in a process pool or on Ray.
     """
     ckpt = open_source(source)
     info = ckpt.info(name)
@@ -194,8 +202,8 @@ def factorize(
     stats=None,
     ties: dict[str, str] | None = None,
     out_dir: Path | None = None,
-    workers: int = 1,
-    executor: str = "process",
+    workers: int | str = AUTO,
+    executor: str = "thread",
     transposed: set[str] = frozenset(),
     splits: dict[str, list[int]] | None = None,
     device: str | None = None,
@@ -210,8 +218,9 @@ def factorize(
     Memory: tensors are read one at a time. With ``out_dir`` the output is streamed into
     safetensors files there (:class:`~lowrank.io.safetensors.ShardWriter`) and the result's ``tensors``
     read from them lazily, so peak memory is a few times the largest tensor, not the model.
-    ``workers`` > 1 factors matrices in that many processes (``executor="ray"``: Ray tasks);
-    the output is byte-identical to a serial run. ``transposed``: weights stored (in, out)
+    ``workers`` (default ``"auto"``: one per CPU core) factors that many matrices at once, in
+    threads (``executor="process"``: processes; ``"ray"``: Ray tasks); the output is
+    byte-identical to a serial run (``workers=1``). ``transposed``: weights stored (in, out)
     (GPT-2's Conv1D, :func:`lowrank.nn.swap.transposed_weights`), factored as their transpose.
     ``splits``: fused projections factored per part ({name: part sizes},
     :func:`lowrank.nn.swap.fused_splits`). ``device``: where the maths runs, one matrix at a
@@ -222,8 +231,9 @@ def factorize(
     ties = {**find_ties(ckpt), **(ties or {})}
     planned = {n: layer.rank for n, layer in plan.layers.items()
                if layer.rank is not None and n in infos and n not in ties}
-    parallel = workers > 1 or executor != "process"
-    source = str(ckpt.path) if parallel else ckpt
+    workers = resolve_workers(workers, device)
+    local = in_process(executor, workers)
+    source = ckpt if local else str(ckpt.path)
 
     def weighting(name: str) -> Weighting | None:
         if stats is None:
@@ -252,9 +262,9 @@ def factorize(
                 else sequential_factors(Models(ckpt), planned, stats, factor))
     order = sorted(infos)
     jobs = [n for n in order if n in planned and n not in done]
-    # Serially, the Gram eigenvectors the scores stage computed are reused (same bytes as a
-    # worker's own eigensolve: same function, same thread count).
-    eigh = getattr(stats, "gram_eigenvectors", None) if not parallel else None
+    # In this process (serially or in threads), the Gram eigenvectors the scores stage computed
+    # are reused (same bytes as a worker's own eigensolve: same function, same thread count).
+    eigh = getattr(stats, "gram_eigenvectors", None) if local else None
     results = ordered_map(factor_task, ((source, n, planned[n], settings, weighting(n),
                                          n in transposed, splits.get(n), device, eigh)
                                         for n in jobs), workers, executor)

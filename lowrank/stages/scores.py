@@ -41,7 +41,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.samples import model_batches, read_calibration
 from ..linalg import matrix_view, weighted_factors
 from ..models import Models
-from ..parallel import fixed_threads
+from ..parallel import AUTO, fixed_threads, ordered_map, resolve_workers
 from ..pipeline.stage import Context, Stage, json_loader, json_saver, register_stage
 from .analyze import Spectra
 from .calibrate import ActivationStats
@@ -127,8 +127,20 @@ def full_factors(ckpt: Checkpoint, name: str, stats) -> tuple[torch.Tensor, torc
     """Float32 full-rank factors A, B of matrix ``name`` (data-aware with ``stats``), ordered
     by singular value: A[:, :r]·B[:r] is the rank-r matrix factorization computes. One thread,
     like factorization's tasks, so the memoized eigenvectors are the ones it would compute."""
+    return _factors_task(ckpt, name, _weighting(ckpt, name, stats), stats)
+
+
+def _weighting(ckpt: Checkpoint, name: str, stats):
+    """Matrix ``name``'s weighting, as factorize computes it (in the calling thread: with the
+    thread executor, G^½ keeps the bytes of a serial run)."""
+    if stats is None:
+        return None
+    return stats.weighting(name, math.prod(ckpt.info(name).shape[1:]))  # matrix_view's columns
+
+
+def _factors_task(ckpt: Checkpoint, name: str, weighting,
+                  stats) -> tuple[torch.Tensor, torch.Tensor]:
     w = matrix_view(ckpt.get(name))
-    weighting = stats.weighting(name, w.shape[1]) if stats is not None else None  # as factorize
     eigh = stats.gram_eigenvectors if stats is not None else None
     with fixed_threads():
         A, B, _, _, _ = weighted_factors(w, min(w.shape), "gram", weighting=weighting, eigh=eigh)
@@ -147,9 +159,14 @@ def probe_data(ckpt: Checkpoint, settings: ScoreSettings, stats, factory=None):
 def score_candidates(ckpt: Checkpoint, spectra: Spectra,
                      settings: ScoreSettings = ScoreSettings(),
                      stats: ActivationStats | None = None, factory=None,
-                     on_step: Callable[[str], None] | None = None) -> dict:
+                     on_step: Callable[[str], None] | None = None,
+                     workers: int | str = AUTO) -> dict:
     """The scores artifact: for every scored matrix its candidate ranks, estimated loss at each
-    (alone) and the per-sequence samples behind them (see the module docstring)."""
+    (alone) and the per-sequence samples behind them (see the module docstring).
+
+    The full factors are computed ``workers`` matrices at a time (default: one per CPU core)
+    in threads of this process, whatever the run's executor: the Gram eigenvectors they
+    memoize in ``stats`` are the ones factorization reuses."""
     model, batches, kind = probe_data(ckpt, settings, stats, factory)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -160,8 +177,11 @@ def score_candidates(ckpt: Checkpoint, spectra: Spectra,
                 and min(s.rows, s.cols) >= 2:
             params.setdefault(id(p), name)
     factors = {}
-    for name in params.values():
-        factors[name] = full_factors(ckpt, name, stats)
+    names = list(params.values())
+    tasks = ((ckpt, n, _weighting(ckpt, n, stats), stats) for n in names)
+    for name, AB in zip(names, ordered_map(_factors_task, tasks, resolve_workers(workers),
+                                           "thread")):
+        factors[name] = AB
         if on_step:
             on_step(name)
     scorer = _Scorer(model, factors, params)
@@ -233,7 +253,8 @@ def _run(ctx: Context, settings: ScoreSettings, spectra: Spectra, calibrate=None
     steps = total + -(-settings.samples // settings.batch_size)
     with ctx.track("scores", steps) as advance:
         return score_candidates(ctx.checkpoint, spectra, settings, calibrate,
-                                ctx.models.factory, advance)
+                                ctx.models.factory, advance,
+                                resolve_workers(ctx.workers, ctx.device))
 
 
 register_stage(Stage(
