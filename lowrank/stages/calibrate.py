@@ -36,6 +36,7 @@ from ..io.safetensors import save_tensors
 from ..io.samples import Samples, model_batches, num_samples, read_calibration
 from ..linalg import METHODS, gram_eigenvectors, make_weighting, psd_sqrt
 from ..models import Models
+from ..parallel import fixed_threads
 from ..pipeline.stage import Context, Stage, register_stage
 from .fisher import OutputGradients, sampled_objective
 from .recorder import Recorder
@@ -124,9 +125,15 @@ class ActivationStats:
     def whitening_factor(self, gram: torch.Tensor, device: str | None = None) -> torch.Tensor:
         """G^½ of ``gram``, memoized by content: analysis and factorization of one run, and
         layers fed the same input (query, key and value), share one eigendecomposition.
-        Hashing G reads n² numbers; the eigh it saves costs ~n³."""
+        Hashing G reads n² numbers; the eigh it saves costs ~n³. One torch thread, like the
+        per-matrix tasks beside it (:func:`lowrank.parallel.fixed_threads`): the same bytes
+        whichever thread asks, and no OpenMP oversubscription while the tasks run."""
         where = float64_device(device)
-        return self._memoized(("sqrt", _digest(gram), where), lambda: psd_sqrt(gram, where))
+
+        def compute():
+            with fixed_threads():
+                return psd_sqrt(gram, where)
+        return self._memoized(("sqrt", _digest(gram), where), compute)
 
     def gram_eigenvectors(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`lowrank.linalg.gram_eigenvectors` of ``x`` (a weighted matrix's short side),
