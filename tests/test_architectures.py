@@ -145,7 +145,7 @@ def test_gpt2_conv1d_full_rank_equals_dense_lower_rank_loses(hf_dirs, tmp_path):
     # the pipeline with calibration: Conv1D inputs reach the hooks, outputs load back
     run = _compress(d, tmp_path / "out", calibration=True)
     layer = run.report["layers"]["transformer.h.0.mlp.c_fc.weight"]
-    assert layer["rank"] == 32 and layer["method"].endswith("+whiten") and layer["transposed"]
+    assert layer["rank"] == 32 and "+whiten" in layer["method"] and layer["transposed"]
     assert run.report["fidelity"]["kind"] == "causal-lm"
     loaded = lowrank.load(tmp_path / "out")
     state = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -172,7 +172,7 @@ def test_fused_projection_factored_as_one_end_to_end(hf_dirs, tmp_path, kind, fu
     ids = _ids()
     torch.testing.assert_close(_logits(compressed, ids), _logits(dense, ids), atol=1e-5, rtol=0)
     run = _compress(d, tmp_path / "out", calibration=True)
-    assert run.report["layers"][fused]["method"].endswith("+whiten")
+    assert "+whiten" in run.report["layers"][fused]["method"]
     assert run.report["fidelity"]["kind"] == "causal-lm"
     model = lowrank.load(tmp_path / "out")
     assert torch.isfinite(_logits(model, ids)).all()
@@ -198,7 +198,7 @@ def test_encoder_decoder_compress_load_calibrate_evaluate(hf_dirs, tmp_path, kin
     layers = calibrated.report["layers"]
     decoder_ff = next(n for n, e in layers.items() if n.startswith(("decoder.", "model.decoder."))
                       and e["rank"] is not None)
-    assert layers[decoder_ff]["method"].endswith("+whiten")  # the decoder saw the text
+    assert "+whiten" in layers[decoder_ff]["method"]  # the decoder saw the text
     model = lowrank.load(tmp_path / "calibrated")
     assert torch.isfinite(_logits(model, ids)).all()
     if kind == "bart":  # scaled/offset embeddings have their own forward: kept dense
@@ -309,7 +309,7 @@ def test_multihead_attention_through_pipeline_with_calibration(tmp_path):
         "evaluate": {"eval_file": str(tmp_path / "eval.safetensors")}})
     run = lowrank.run_pipeline(spec, path, tmp_path / "out", model_factory=tiny_encoder)
     layer = run.report["layers"]["encoder.layers.0.self_attn.in_proj_weight"]
-    assert layer["rank"] == 8 and layer["method"].endswith("+whiten")
+    assert layer["rank"] == 8 and "+whiten" in layer["method"]
     loaded = lowrank.load(tmp_path / "out", model=tiny_encoder())
     assert isinstance(loaded.encoder.layers[1].self_attn, LowRankMultiheadAttention)
     state = load_file(str(tmp_path / "out" / "model.safetensors"))

@@ -179,7 +179,7 @@ def test_cnn_digits_compressed_accuracy_and_onnx(digits, tmp_path):
     layers = moderate.report["layers"]
     assert layers["conv2.weight"]["rank"] == 16 and layers["fc1.weight"]["rank"] == 32
     # conv patches reached the calibration: data-aware factors for the conv
-    assert layers["conv2.weight"]["method"].endswith("+whiten")
+    assert "+whiten" in layers["conv2.weight"]["method"]
     assert fm["kind"] == "classifier" and fm["samples"] == 597
     assert fm["accuracy_dense"] > 0.93
     assert fm["accuracy"] >= fm["accuracy_dense"] - 0.03
@@ -239,7 +239,7 @@ def test_lstm_digits_through_cli_with_model_factory(digits, tmp_path):
     print(_accuracy_line("LSTM", "rank 2", fl))
     layers = report["layers"]
     for name in ("lstm.weight_hh_l0", "lstm.weight_ih_l1", "lstm.weight_hh_l1"):
-        assert layers[name]["rank"] == 32 and layers[name]["method"].endswith("+whiten")
+        assert layers[name]["rank"] == 32 and "+whiten" in layers[name]["method"]
     assert layers["lstm.weight_ih_l0"]["rank"] is None  # 256 x 8: tiny
     assert fm["accuracy_dense"] > 0.9
     assert fm["accuracy"] >= fm["accuracy_dense"] - 0.03

@@ -308,7 +308,7 @@ def test_tensor_calibration_for_non_text_inputs(tiny_bert_dir, tmp_path):
     result = compress(tiny_bert_dir, tmp_path, name="tensors",
                       calibrate={"calibration_file": str(good), "samples": 24})
     methods = {e.get("method") for e in result.report["layers"].values() if e["rank"]}
-    assert any(m.endswith("+whiten") for m in methods)
+    assert any("+whiten" in m for m in methods)
     bad = tmp_path / "bad.safetensors"
     save_file({"input_ids": torch.zeros(4, 3, dtype=torch.long),
                "attention_mask": torch.ones(5, 3, dtype=torch.long)}, str(bad))

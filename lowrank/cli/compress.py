@@ -80,9 +80,9 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
 @calibration_options
 @click.option("--sequential", is_flag=True, help="Recollect each block's calibration statistics "
               "with upstream layers already factored (needs --calibration).")
-@click.option("--compensate/--no-compensate", default=None, help="Fit each layer's factors to "
-              "the dense model's outputs from the inputs it gets in the model factored so far, "
-              "block by block (needs --calibration).")
+@click.option("--compensate/--no-compensate", default=None, help="With --calibration (default "
+              "on): fit each layer's factors to the dense model's outputs from the inputs it "
+              "gets in the model factored so far, block by block.")
 @click.option("--split-fused", is_flag=True, help="Factor fused projections (Phi-3 qkv_proj/"
               "gate_up_proj, GPT-2 c_attn) per part at equal parameters, not as one matrix "
               "(measured worse on the models tried; see the README).")

@@ -53,7 +53,8 @@ def block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list) -> list
                   if k != "hidden_states"}
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
-        captured.append((hidden.detach(), tuple(args[1:]), kwargs))
+        args = tuple(None if isinstance(a, Cache) else a for a in args[1:])  # GPT-2: positional
+        captured.append((hidden.detach(), args, kwargs))
         raise _Captured
 
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -70,8 +70,10 @@ class FactorizeSettings:
     # it gets in the model factored so far (lowrank.stages.sequential.compensated_factors):
     # upstream error is corrected, not only re-weighted. A few model forwards on cached block
     # inputs; `compensate_damping` × the mean input eigenvalue pulls toward the weight.
-    compensate: bool = False
-    compensate_damping: float = 0.01
+    # Measured (README, Data-aware compression): SmolLM2 at 85%, perplexity 1.67× -> 1.51×
+    # dense; damping 0.01/0.1/0.3/1/3 gave -/1.56/1.51/1.59/1.78×. `sequential` wins over it.
+    compensate: bool = True
+    compensate_damping: float = 0.3
     # Factor a fused projection (Phi-3 qkv_proj/gate_up_proj, GPT-2 c_attn) per part, each part
     # at the rank that keeps the planned parameter count, instead of as one matrix. Off: at equal
     # parameters the fused factors had the lower whitened output error in every case measured
@@ -245,7 +247,7 @@ def factorize(
     if stats is not None and (settings.sequential or settings.compensate):
         recurrent = [n for n in planned
                      if RECURRENT.match(split_owner(n)[1]) or split_owner(n)[1] == IN_PROJ]
-        if recurrent:
+        if recurrent and settings.sequential:
             raise LowrankError(f"sequential statistics handle module weights only, not "
                                f"{recurrent[0]} (leave it out, or factor without sequential)")
 
@@ -257,9 +259,9 @@ def factorize(
                 on_layer(name)
             return A, B, result
 
-        done = (compensated_factors(Models(ckpt), planned, stats, factor,
-                                    settings.compensate_damping) if settings.compensate
-                else sequential_factors(Models(ckpt), planned, stats, factor))
+        done = (sequential_factors(Models(ckpt), planned, stats, factor) if settings.sequential
+                else compensated_factors(Models(ckpt), planned, stats, factor,
+                                         settings.compensate_damping))
     order = sorted(infos)
     jobs = [n for n in order if n in planned and n not in done]
     # In this process (serially or in threads), the Gram eigenvectors the scores stage computed
@@ -353,8 +355,10 @@ def factorize_(model: nn.Module, plan: RankPlan | dict[str, int],
 
 def _run(ctx: Context, settings: FactorizeSettings, plan: RankPlan,
          calibrate=None) -> LowRankCheckpoint:
-    if (settings.sequential or settings.compensate) and ctx.models.factory is not None:
+    if settings.sequential and ctx.models.factory is not None:
         raise InputError("sequential statistics run HF models only, not a model factory's")
+    if ctx.models.factory is not None:  # compensation (a default) runs HF models only
+        settings = replace(settings, compensate=False)
     scratch = ctx.scratch("factorize")
     model = _tie_model(ctx)
     with ctx.track("factorize", len(plan.factored())) as advance:

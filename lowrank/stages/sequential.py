@@ -17,8 +17,9 @@ from torch import nn
 
 from ..io.samples import model_batches, read_calibration
 from ..linalg import Weighting, matrix_view, psd_sqrt
-from ..models import Models
-from ..naming import module_name
+from ..models import Models, checkpoint_renamer
+from ..naming import IN_PROJ, RECURRENT, module_name, split_owner
+from ..nn.layers import is_transposed
 from ..nn.swap import blocks_prefix, swap_lowrank_
 from .calibrate import ActivationStats, collect_stats, seq2seq_inputs
 
@@ -189,27 +190,33 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
     errors from upstream layers are corrected, not only re-weighted. Works on cached block
     inputs (a few model forwards in all): per transformer block, each group of weights that
     share an input runs the dense block on the dense inputs and the partly factored block on
-    the compressed ones. Weights outside the blocks (embeddings, an LM head) are factored
-    first, from the dense statistics. ``factor(name, weighting, matrix)`` factors one
+    the compressed ones. Other weights (embeddings, an LM head, anything not a Linear) are
+    factored first, from the dense statistics; a model without blocks, or an encoder-decoder,
+    gets {} (plain factors), as does one with recurrent or attention ``in_proj`` weights. ``factor(name, weighting, matrix)`` factors one
     weight (``matrix``: the target in (out, in) form); returns {name: (A, B, result)}."""
     from .blockwise import block_inputs, run_block
 
     data = read_calibration(stats.settings.calibration_file, stats.settings.samples, warn=False)
     model, tokenizer = models.runnable_model(need_tokenizer=isinstance(data, list))
     prefix = blocks_prefix(model)
-    if prefix is None or getattr(model.config, "is_encoder_decoder", False):
-        return sequential_factors(models, ranks, stats,
-                                  lambda name, w: factor(name, w, None))
+    if prefix is None or getattr(getattr(model, "config", None), "is_encoder_decoder", False) \
+            or any(RECURRENT.match(split_owner(n)[1]) or split_owner(n)[1] == IN_PROJ
+                   for n in ranks):
+        return {}  # no blocks to cache inputs of, two stacks, or a recurrence: plain factors
     blocks = model.get_submodule(prefix)
     batches = list(model_batches(data, tokenizer, stats.settings.batch_size,
                                  stats.settings.max_length))
     masks = [mask for _, mask in batches]
     results = {}
 
+    rename = checkpoint_renamer(model)  # checkpoint key -> the model's (transformers 5)
+    known = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+
     def put(name, A, B, result):
-        fqn = module_name(name)
-        swap_lowrank_(model, {fqn: A.shape[1]}, {fqn: (A, B)},
-                      {fqn: result.split} if result.split else None)
+        if rename(name, known) in known:  # else the model never uses it: nothing to swap
+            fqn = module_name(rename(name, known))
+            swap_lowrank_(model, {fqn: A.shape[1]}, {fqn: (A, B)},
+                          {fqn: result.split} if result.split else None)
         results[name] = (A, B, result)
 
     def cols(name):
@@ -219,9 +226,12 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
     dense_states = block_inputs(model, blocks, batches)
     inside: dict[int, list[str]] = {}
     for name in ranks:
-        if name.startswith(prefix + "."):
+        owner, param = split_owner(name)
+        module = model.get_submodule(owner) if name in known else None
+        if name.startswith(prefix + ".") and param == "weight" and name in stats.grams \
+                and (isinstance(module, nn.Linear) or is_transposed(module)):
             inside.setdefault(int(name[len(prefix) + 1:].split(".")[0]), []).append(name)
-        else:
+        else:  # outside the blocks, or not a Linear: from the dense statistics, first
             put(name, *factor(name, stats.weighting(name, cols(name)), None))
     student_states = block_inputs(model, blocks, batches) if results else dense_states
     for i, block in enumerate(blocks):
