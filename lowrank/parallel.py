@@ -144,11 +144,16 @@ def _pin_pool_thread() -> None:
 def _thread_map(fn: Callable, tasks: Iterable[tuple], workers: int) -> Iterator:
     before = torch.get_num_threads()
     pool = ThreadPoolExecutor(workers, thread_name_prefix="lowrank", initializer=_pin_pool_thread)
+    finished = False
     try:
         yield from _windowed(lambda task: pool.submit(fn, *task), lambda f: f.result(),
                              tasks, 2 * workers)
+        finished = True
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        # Interrupted (Ctrl-C, SIGTERM, an error): queued tasks are cancelled and running ones
+        # not waited for, so the run unwinds (scratch removed) at once; the CLI then exits
+        # without joining them (lowrank.cli).
+        pool.shutdown(wait=finished, cancel_futures=True)
         # The pool threads' set_num_threads also set the default that threads started later
         # take; this thread's own count never changed.
         torch.set_num_threads(before)

@@ -53,7 +53,8 @@ def test_fixed_steps_win_over_the_budget():
 
 
 def _models(model_dir, tmp_path):
-    out = compress(model_dir, tmp_path).output
+    # plain factors: compensated ones leave the blocks less to learn than this test asks for
+    out = compress(model_dir, tmp_path, factorize={"compensate": False}).output
     return lowrank.load(out), load_dense(model_dir)
 
 

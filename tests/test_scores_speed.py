@@ -13,9 +13,11 @@ from lowrank.stages import calibrate as calibrate_mod
 from lowrank.stages import scores as scores_mod
 from lowrank.stages.analyze import analyze
 from lowrank.stages.calibrate import CalibrateSettings, calibrate
-from lowrank.stages.factorize import factorize
+from lowrank.stages.factorize import FactorizeSettings, factorize
 from lowrank.stages.plan import PlanSettings, make_plan
 from lowrank.stages.scores import ScoreSettings, score_candidates
+
+PLAIN = FactorizeSettings(compensate=False)  # compensated layers solve their own targets
 
 SETTINGS = ScoreSettings(samples=16, batch_size=8, max_length=32)
 
@@ -66,11 +68,12 @@ def test_factorize_reuses_the_scores_eigensolves(probed, monkeypatch):
     scored = len(calls)
     assert scored == len(scores["matrices"])
     plan = make_plan(spectra, PlanSettings(param_ratio=0.7), scores=scores)
-    reused = factorize(ckpt, plan, stats=stats)
+    reused = factorize(ckpt, plan, PLAIN, stats=stats)
     factored = plan.factored()
     assert factored and all(n in scores["matrices"] for n in factored)
     assert len(calls) == scored  # no eigensolve of its own
-    fresh = factorize(ckpt, plan, stats=dataclasses.replace(stats, memo=_whitening_only(stats)))
+    fresh = factorize(ckpt, plan, PLAIN,
+                      stats=dataclasses.replace(stats, memo=_whitening_only(stats)))
     assert len(calls) == scored + len(factored)
     for key, tensor in fresh.tensors.items():
         assert torch.equal(reused.tensors[key], tensor), key
@@ -90,7 +93,8 @@ def test_threaded_scores_and_their_reuse_are_byte_identical_to_serial(probed, mo
         scores = score_candidates(ckpt, spectra, SETTINGS, run_stats, workers=workers)
         assert len(calls) - before == len(scores["matrices"])  # one eigensolve per matrix
         plan = make_plan(spectra, PlanSettings(param_ratio=0.7), scores=scores)
-        runs[workers] = (scores, factorize(ckpt, plan, stats=run_stats, workers=workers))
+        runs[workers] = (scores, factorize(ckpt, plan, PLAIN, stats=run_stats,
+                                                   workers=workers))
         assert len(calls) - before == len(scores["matrices"])  # factorize reused them
     (serial, serial_ckpt), (threaded, threaded_ckpt) = runs[1], runs[3]
     assert threaded == serial

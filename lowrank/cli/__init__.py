@@ -9,6 +9,7 @@ Errors are one line on stderr; ``LOWRANK_DEBUG=1`` shows full tracebacks.
 from __future__ import annotations
 
 import os
+import sys
 
 import click
 from rich.markup import escape
@@ -50,10 +51,10 @@ class LowrankGroup(click.Group):
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             err.print("interrupted")
-            ctx.exit(130)
+            _exit_now(130)
         except Terminated as e:
             err.print(str(e))
-            ctx.exit(128 + e.signum)
+            _exit_now(128 + e.signum)
         except OSError as e:  # the system refused a read or write: disk full, permission denied
             if debug:
                 raise
@@ -68,6 +69,14 @@ class LowrankGroup(click.Group):
             err.print(f"[red]internal error:[/] {what} (rerun with LOWRANK_DEBUG=1 for the "
                       f"traceback)", highlight=False)
             ctx.exit(1)
+
+
+def _exit_now(code: int) -> None:
+    """Exit after an interrupt without joining per-matrix worker threads still inside a task
+    (Python cannot stop them; the run has already unwound and removed its scratch files)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @click.group(cls=LowrankGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -184,18 +184,22 @@ def _input_groups(block: nn.Module, modules: dict[str, nn.Module], state) -> lis
 
 
 def compensated_factors(models: Models, ranks: dict[str, int], stats: ActivationStats,
-                        factor: Callable, damping: float = 0.01) -> dict:
+                        factor: Callable, damping: float = 0.3) -> dict:
     """Factor the weights in ``ranks`` in execution order, each fitted to the dense model's
     outputs from the inputs it gets in the model factored so far (:func:`compensated_targets`):
     errors from upstream layers are corrected, not only re-weighted. Works on cached block
     inputs (a few model forwards in all): per transformer block, each group of weights that
     share an input runs the dense block on the dense inputs and the partly factored block on
     the compressed ones. Other weights (embeddings, an LM head, anything not a Linear) are
-    factored first, from the dense statistics; a model without blocks, or an encoder-decoder,
-    gets {} (plain factors), as does one with recurrent or attention ``in_proj`` weights. ``factor(name, weighting, matrix)`` factors one
-    weight (``matrix``: the target in (out, in) form); returns {name: (A, B, result)}."""
+    factored first, from the dense statistics. A model without blocks, an encoder-decoder,
+    one with recurrent or attention ``in_proj`` weights, or statistics for another data method
+    than ``whiten`` get {} (plain factors).
+    ``factor(name, weighting, matrix)`` factors one weight (``matrix``: the target in (out,
+    in) form); returns {name: (A, B, result)}."""
     from .blockwise import block_inputs, run_block
 
+    if stats.settings.method != "whiten":  # kfac/scale weightings are not least squares
+        return {}
     data = read_calibration(stats.settings.calibration_file, stats.settings.samples, warn=False)
     model, tokenizer = models.runnable_model(need_tokenizer=isinstance(data, list))
     prefix = blocks_prefix(model)
