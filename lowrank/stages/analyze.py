@@ -12,6 +12,7 @@ energy fractions stay correct with a partial spectrum.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -205,8 +206,10 @@ def analyze_task(source, name: str, settings: AnalyzeSettings, weighting=None,
     """:func:`analyze_matrix` of one tensor of checkpoint ``source`` (open, or its path in a
     worker process), with a fixed thread count so results don't depend on the parallel layout;
     on ``device`` (its float64 one: :func:`lowrank.device.float64_device`), one matrix at a
-    time."""
+    time. ``weighting`` may be a function that computes it (in-process runs: the task's
+    thread then computes G^½ too, so whitening factors are computed in parallel)."""
     with fixed_threads():
+        weighting = weighting() if callable(weighting) else weighting
         return analyze_matrix(name, on_device(open_source(source).get(name), device), settings,
                               weighting, transposed)
 
@@ -238,16 +241,18 @@ def analyze(
     spectra = Spectra(settings, total_params=ckpt.num_params())
     infos = matrix_infos(ckpt)
     workers = resolve_workers(workers, device)
-    source = ckpt if in_process(executor, workers) else str(ckpt.path)
+    local = in_process(executor, workers)
+    source = ckpt if local else str(ckpt.path)
 
     def tasks():
         for info in infos:
             # Only weighted spectra depend on the orientation (singular values do not).
             flip = stats is not None and info.name in stats.transposed
             cols = info.shape[0] if flip else math.prod(info.shape[1:])
+            weighting = None if stats is None else \
+                functools.partial(stats.weighting, info.name, cols, device)
             yield (source, info.name, settings,
-                   stats.weighting(info.name, cols, device) if stats is not None else None,
-                   flip, device)
+                   weighting if local or weighting is None else weighting(), flip, device)
 
     for spectrum in ordered_map(analyze_task, tasks(), workers, executor):
         spectra.matrices[spectrum.name] = spectrum

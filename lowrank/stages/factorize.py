@@ -9,6 +9,7 @@ randomized) for every planned matrix, data-aware when calibration statistics are
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -172,6 +173,7 @@ def factor_task(source, name: str, rank: int, settings: FactorizeSettings,
     ckpt = open_source(source)
     info = ckpt.info(name)
     with fixed_threads():
+        weighting = weighting() if callable(weighting) else weighting  # see factorize
         w = matrix_view(on_device(ckpt.get(name), device), transposed)
         weight, w = w, w if matrix is None else on_device(matrix, device)
         method = choose_method(*w.shape, settings)
@@ -251,11 +253,14 @@ def factorize(
     local = in_process(executor, workers)
     source = ckpt if local else str(ckpt.path)
 
-    def weighting(name: str) -> Weighting | None:
+    def weighting(name: str, lazy: bool = False) -> Weighting | Callable | None:
+        """``name``'s weighting; ``lazy``: a function computing it, for a task in this process
+        to call in its own thread (whitening factors then computed in parallel)."""
         if stats is None:
             return None
         cols = infos[name].shape[0] if name in transposed else math.prod(infos[name].shape[1:])
-        return stats.weighting(name, cols, device)
+        compute = functools.partial(stats.weighting, name, cols, device)
+        return compute if lazy else compute()
 
     done = {}
     if stats is not None and (settings.sequential or settings.compensate):
@@ -281,7 +286,7 @@ def factorize(
     # In this process (serially or in threads), the Gram eigenvectors the scores stage computed
     # are reused (same bytes as a worker's own eigensolve: same function, same thread count).
     eigh = getattr(stats, "gram_eigenvectors", None) if local else None
-    results = ordered_map(factor_task, ((source, n, planned[n], settings, weighting(n),
+    results = ordered_map(factor_task, ((source, n, planned[n], settings, weighting(n, local),
                                          n in transposed, splits.get(n), device, eigh)
                                         for n in jobs), workers, executor)
     tensors: dict[str, torch.Tensor] = {}
