@@ -7,8 +7,10 @@ threads (:func:`fixed_threads`): BLAS/LAPACK results depend on the thread count,
 makes the output byte-identical whether it was computed serially, in threads, in processes or on
 Ray. Threads work because torch releases the GIL in its kernels, and because torch's intra-op
 thread count is per thread under OpenMP/MKL: each pool thread sets it once (1) when it starts,
-the calling thread keeps its own (so what it computes meanwhile, e.g. whitening factors, has the
-bytes of a serial run), and the process-wide default new threads take is restored at the end.
+the calling thread keeps its own, and the process-wide default new threads take is restored at
+the end. Whitening factors are computed with one thread wherever they are computed
+(:meth:`lowrank.stages.calibrate.ActivationStats.whitening_factor`), in-process tasks computing
+their own.
 """
 
 from __future__ import annotations
