@@ -98,7 +98,8 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
               "then a short end-to-end pass; end-to-end: the whole model's output (default auto: "
               "end-to-end, measured best so far; see reports/recovery-minutes.md).")
 @click.option("--recover-lr", type=float,
-              help="Learning rate (default 3e-3 for adapters, 3e-4 for factors).")
+              help="Learning rate (default 3e-3 for adapters, 3e-4 for factors and for "
+              "LoRA on causal LMs).")
 @click.option("--recover-rank", type=int, help="LoRA rank (default 32).")
 @click.option("--recover-alpha", type=float, help="LoRA alpha (default 32).")
 @click.option("--recover-batch-size", type=int, help="Samples per step (default 32).")
