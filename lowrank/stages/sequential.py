@@ -3,7 +3,13 @@ factored, so a layer's factors correct for the error that reaches it (as GPTQ an
 
 Layers are processed in groups in execution order: the blocks of the model's largest
 ``nn.ModuleList`` (the transformer layers), anything before the first block (embeddings), and
-anything after the last. Each group costs one forward pass over the calibration text.
+anything after the last. Each group costs one forward pass over the calibration text
+(:func:`sequential_factors`, ``--sequential``).
+
+Compensation (:func:`compensated_factors`, the default with calibration) goes further: each
+layer's factors are fitted to the *dense* layer's outputs from the inputs it gets in the
+partly factored model (a least-squares target, not only a re-weighting), on cached block
+inputs, so it costs a few model forwards in all.
 """
 
 from __future__ import annotations
