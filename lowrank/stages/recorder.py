@@ -15,6 +15,14 @@ from ..nn.layers import is_transposed, plain_lookup
 from ..nn.recurrent import dense_rnn_forward
 
 
+def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x``'s feature vectors as rows; padding tokens are not data, so they are dropped when
+    ``x``'s leading dims are ``mask``'s (batch, seq)."""
+    if mask is not None and x.shape[:-1] == mask.shape:
+        return x[mask]
+    return x.reshape(-1, x.shape[-1])
+
+
 def conv_patches(conv: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """(batch, positions, in·kernel): the input patch each output position multiplies, in the
     column order of the (out, in·kernel) view of the kernel."""
@@ -138,11 +146,7 @@ class Recorder:
         self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        # Padding tokens are not data: drop them when the leading dims are (batch, seq).
-        if self.mask is not None and x.shape[:-1] == self.mask.shape:
-            rows = x[self.mask]
-        else:
-            rows = x.reshape(-1, x.shape[-1])
+        rows = token_rows(x, self.mask)
         if self.clip is not None and rows.shape[0]:  # massive activations: norm <= factor·median
             norms = rows.float().norm(dim=-1)
             limit = self.clip * norms.median()

@@ -28,6 +28,7 @@ from ..naming import IN_PROJ, RECURRENT, module_name, split_owner
 from ..nn.layers import is_transposed
 from ..nn.swap import blocks_prefix, swap_lowrank_
 from .calibrate import ActivationStats, collect_stats, seq2seq_inputs
+from .recorder import token_rows
 
 
 def execution_groups(model: nn.Module, inputs: dict, names: list[str]) -> list[list[str]]:
@@ -63,6 +64,13 @@ def execution_groups(model: nn.Module, inputs: dict, names: list[str]) -> list[l
     return list(groups.values())
 
 
+def _input_features(models: Models, stats: ActivationStats, name: str) -> int:
+    """The number of input features of weight ``name``: its Gram's size."""
+    info = models.checkpoint.info(name)
+    # a Conv1D weight is stored (in, out): its inputs have shape[0] features
+    return info.shape[0] if name in stats.transposed else math.prod(info.shape[1:])
+
+
 def sequential_factors(models: Models, ranks: dict[str, int], stats: ActivationStats,
                        factor: Callable) -> dict:
     """Factor the weights in ``ranks`` group by group, recollecting statistics before each group
@@ -78,10 +86,8 @@ def sequential_factors(models: Models, ranks: dict[str, int], stats: ActivationS
         current = stats if i == 0 else collect_stats(model, tokenizer, data, stats.settings,
                                                      only=set(group))
         for name in group:
-            info = models.checkpoint.info(name)
-            # a Conv1D weight is stored (in, out): its inputs have shape[0] features
-            cols = info.shape[0] if name in stats.transposed else math.prod(info.shape[1:])
-            A, B, result = factor(name, current.weighting(name, cols))
+            features = _input_features(models, stats, name)
+            A, B, result = factor(name, current.weighting(name, features))
             fqn = module_name(name)
             swap_lowrank_(model, {fqn: A.shape[1]}, {fqn: (A, B)},
                           {fqn: result.split} if result.split else None)
@@ -138,10 +144,7 @@ class _PairedInputs:
         self.handles = [m.register_forward_pre_hook(self._keep(n)) for n, m in dense.items()]
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.detach()
-        rows = x[self.mask] if self.mask is not None and x.shape[:-1] == self.mask.shape \
-            else x.reshape(-1, x.shape[-1])
-        return rows.float()
+        return token_rows(x.detach(), self.mask).float()
 
     def _keep(self, name):
         def hook(module, args):
@@ -229,10 +232,6 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
                           {fqn: result.split} if result.split else None)
         results[name] = (A, B, result)
 
-    def cols(name):
-        info = models.checkpoint.info(name)
-        return info.shape[0] if name in stats.transposed else math.prod(info.shape[1:])
-
     dense_states = block_inputs(model, blocks, batches)
     inside: dict[int, list[str]] = {}
     for name in ranks:
@@ -242,7 +241,8 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
                 and (isinstance(module, nn.Linear) or is_transposed(module)):
             inside.setdefault(int(name[len(prefix) + 1:].split(".")[0]), []).append(name)
         else:  # outside the blocks, or not a Linear: from the dense statistics, first
-            put(name, *factor(name, stats.weighting(name, cols(name)), None))
+            features = _input_features(models, stats, name)
+            put(name, *factor(name, stats.weighting(name, features), None))
     student_states = block_inputs(model, blocks, batches) if results else dense_states
     for i, block in enumerate(blocks):
         names = inside.get(i, [])
