@@ -45,6 +45,19 @@ def test_randomized_is_deterministic_for_a_seed():
     assert torch.equal(a1, a2) and not torch.equal(a1, a3)
 
 
+def test_randomized_does_not_depend_on_other_threads():
+    """Tasks of the thread executor run at once: a seeded range finder must not draw from the
+    process-wide generator (torch.svd_lowrank does: then about one task in a hundred here got
+    another task's test matrix), or the same seed gives different bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+    w = torch.randn(96, 64)
+    seeds = range(256)
+    alone = [factorize_matrix(w, 8, "randomized", seed=s)[0] for s in seeds]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda s: factorize_matrix(w, 8, "randomized", seed=s)[0], seeds))
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+
+
 def test_factorize_checkpoint_replaces_weights_by_factors(toy_checkpoint):
     ckpt = open_checkpoint(toy_checkpoint)
     plan = make_plan(analyze(ckpt), PlanSettings(rank=8, min_numel=0))

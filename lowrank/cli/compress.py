@@ -126,7 +126,7 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
               "1, 16 x sequence 16, 128) into the report (needs --export onnx).")
 @click.option("--method", type=click.Choice(SVD_METHODS),
               help="SVD: gram (float64 Gram eigensolver), exact (LAPACK), randomized "
-              f"(torch.svd_lowrank), or auto by size (default: gram, randomized when min(m, n) > "
+              f"(seeded range finder), or auto by size (default: gram, randomized when min(m, n) > "
               f"{FactorizeSettings.exact_max_dim}).")
 @click.option("--seed", type=int, help="Randomized SVD seed.")
 @click.option("--oversample", type=int, help="Randomized SVD oversampling (default 10).")

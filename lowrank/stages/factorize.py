@@ -56,7 +56,7 @@ from .ties import find_ties
 @dataclass(frozen=True)
 class FactorizeSettings:
     # "auto": the float64 Gram eigensolver ("gram") when min(m, n) <= exact_max_dim, else
-    # randomized (torch.svd_lowrank); "exact" (LAPACK SVD), "gram", "randomized" at every size.
+    # randomized (a seeded range finder); "exact" (LAPACK SVD), "gram", "randomized" at every size.
     # 2048: there gram beats exact SVD (2.4 vs 3.9 s, same error); at 4096 its full eigh takes
     # 24 s against randomized's 15 s (1.2% higher error), reports/spectra-speed.md.
     method: str = "auto"
