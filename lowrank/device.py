@@ -1,7 +1,7 @@
 """Where the compute runs: ``--device cuda|mps|cpu`` (default: an accelerator when torch sees one).
 
 Model forward passes (calibration, recovery) run on the device. Per-matrix work (analysis,
-factorization, the whitening factors G^½) moves one matrix at a time there and brings the
+factorization, the whitening roots) moves one matrix at a time there and brings the
 results back to CPU, so device memory stays near a few times the largest matrix whatever the
 model size. The statistics (Grams) are accumulated in float64 on the device, then moved to CPU.
 

@@ -49,12 +49,25 @@ BLOCK_ELEMENTS = 1 << 22
 @dataclass(frozen=True)
 class Weighting:
     kind: str  # "whiten" | "kfac" | "scale" | "rows"
-    factor: torch.Tensor  # G^½ (in × in) | s (in,) | d (rows,), float64
-    left: torch.Tensor | None = None  # kfac: G_g^½ (out × out), float64
+    # whiten/kfac: a root L of G (L·Lᵀ = G, see psd_root) | scale: s (in,) | rows: d (rows,)
+    factor: torch.Tensor
+    left: torch.Tensor | None = None  # kfac: Lᵀ for a root L of G_g (out × out)
 
     def one_sided(self) -> Weighting:
         """This weighting without its output side (kfac → whiten): for row blocks of W."""
         return Weighting("whiten", self.factor) if self.kind == "kfac" else self
+
+
+def psd_root(g: torch.Tensor, device: str | None = None) -> torch.Tensor:
+    """A root L of a positive semi-definite G (L·Lᵀ = G): its Cholesky factor, or G^½ when G is
+    singular. Whitening needs any root, not the symmetric one: ‖E·L‖²_F = tr(E·G·Eᵀ), and the
+    left singular vectors of W·L, the factors' A, are the eigenvectors of W·G·Wᵀ whichever L.
+    Cholesky costs a twelfth of the eigendecomposition G^½ needs (0.06 vs 0.73 s at 1536,
+    float64, one thread). Computed on ``device``, returned where ``g`` lives."""
+    root, info = torch.linalg.cholesky_ex(g.to(device) if device else g)
+    if int(info) != 0:
+        return psd_sqrt(g, device)
+    return root.to(g.device)
 
 
 def psd_sqrt(g: torch.Tensor, device: str | None = None) -> torch.Tensor:
@@ -75,20 +88,21 @@ def shrink(g: torch.Tensor, amount: float) -> torch.Tensor:
 
 def make_weighting(name: str, stats, method: str = "whiten", alpha: float = 0.5,
                    smoothing: float = 1.0, cols: int | None = None,
-                   sqrt=psd_sqrt, shrinkage: float = 0.05) -> Weighting | None:
+                   root=psd_root, shrinkage: float = 0.05) -> Weighting | None:
     """The weighting for tensor ``name`` from :class:`~lowrank.stages.calibrate.ActivationStats`, or
-    None when the calibration saw no data for it (plain SVD then). ``sqrt`` computes G^½
+    None when the calibration saw no data for it (plain SVD then). ``root`` computes a root of G
     (:meth:`~lowrank.stages.calibrate.ActivationStats.weighting` passes a memoized one)."""
     if name in stats.token_counts:
         counts = stats.token_counts[name]
         return Weighting("rows", (counts + smoothing).sqrt())
     if name in stats.grams and (cols is None or stats.grams[name].shape[0] == cols):
         if method in ("whiten", "kfac"):
-            right = sqrt(stats.grams[name])
+            right = root(stats.grams[name])
             out_gram = getattr(stats, "out_grams", {}).get(name)
             if method == "whiten" or out_gram is None or not float(out_gram.diagonal().sum()) > 0:
                 return Weighting("whiten", right)
-            return Weighting("kfac", right, sqrt(shrink(out_gram, shrinkage)))
+            # ‖Lᵀ·E·R‖² = tr(Eᵀ·G_g·E·G) for L·Lᵀ = G_g: the left side takes the transpose
+            return Weighting("kfac", right, root(shrink(out_gram, shrinkage)).T)
         if method == "scale":
             mean_abs = stats.abs_sums[name] / max(stats.tokens, 1)
             return Weighting("scale", mean_abs.clamp(min=1e-8) ** alpha)

@@ -6,7 +6,7 @@ import torch
 
 import lowrank
 from lowrank.io.samples import read_calibration_text
-from lowrank.linalg import Weighting, factorize_matrix, psd_sqrt
+from lowrank.linalg import Weighting, factorize_matrix, psd_root
 from lowrank.models import load_dense
 from lowrank.stages.sequential import compensated_targets
 
@@ -19,10 +19,10 @@ def test_target_is_the_weight_when_the_inputs_are_the_dense_ones():
     torch.manual_seed(0)
     w, x = torch.randn(12, 20, dtype=torch.float64), torch.randn(200, 20, dtype=torch.float64)
     gram = x.T @ x
-    (target,), sqrt_gram = compensated_targets([w], gram, gram, damping=0.1)
+    (target,), root = compensated_targets([w], gram, gram, damping=0.1)
     assert torch.allclose(target, w, atol=1e-10)
     lam = 0.1 * float(gram.diagonal().mean())
-    assert torch.allclose(sqrt_gram, psd_sqrt(gram + lam * torch.eye(20, dtype=torch.float64)))
+    assert torch.allclose(root @ root.T, gram + lam * torch.eye(20, dtype=torch.float64))
 
 
 def test_compensated_factors_fit_the_dense_outputs_better_than_whitening():
@@ -31,14 +31,14 @@ def test_compensated_factors_fit_the_dense_outputs_better_than_whitening():
     x = torch.randn(400, 24, dtype=torch.float64) @ torch.randn(24, 24, dtype=torch.float64)
     x_student = x + 0.3 * torch.randn_like(x)  # upstream compression error
     gram, cross = x_student.T @ x_student, x_student.T @ x
-    (target,), sqrt_gram = compensated_targets([w], gram, cross, damping=1e-6)
+    (target,), root = compensated_targets([w], gram, cross, damping=1e-6)
     # Full rank: the least-squares map, better than the weight itself.
     assert _objective(w, target, x, x_student) < 0.95 * _objective(w, w, x, x_student)
     for rank in (4, 8):
         A, B, _, _ = factorize_matrix(target, rank, "exact",
-                                      weighting=Weighting("whiten", sqrt_gram))
+                                      weighting=Weighting("whiten", root))
         A0, B0, _, _ = factorize_matrix(w, rank, "exact",
-                                        weighting=Weighting("whiten", psd_sqrt(gram)))
+                                        weighting=Weighting("whiten", psd_root(gram)))
         assert _objective(w, A @ B, x, x_student) < _objective(w, A0 @ B0, x, x_student)
 
 

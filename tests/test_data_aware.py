@@ -5,7 +5,7 @@ from click.testing import CliRunner
 from lowrank.cli import main
 from lowrank.errors import InputError
 from lowrank.io.samples import read_calibration_text
-from lowrank.linalg import factorize_matrix, make_weighting
+from lowrank.linalg import factorize_matrix, make_weighting, psd_root, psd_sqrt
 from lowrank.stages.calibrate import ActivationStats, CalibrateSettings
 
 
@@ -46,6 +46,20 @@ def test_whitening_equals_cholesky_whitened_svd_llm_solution():
     U, S, Vh = torch.linalg.svd(w @ L)
     reference = (U[:, :6] * S[:6]) @ Vh[:6] @ torch.linalg.inv(L)
     torch.testing.assert_close(A.double() @ B.double(), reference, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", [4000, 10])  # 10 tokens: G singular, G^½ instead of Cholesky
+def test_any_root_of_the_gram_gives_the_same_whitened_factors(tokens):
+    x = correlated_inputs(n_in=32, tokens=tokens)
+    w = torch.randn(24, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    G = x.T @ x
+    root = psd_root(G)
+    torch.testing.assert_close(root @ root.T, G, atol=1e-9 * float(G.diagonal().max()), rtol=0)
+    symmetric = make_weighting("w", stats_for("w", x), root=psd_sqrt)
+    for rank in (4, 8):
+        A, B, _, _ = factorize_matrix(w, rank, weighting=make_weighting("w", stats_for("w", x)))
+        As, Bs, _, _ = factorize_matrix(w, rank, weighting=symmetric)
+        torch.testing.assert_close(x @ (A @ B).T, x @ (As @ Bs).T, atol=1e-6, rtol=1e-6)
 
 
 def test_rank_deficient_gram_is_handled():

@@ -76,8 +76,8 @@ def test_device_reaches_every_computing_stage(tiny_bert_dir, tmp_path, monkeypat
 
 def test_whitening_factor_is_computed_once_per_gram(monkeypatch):
     calls = []
-    real = calibrate_mod.psd_sqrt
-    monkeypatch.setattr(calibrate_mod, "psd_sqrt", lambda g, d=None: calls.append(d) or real(g, d))
+    real = calibrate_mod.psd_root
+    monkeypatch.setattr(calibrate_mod, "psd_root", lambda g, d=None: calls.append(d) or real(g, d))
     x = torch.randn(50, 6, dtype=torch.float64)
     g = x.T @ x
     stats = ActivationStats(grams={"q.weight": g, "k.weight": g.clone(), "o.weight": g + 1},

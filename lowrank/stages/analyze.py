@@ -207,7 +207,7 @@ def analyze_task(source, name: str, settings: AnalyzeSettings, weighting=None,
     worker process), with a fixed thread count so results don't depend on the parallel layout;
     on ``device`` (its float64 one: :func:`lowrank.device.float64_device`), one matrix at a
     time. ``weighting`` may be a function that computes it (in-process runs: the task's
-    thread then computes G^½ too, so whitening factors are computed in parallel)."""
+    thread then computes the whitening root too, so whitening roots are computed in parallel)."""
     with fixed_threads():
         weighting = weighting() if callable(weighting) else weighting
         return analyze_matrix(name, on_device(open_source(source).get(name), device), settings,

@@ -34,7 +34,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.files import check_format, write_json
 from ..io.safetensors import save_tensors
 from ..io.samples import Samples, model_batches, num_samples, read_calibration
-from ..linalg import METHODS, gram_eigenvectors, make_weighting, psd_sqrt
+from ..linalg import METHODS, gram_eigenvectors, make_weighting, psd_root
 from ..models import Models
 from ..parallel import fixed_threads
 from ..pipeline.stage import Context, Stage, register_stage
@@ -43,7 +43,7 @@ from .recorder import Recorder
 from .recover import RecoverSettings, loss_kind
 
 STATS_FORMAT, STATS_VERSION = "lowrank.stats", 1
-# Whitening factors G^½ and Gram eigenvectors kept for reuse (analyze, scores, factorize, and
+# Whitening roots (L·Lᵀ = G) and Gram eigenvectors kept for reuse (analyze, scores, factorize, and
 # equal Grams such as query/key/value's): at most this many bytes, least recently used dropped
 # first (recomputed when asked again), so a big model's factors do not all sit in memory at once.
 WHITENING_MEMO_BYTES = 2 << 30
@@ -107,7 +107,7 @@ class ActivationStats:
     tokens: int = 0  # real tokens seen
     samples: int = 0
     settings: CalibrateSettings = CalibrateSettings()
-    # {(kind, content key, device): G^½ or Gram eigenvectors}: each eigh runs once per run
+    # {(kind, content key, device): a root of G or Gram eigenvectors}: each runs once per run
     # (see whitening_factor, gram_eigenvectors).
     memo: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
     # Weights stored (in, out) (GPT-2's Conv1D): their Gram is of the rows of the stored
@@ -116,14 +116,14 @@ class ActivationStats:
 
     def weighting(self, name: str, cols: int, device: str | None = None):
         """The data-aware weighting of tensor ``name`` (None: no data seen, use plain SVD);
-        G^½ computed on ``device`` (float64 work: CPU for MPS), returned on CPU."""
+        its root computed on ``device`` (float64 work: CPU for MPS), returned on CPU."""
         s = self.settings
         return make_weighting(name, self, s.method, s.scale_alpha, s.token_smoothing, cols,
-                              sqrt=lambda g: self.whitening_factor(g, device),
+                              root=lambda g: self.whitening_factor(g, device),
                               shrinkage=s.kfac_shrinkage)
 
     def whitening_factor(self, gram: torch.Tensor, device: str | None = None) -> torch.Tensor:
-        """G^½ of ``gram``, memoized by content: analysis and factorization of one run, and
+        """A root of ``gram`` (:func:`lowrank.linalg.psd_root`), memoized by content: analysis and factorization of one run, and
         layers fed the same input (query, key and value), share one eigendecomposition.
         Hashing G reads n² numbers; the eigh it saves costs ~n³. One torch thread, like the
         per-matrix tasks beside it (:func:`lowrank.parallel.fixed_threads`): the same bytes
@@ -132,8 +132,8 @@ class ActivationStats:
 
         def compute():
             with fixed_threads():
-                return psd_sqrt(gram, where)
-        return self._memoized(("sqrt", _digest(gram), where), compute)
+                return psd_root(gram, where)
+        return self._memoized(("root", _digest(gram), where), compute)
 
     def gram_eigenvectors(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`lowrank.linalg.gram_eigenvectors` of ``x`` (a weighted matrix's short side),

@@ -132,7 +132,7 @@ def full_factors(ckpt: Checkpoint, name: str, stats) -> tuple[torch.Tensor, torc
 
 def _weighting(ckpt: Checkpoint, name: str, stats):
     """Matrix ``name``'s weighting, as factorize computes it (in the calling thread: with the
-    thread executor, G^½ keeps the bytes of a serial run)."""
+    thread executor, the whitening root keeps the bytes of a serial run)."""
     if stats is None:
         return None
     return stats.weighting(name, math.prod(ckpt.info(name).shape[1:]))  # matrix_view's columns

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..io.samples import model_batches, read_calibration
-from ..linalg import Weighting, matrix_view, psd_sqrt
+from ..linalg import Weighting, matrix_view
 from ..models import Models, checkpoint_renamer
 from ..naming import IN_PROJ, RECURRENT, module_name, split_owner
 from ..nn.layers import is_transposed
@@ -109,8 +109,9 @@ def compensated_targets(weights: list[torch.Tensor], gram: torch.Tensor, cross: 
     W where the calibration inputs say little) is ‖(M − M*)·G'^½‖² + const with
     G' = G̃ + λI, M* = (W·Cᵀ + λW)·G'⁻¹, G̃ = Σ x̃ x̃ᵀ and C = Σ x̃ xᵀ; so the best rank-r M is
     M* truncated in G'^½'s metric: data-aware factorization of M* with whitening G'^½. When
-    x̃ = x, M* = W and this is plain whitening. Returns ([M*] in the weights' dtype, G'^½);
-    float64 maths.
+    x̃ = x, M* = W and this is plain whitening. Returns ([M*] in the weights' dtype, a root of G');
+    float64 maths. Whitening needs any root of G' (:func:`lowrank.linalg.psd_root`): its
+    Cholesky factor, already at hand.
     """
     g_reg = gram.double().clone()
     lam = damping * float(g_reg.diagonal().mean())
@@ -123,7 +124,7 @@ def compensated_targets(weights: list[torch.Tensor], gram: torch.Tensor, cross: 
         rhs = w64 @ cross.T + lam * w64
         # G' is symmetric: M* = (G'⁻¹·rhsᵀ)ᵀ
         targets.append(torch.cholesky_solve(rhs.T, cholesky).T.to(w.dtype))
-    return targets, psd_sqrt(g_reg)
+    return targets, cholesky
 
 
 class _Reached(Exception):
@@ -267,10 +268,10 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
                     handle.remove()
                     weights = [matrix_view(models.checkpoint.get(n), n in stats.transposed)
                                for n in group]
-                    matrices, sqrt_gram = compensated_targets(
+                    matrices, root = compensated_targets(
                         weights, paired.gram.pop(group[0]), paired.cross.pop(group[0]), damping)
                     for name, matrix in zip(group, matrices):
-                        A, B, result = factor(name, Weighting("whiten", sqrt_gram), matrix)
+                        A, B, result = factor(name, Weighting("whiten", root), matrix)
                         result.method += "+compensated"
                         put(name, A, B, result)
                     paired.dense.pop(group[0])
