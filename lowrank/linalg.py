@@ -203,16 +203,23 @@ def gram_matrix(w: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def gram_svdvals(w: torch.Tensor) -> torch.Tensor:
+def gram_svdvals(w: torch.Tensor, eigh=None) -> torch.Tensor:
     """All min(m, n) singular values of ``w``, descending, float64: square roots of the Gram's
-    eigenvalues (rounding can make the smallest slightly negative: clipped to 0)."""
-    return torch.linalg.eigvalsh(gram_matrix(w)).clamp(min=0).sqrt().flip(0)
+    eigenvalues (rounding can make the smallest slightly negative: clipped to 0). ``eigh``: a
+    memoized :func:`gram_eigh` (the eigenvectors then serve the factors later) instead of
+    eigenvalues alone."""
+    values = eigh(_short_side(w)[0])[0] if eigh else torch.linalg.eigvalsh(gram_matrix(w))
+    return values.clamp(min=0).sqrt().flip(0)
+
+
+def gram_eigh(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues ascending, eigenvectors) of ``x``'s float64 Gram X·Xᵀ (``x``: k × N, k the
+    short side): the eigenvectors are everything :func:`gram_svd` needs for any rank."""
+    return tuple(torch.linalg.eigh(gram_matrix(x)))
 
 
 def gram_eigenvectors(x: torch.Tensor) -> torch.Tensor:
-    """Eigenvectors of ``x``'s float64 Gram X·Xᵀ (``x``: k × N, k the short side), ascending
-    eigenvalues: everything :func:`gram_svd` needs for any rank."""
-    return torch.linalg.eigh(gram_matrix(x)).eigenvectors
+    return gram_eigh(x)[1]
 
 
 def gram_svd(w: torch.Tensor, rank: int, eigh=gram_eigenvectors):

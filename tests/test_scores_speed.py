@@ -11,7 +11,7 @@ from lowrank.io.checkpoint import open_checkpoint
 from lowrank.linalg import factorize_matrix, matrix_view
 from lowrank.stages import calibrate as calibrate_mod
 from lowrank.stages import scores as scores_mod
-from lowrank.stages.analyze import analyze
+from lowrank.stages.analyze import AnalyzeSettings, analyze, analyze_matrix
 from lowrank.stages.calibrate import CalibrateSettings, calibrate
 from lowrank.stages.factorize import FactorizeSettings, factorize
 from lowrank.stages.plan import PlanSettings, make_plan
@@ -55,15 +55,37 @@ def test_float32_scores_choose_what_float64_chose(probed, monkeypatch):
 
 
 def _whitening_only(stats):  # a copy of the memo without Gram eigenvectors
-    return OrderedDict((k, v) for k, v in stats.memo.items() if k[0] == "sqrt")
+    return OrderedDict((k, v) for k, v in stats.memo.items() if k[0] == "root")
+
+
+def test_scores_reuse_the_eigensolves_of_the_weighted_spectra(probed, monkeypatch):
+    """Analysis with calibration takes each weighted matrix's spectrum from a memoized eigh:
+    the eigenvectors that come with it are the scores stage's full factors, not solved again,
+    and the values are the eigenvalue-only solver's."""
+    ckpt, stats, spectra = probed
+    stats = dataclasses.replace(stats, memo=_whitening_only(stats))
+    calls = []
+    real = calibrate_mod.gram_eigh
+    monkeypatch.setattr(calibrate_mod, "gram_eigh", lambda x: calls.append(x) or real(x))
+    memoized = analyze(ckpt, stats=stats)
+    analyzed = len(calls)
+    assert analyzed == len(spectra.matrices)
+    for name, spectrum in spectra.matrices.items():
+        plain = analyze_matrix(name, ckpt.get(name), AnalyzeSettings(),
+                               stats.weighting(name, spectrum.cols))
+        values = plain.singular_values
+        assert memoized.matrices[name].singular_values == pytest.approx(values, rel=1e-9,
+                                                                        abs=1e-9 * values[0])
+    scores = score_candidates(ckpt, memoized, SETTINGS, stats)
+    assert scores["matrices"] and len(calls) == analyzed
 
 
 def test_factorize_reuses_the_scores_eigensolves(probed, monkeypatch):
     ckpt, stats, spectra = probed
     stats = dataclasses.replace(stats, memo=_whitening_only(stats))
     calls = []
-    real = calibrate_mod.gram_eigenvectors
-    monkeypatch.setattr(calibrate_mod, "gram_eigenvectors", lambda x: calls.append(x) or real(x))
+    real = calibrate_mod.gram_eigh
+    monkeypatch.setattr(calibrate_mod, "gram_eigh", lambda x: calls.append(x) or real(x))
     scores = score_candidates(ckpt, spectra, SETTINGS, stats)
     scored = len(calls)
     assert scored == len(scores["matrices"])
@@ -84,8 +106,8 @@ def test_threaded_scores_and_their_reuse_are_byte_identical_to_serial(probed, mo
     of a serial run, each Gram eigensolve runs once, and factorize in threads reuses them."""
     ckpt, stats, spectra = probed
     calls = []
-    real = calibrate_mod.gram_eigenvectors
-    monkeypatch.setattr(calibrate_mod, "gram_eigenvectors", lambda x: calls.append(x) or real(x))
+    real = calibrate_mod.gram_eigh
+    monkeypatch.setattr(calibrate_mod, "gram_eigh", lambda x: calls.append(x) or real(x))
     runs = {}
     for workers in (1, 3):
         run_stats = dataclasses.replace(stats, memo=_whitening_only(stats))

@@ -174,10 +174,11 @@ def matrix_infos(ckpt: Checkpoint) -> list:
 
 
 def analyze_matrix(name: str, tensor: torch.Tensor, settings: AnalyzeSettings,
-                   weighting=None, transposed: bool = False) -> Spectrum:
+                   weighting=None, transposed: bool = False, eigh=None) -> Spectrum:
     """Spectrum of one tensor; of its data-aware weighted matrix when ``weighting`` is given
     (see :mod:`lowrank.linalg`), so energies are output energies on calibration data.
-    ``transposed``: an (in, out) Conv1D weight, weighted as its (out, in) transpose."""
+    ``transposed``: an (in, out) Conv1D weight, weighted as its (out, in) transpose.
+    ``eigh``: see :func:`lowrank.linalg.gram_svdvals`."""
     w = matrix_view(tensor, transposed)
     rows, cols = w.shape
     # Non-finite too: float64 values so large (> ~1e154) that the energy ‖W‖² overflows.
@@ -190,7 +191,7 @@ def analyze_matrix(name: str, tensor: torch.Tensor, settings: AnalyzeSettings,
     method = choose_svd_method(settings.method, rows, cols, settings.exact_max_dim)
     exact = method != "randomized"
     if method == "gram":
-        values = gram_svdvals(w)
+        values = gram_svdvals(w, eigh)
     elif method == "exact":
         values = torch.linalg.svdvals(w)
     else:
@@ -202,16 +203,19 @@ def analyze_matrix(name: str, tensor: torch.Tensor, settings: AnalyzeSettings,
 
 
 def analyze_task(source, name: str, settings: AnalyzeSettings, weighting=None,
-                 transposed: bool = False, device: str | None = None) -> Spectrum:
+                 transposed: bool = False, device: str | None = None, eigh=None) -> Spectrum:
     """:func:`analyze_matrix` of one tensor of checkpoint ``source`` (open, or its path in a
     worker process), with a fixed thread count so results don't depend on the parallel layout;
     on ``device`` (its float64 one: :func:`lowrank.device.float64_device`), one matrix at a
     time. ``weighting`` may be a function that computes it (in-process runs: the task's
-    thread then computes the whitening root too, so whitening roots are computed in parallel)."""
+    thread then computes the whitening root too, so whitening roots are computed in parallel).
+    ``eigh``: in-process runs with calibration, the statistics' memoized
+    :meth:`~lowrank.stages.calibrate.ActivationStats.gram_eigh`: the eigenvectors that come
+    with the spectrum are the ones the scores stage and factorization need next."""
     with fixed_threads():
         weighting = weighting() if callable(weighting) else weighting
         return analyze_matrix(name, on_device(open_source(source).get(name), device), settings,
-                              weighting, transposed)
+                              weighting, transposed, eigh)
 
 
 def analyze(
@@ -252,7 +256,8 @@ def analyze(
             weighting = None if stats is None else \
                 functools.partial(stats.weighting, info.name, cols, device)
             yield (source, info.name, settings,
-                   weighting if local or weighting is None else weighting(), flip, device)
+                   weighting if local or weighting is None else weighting(), flip, device,
+                   stats.gram_eigh if local and stats is not None else None)
 
     for spectrum in ordered_map(analyze_task, tasks(), workers, executor):
         spectra.matrices[spectrum.name] = spectrum

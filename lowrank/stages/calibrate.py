@@ -34,7 +34,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.files import check_format, write_json
 from ..io.safetensors import save_tensors
 from ..io.samples import Samples, model_batches, num_samples, read_calibration
-from ..linalg import METHODS, gram_eigenvectors, make_weighting, psd_root
+from ..linalg import METHODS, gram_eigh, make_weighting, psd_root
 from ..models import Models
 from ..parallel import fixed_threads
 from ..pipeline.stage import Context, Stage, register_stage
@@ -107,8 +107,8 @@ class ActivationStats:
     tokens: int = 0  # real tokens seen
     samples: int = 0
     settings: CalibrateSettings = CalibrateSettings()
-    # {(kind, content key, device): a root of G or Gram eigenvectors}: each runs once per run
-    # (see whitening_factor, gram_eigenvectors).
+    # {(kind, content key, device): a root of G, or a Gram's eigenvalues and eigenvectors}:
+    # each is computed once per run (see whitening_factor, gram_eigh).
     memo: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
     # Weights stored (in, out) (GPT-2's Conv1D): their Gram is of the rows of the stored
     # tensor, the columns of the (out, in) matrix that is factored (lowrank.naming).
@@ -135,15 +135,19 @@ class ActivationStats:
                 return psd_root(gram, where)
         return self._memoized(("root", _digest(gram), where), compute)
 
-    def gram_eigenvectors(self, x: torch.Tensor) -> torch.Tensor:
-        """:func:`lowrank.linalg.gram_eigenvectors` of ``x`` (a weighted matrix's short side),
-        memoized by content like :meth:`whitening_factor`: the scores stage's full-rank factors
-        and factorization's truncated ones come from one eigensolve per matrix. Kept on CPU."""
-        vecs = self._memoized(("eigh", _digest(x), str(x.device)),
-                              lambda: gram_eigenvectors(x).cpu())
-        return vecs.to(x.device)
+    def gram_eigh(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`lowrank.linalg.gram_eigh` of ``x`` (a weighted matrix's short side), memoized
+        by content like :meth:`whitening_factor`: analysis's spectrum, the scores stage's
+        full-rank factors and factorization's truncated ones come from one eigensolve per
+        matrix. Kept on CPU."""
+        values, vectors = self._memoized(("eigh", _digest(x), str(x.device)),
+                                         lambda: tuple(t.cpu() for t in gram_eigh(x)))
+        return values.to(x.device), vectors.to(x.device)
 
-    def _memoized(self, key: tuple, compute) -> torch.Tensor:
+    def gram_eigenvectors(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gram_eigh(x)[1]
+
+    def _memoized(self, key: tuple, compute):
         """The memo's value for ``key``, else ``compute()``'s, kept (least recently used
         values dropped beyond WHITENING_MEMO_BYTES). Thread-safe; a key is computed by one
         thread at a time, others wanting it wait for its value."""
@@ -162,10 +166,9 @@ class ActivationStats:
             value = compute()
             with _MEMO_LOCK:
                 self.memo[key] = value
-                held = sum(t.numel() * t.element_size() for t in self.memo.values())
+                held = sum(map(_nbytes, self.memo.values()))
                 while held > WHITENING_MEMO_BYTES and len(self.memo) > 1:
-                    _, dropped = self.memo.popitem(last=False)
-                    held -= dropped.numel() * dropped.element_size()
+                    held -= _nbytes(self.memo.popitem(last=False)[1])
         finally:
             with _MEMO_LOCK:
                 del _COMPUTING[flight]
@@ -189,6 +192,11 @@ class ActivationStats:
             kind, name = key.split(":", 1)
             target[kind][name] = t
         return stats
+
+
+def _nbytes(value: torch.Tensor | tuple) -> int:
+    tensors = value if isinstance(value, tuple) else (value,)
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _digest(t: torch.Tensor) -> tuple:
