@@ -5,11 +5,16 @@ seconds from OUT/manifest.json, whole wall time around the process); then, in th
 right after (so both see the same machine load), the limits:
 
 - analyze: the Gram matrix (float64, the smaller side) plus float64 `eigvalsh` of every matrix
-  the stage analyzes (`lowrank.linalg.gram_svdvals` on the plain matrix);
+  the stage analyzes (`lowrank.linalg.gram_svdvals` on the plain matrix). With calibration the
+  stage's work is the weighted one: each input Gram's root (Cholesky), each weighted matrix
+  W·L, its Gram and its `eigh` (eigenvalues for the spectrum, eigenvectors that the scores
+  stage and factorization then reuse instead of solving again), timed the same way;
 - calibrate: plain `torch.inference_mode` forward passes of the dense model over the same
   batches (calibration samples, max_length, batch size as the stage's defaults);
 - factorize: the truncated SVDs the plan needs, each matrix at its planned rank with the solver
-  factorize picks (`truncated_svd`, plain matrix; weighting costs one GEMM more);
+  factorize picks (`truncated_svd`, plain matrix; weighting costs one GEMM more). With
+  calibration, compensation (the default) also needs the dense model's block outputs and the
+  compressed model's block inputs over the calibration text: plus two calibrate limits;
 - scores: forward + backward passes (weight gradients included) over the probe batches with the
   stage's sampled objective, no hooks.
 
@@ -91,6 +96,30 @@ def analyze_limit(ckpt) -> float:
                for i in matrix_infos(ckpt))
 
 
+def weighted_analyze_limit(ckpt) -> float:
+    from lowrank.linalg import gram_eigh, matrix_view, psd_root, weighted
+    from lowrank.stages.analyze import matrix_infos
+    from lowrank.stages.calibrate import CalibrateSettings, _digest, calibrate
+
+    stats = calibrate(ckpt, CalibrateSettings(calibration_file=CALIB))  # not timed
+    # Layers fed the same input (query, key, value) share one root: found untimed, by content
+    same_input = {name: _digest(gram) for name, gram in stats.grams.items()}
+    roots = {}
+
+    def one(name: str) -> None:
+        w = matrix_view(ckpt.get(name), name in stats.transposed).double()
+        gram = stats.grams.get(name)
+        if gram is not None and gram.shape[0] == w.shape[1]:
+            if same_input[name] not in roots:
+                roots[same_input[name]] = psd_root(gram)
+            w = w @ roots[same_input[name]]
+        elif name in stats.token_counts:
+            w = weighted(w, stats.weighting(name, w.shape[1]))
+        gram_eigh(w.T if w.shape[0] > w.shape[1] else w)
+
+    return sum(_timed(lambda n=i.name: one(n)) for i in matrix_infos(ckpt))
+
+
 def factorize_limit(ckpt, ranks: dict[str, int]) -> float:
     from lowrank.linalg import layer_seed, matrix_view, truncated_svd
     from lowrank.stages.factorize import FactorizeSettings, choose_method
@@ -159,8 +188,11 @@ def measure(name: str, repeats: int, workers: list[int], keep: Path | None) -> d
     ckpt = open_checkpoint(resolve_model(model))
     limits = {"analyze": analyze_limit(ckpt), "factorize": factorize_limit(ckpt, ranks)}
     if "--calibration" in flags:
+        limits["analyze"] = weighted_analyze_limit(ckpt)
         limits["calibrate"] = calibrate_limit(ckpt)
         limits["scores"] = scores_limit(ckpt)
+        if "--no-compensate" not in flags:
+            limits["factorize"] += 2 * limits["calibrate"]
     result["limits"] = limits
     print(name, "limits", {k: round(v, 1) for k, v in limits.items()}, flush=True)
     return result
