@@ -160,6 +160,9 @@ def randomized_svd(w: torch.Tensor, k: int, oversample: int, niter: int, seed: i
     (U, S, Vh) truncated to k. The test matrix comes from a generator of its own:
     ``torch.svd_lowrank`` draws from the process-wide one, which threads running tasks at once
     would race on (same seed, different bytes)."""
+    if w.shape[0] < w.shape[1]:  # work on the tall side: the last SVD is then q × min(m, n)
+        V, S, Uh = randomized_svd(w.T, k, oversample, niter, seed)
+        return Uh.T, S, V.T
     q = min(k + oversample, min(w.shape))
     generator = torch.Generator(device=w.device).manual_seed(seed)
     omega = torch.randn(w.shape[1], q, dtype=w.dtype, device=w.device, generator=generator)
