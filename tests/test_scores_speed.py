@@ -40,7 +40,8 @@ def test_float32_scores_choose_what_float64_chose(probed, monkeypatch):
     ckpt, stats, spectra = probed
     fast = score_candidates(ckpt, spectra, SETTINGS, stats)
     monkeypatch.setattr(scores_mod, "_factors_task",
-                        lambda ckpt, name, weighting, stats: _float64_exact(ckpt, name, stats))
+                        lambda ckpt, name, weighting, stats, rank: _float64_exact(ckpt, name,
+                                                                                   stats))
     slow = score_candidates(ckpt, spectra, SETTINGS, stats)
     assert fast["matrices"].keys() == slow["matrices"].keys()
     for name, entry in slow["matrices"].items():

@@ -138,7 +138,7 @@ class ActivationStats:
     def gram_eigh(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`lowrank.linalg.gram_eigh` of ``x`` (a weighted matrix's short side), memoized
         by content like :meth:`whitening_factor`: analysis's spectrum, the scores stage's
-        full-rank factors and factorization's truncated ones come from one eigensolve per
+        factors and factorization's truncated ones come from one eigensolve per
         matrix. Kept on CPU."""
         values, vectors = self._memoized(("eigh", _digest(x), str(x.device)),
                                          lambda: tuple(t.cpu() for t in gram_eigh(x)))

@@ -12,12 +12,13 @@ of seconds each), so the loss is estimated to second order from the same data, e
   model's own distribution (logits), or Gaussian noise projected on the outputs (MSE). One
   backward pass per batch gives, for each probe sequence s, its sample a_s = ⟨g_s, δ⟩, and
   Σ_s a_s² estimates the loss on the probe batch (see ``_objective`` for the scale).
-- δ = W − W_r for the factors factorize computes (data-aware weighting): with the full factors
-  A (m×k), B (k×n) of :func:`lowrank.linalg.weighted_factors`, W_r = A[:, :r]·B[:r], so
-  ⟨g, (W − W_r)x⟩ = gᵀWx − Σ_{i<r} (Aᵀg)_i (Bx)_i: one cumulative sum scores every rank at once.
-  The factors come from the float64 Gram eigenvectors (``gram``), memoized in the statistics
-  (:meth:`~lowrank.stages.calibrate.ActivationStats.gram_eigenvectors`): factorization's
-  truncated factors, same solver and thread count, reuse that eigensolve. The products with the
+- δ = W − W_r for the factors factorize computes (data-aware weighting): with the factors
+  A (m×K), B (K×n) of :func:`lowrank.linalg.weighted_factors` up to the largest candidate rank
+  K, W_r = A[:, :r]·B[:r], so ⟨g, (W − W_r)x⟩ = gᵀWx − Σ_{i<r} (Aᵀg)_i (Bx)_i: one cumulative
+  sum scores every rank at once. The factors come from the float64 Gram eigenvectors
+  (``gram``), memoized in the statistics
+  (:meth:`~lowrank.stages.calibrate.ActivationStats.gram_eigh`, computed by the analysis):
+  factorization's truncated factors, same solver and thread count, reuse that eigensolve. The products with the
   gradients run in float32 (the gradients are float32), the per-sequence sums in float64.
 - A weight used twice (a tied embedding and LM head) sums the contributions of both uses: one
   decision, scored with both uses factored.
@@ -123,11 +124,13 @@ class _Scorer:
             h.remove()
 
 
-def full_factors(ckpt: Checkpoint, name: str, stats) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 full-rank factors A, B of matrix ``name`` (data-aware with ``stats``), ordered
-    by singular value: A[:, :r]·B[:r] is the rank-r matrix factorization computes. One thread,
-    like factorization's tasks, so the memoized eigenvectors are the ones it would compute."""
-    return _factors_task(ckpt, name, _weighting(ckpt, name, stats), stats)
+def leading_factors(ckpt: Checkpoint, name: str, stats,
+                    rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 factors A, B of matrix ``name`` (data-aware with ``stats``) up to ``rank``,
+    ordered by singular value: A[:, :r]·B[:r] is the rank-r matrix factorization computes, for
+    any r <= ``rank``. One thread, like factorization's tasks, so the memoized eigenvectors are
+    the ones it would compute."""
+    return _factors_task(ckpt, name, _weighting(ckpt, name, stats), stats, rank)
 
 
 def _weighting(ckpt: Checkpoint, name: str, stats):
@@ -138,12 +141,12 @@ def _weighting(ckpt: Checkpoint, name: str, stats):
     return stats.weighting(name, math.prod(ckpt.info(name).shape[1:]))  # matrix_view's columns
 
 
-def _factors_task(ckpt: Checkpoint, name: str, weighting,
-                  stats) -> tuple[torch.Tensor, torch.Tensor]:
+def _factors_task(ckpt: Checkpoint, name: str, weighting, stats,
+                  rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     w = matrix_view(ckpt.get(name))
     eigh = stats.gram_eigenvectors if stats is not None else None
     with fixed_threads():
-        A, B, _, _, _ = weighted_factors(w, min(w.shape), "gram", weighting=weighting, eigh=eigh)
+        A, B, _, _, _ = weighted_factors(w, rank, "gram", weighting=weighting, eigh=eigh)
     return A.float(), B.float()
 
 
@@ -164,9 +167,10 @@ def score_candidates(ckpt: Checkpoint, spectra: Spectra,
     """The scores artifact: for every scored matrix its candidate ranks, estimated loss at each
     (alone) and the per-sequence samples behind them (see the module docstring).
 
-    The full factors are computed ``workers`` matrices at a time (default: one per CPU core)
-    in threads of this process, whatever the run's executor: the Gram eigenvectors they
-    memoize in ``stats`` are the ones factorization reuses."""
+    The factors, up to each matrix's largest candidate rank (about half its full rank: the
+    candidates stop at 0.75 × break-even), are computed ``workers`` matrices at a time
+    (default: one per CPU core) in threads of this process, whatever the run's executor: the
+    Gram eigenvectors they memoize in ``stats`` are the ones factorization reuses."""
     model, batches, kind = probe_data(ckpt, settings, stats, factory)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -178,7 +182,9 @@ def score_candidates(ckpt: Checkpoint, spectra: Spectra,
             params.setdefault(id(p), name)
     factors = {}
     names = list(params.values())
-    tasks = ((ckpt, n, _weighting(ckpt, n, stats), stats) for n in names)
+    ranks = {n: candidate_ranks(spectra.matrices[n].rows, spectra.matrices[n].cols,
+                                settings.fractions) for n in names}
+    tasks = ((ckpt, n, _weighting(ckpt, n, stats), stats, ranks[n][-1]) for n in names)
     for name, AB in zip(names, ordered_map(_factors_task, tasks, resolve_workers(workers),
                                            "thread")):
         factors[name] = AB
@@ -207,11 +213,9 @@ def score_candidates(ckpt: Checkpoint, spectra: Spectra,
     for name, parts in rows.items():
         if not parts:  # no module used it in the forward pass: not scored
             continue
-        samples = torch.cat(parts) / math.sqrt(tokens)  # (sequences, k + 1): column r = rank r
-        s = spectra.matrices[name]
-        ranks = candidate_ranks(s.rows, s.cols, settings.fractions)
-        chosen = samples[:, ranks]
-        matrices[name] = {"ranks": ranks, "scores": [float(v) for v in chosen.pow(2).sum(0)],
+        samples = torch.cat(parts) / math.sqrt(tokens)  # (sequences, K + 1): column r = rank r
+        chosen = samples[:, ranks[name]]
+        matrices[name] = {"ranks": ranks[name], "scores": [float(v) for v in chosen.pow(2).sum(0)],
                           "uses": scorer.uses[name]}
         directions[name] = [[float(v) for v in row] for row in chosen]
     return {"format": SCORES_FORMAT, "version": SCORES_VERSION, "kind": kind,
@@ -222,10 +226,12 @@ def score_candidates(ckpt: Checkpoint, spectra: Spectra,
 def measure_joint(ckpt: Checkpoint, settings: ScoreSettings, stats, plans: list[dict[str, int]],
                   factory=None) -> list[float]:
     """The measured distillation loss on the probe batch of each plan ({tensor name: rank}),
-    all its matrices factored at once as the scores assumed (:func:`full_factors`)."""
+    all its matrices factored at once as the scores assumed (:func:`leading_factors`)."""
     model, batches, kind = probe_data(ckpt, settings, stats, factory)
     params = dict(model.named_parameters())
-    factors: dict[str, tuple] = {}  # full factors per matrix, sliced to each plan's rank
+    # Factors per matrix up to the largest rank any plan gives it, sliced to each plan's rank
+    largest = {n: max(p[n] for p in plans if n in p) for n in set().union(*plans)}
+    factors: dict[str, tuple] = {}
     with torch.inference_mode():
         refs = [model(**inputs, output_hidden_states=kind == "hidden") for inputs, _ in batches]
         losses = []
@@ -233,7 +239,7 @@ def measure_joint(ckpt: Checkpoint, settings: ScoreSettings, stats, plans: list[
             originals = {n: params[n].detach().clone() for n in plan}
             for name, rank in plan.items():
                 if name not in factors:
-                    factors[name] = full_factors(ckpt, name, stats)
+                    factors[name] = leading_factors(ckpt, name, stats, largest[name])
                 A, B = factors[name]
                 params[name].copy_((A[:, :rank] @ B[:rank]).reshape(params[name].shape))
             total, count = 0.0, 0
