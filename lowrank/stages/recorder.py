@@ -86,12 +86,12 @@ class Recorder:
                 self.handles.append(module.register_forward_pre_hook(self._conv(name, module)))
 
     def _accumulate(self, name: str, x: torch.Tensor, share: bool = False) -> None:
-        rows = x.reshape(-1, x.shape[-1]).to(self.device, torch.float64)
+        rows = x.reshape(-1, x.shape[-1]).to(self.device, torch.float32)
         last = self.last if share else None
         if last is not None and last[0].shape == rows.shape and torch.equal(last[0], rows):
             gram, abs_sum = last[1], last[2]  # the same values: the same terms, bit for bit
         else:
-            gram, abs_sum = rows.T @ rows, rows.abs().sum(0)
+            gram, abs_sum = (rows.T @ rows).double(), rows.abs().sum(0, dtype=torch.float64)
             if share:  # our own copy: the model may change its input in place afterwards
                 own = rows.clone() if rows.data_ptr() == x.data_ptr() else rows
                 self.last = (own, gram, abs_sum)
