@@ -157,8 +157,10 @@ class _PairedInputs:
         def hook(module, args):
             rows, dense = self._rows(args[0]), self.dense[name][self.batch]
             for store, product in ((self.gram, rows.T @ rows), (self.cross, rows.T @ dense)):
-                store[name] = store[name] + product.double() if name in store \
-                    else product.double()
+                if name in store:
+                    store[name].add_(product)  # in place: no float64 copy per batch
+                else:
+                    store[name] = product.double()
             raise _Reached
         return module.register_forward_pre_hook(hook)
 
