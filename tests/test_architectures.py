@@ -358,3 +358,20 @@ def test_split_fused_factors_each_part_at_equal_parameters(hf_dirs, tmp_path):
                FactorizeSettings(split_fused=True))
     assert model.transformer.h[0].attn.c_attn.split == [64, 64, 64]
     torch.testing.assert_close(_logits(model, ids), _logits(dense, ids), atol=1e-5, rtol=0)
+
+
+def test_tokenizer_loaded_once_until_its_files_change(tiny_bert_dir, tmp_path):
+    """Each stage that runs the model asks for the tokenizer: loaded once per process, and
+    again (here: a clear error) when a file of the directory changes."""
+    from lowrank.errors import InputError
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, model_dir)
+    models = Models(open_checkpoint(model_dir))
+    first = models.tokenizer()
+    assert Models(open_checkpoint(model_dir)).tokenizer() is first
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        if (model_dir / name).exists():
+            (model_dir / name).write_text("not a tokenizer")
+    with pytest.raises(InputError, match="no usable tokenizer"):
+        models.tokenizer()
