@@ -375,3 +375,27 @@ def test_tokenizer_loaded_once_until_its_files_change(tiny_bert_dir, tmp_path):
             (model_dir / name).write_text("not a tokenizer")
     with pytest.raises(InputError, match="no usable tokenizer"):
         models.tokenizer()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_dense_model_skips_initialization_and_equals_an_initialized_one(tmp_path, tied):
+    """Models.dense builds without initializing the weights it then loads (and ties them
+    again): parameters and buffers equal those of a model initialized first; a weight the
+    checkpoint lacks keeps its initialization (the model is built again the usual way)."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, tie_word_embeddings=tied)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
+    models = Models(open_checkpoint(tmp_path))
+    fast, reference = models.dense(), models.architecture()
+    reference.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=False)
+    for (name, a), (_, b) in zip(fast.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert (fast.lm_head.weight is fast.model.embed_tokens.weight) == tied
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert torch.equal(Models(open_checkpoint(tmp_path)).dense().model.norm.weight,
+                       torch.ones(32))  # LayerNorm-style initialization, not leftover memory
