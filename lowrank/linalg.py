@@ -257,6 +257,24 @@ def gram_svd(w: torch.Tensor, rank: int, eigh=gram_eigenvectors):
     return (p.T, s, q.T) if transposed else (q, s, p)
 
 
+def whitened_factors_from_eigh(w: torch.Tensor, wt: Weighting, vectors: torch.Tensor,
+                               rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whitened factors A = U_r, B = U_rᵀ·W (float64) from ``vectors``, the eigenvectors
+    (ascending) of the short-side Gram of W·L, without forming W·L: when m <= n they are U;
+    else U = W·(L·V_r)/σ, σ its column norms (a column with σ ≈ 0 carries no energy: zeroed).
+    The factors :func:`factors_from_svd` gives, up to rounding."""
+    work = w.double()
+    k = vectors.shape[1]
+    top = vectors[:, k - min(rank, k):].flip(1).to(work)
+    if w.shape[0] <= w.shape[1]:
+        U = top
+    else:
+        U = work @ (wt.factor.to(work) @ top)
+        norms = U.norm(dim=0)
+        U = U * torch.where(norms > torch.finfo(w.dtype).tiny, 1 / norms, torch.zeros_like(norms))
+    return U.contiguous(), (U.T @ work).contiguous()
+
+
 def truncated_svd(w: torch.Tensor, rank: int, method: str, seed: int = 0, oversample: int = 10,
                   niter: int = 4, eigh=None):
     """Top-``rank`` (U, S, Vh) of ``w`` by ``exact``, ``gram`` (``eigh``: see :func:`gram_svd`)

@@ -81,6 +81,28 @@ def test_scores_reuse_the_eigensolves_of_the_weighted_spectra(probed, monkeypatc
     assert scores["matrices"] and len(calls) == analyzed
 
 
+def test_factors_from_the_analysis_eigh_equal_the_general_ones(probed):
+    """The scores stage takes whitened factors from the analysis's eigendecomposition, found by
+    name (wide matrices: the eigenvectors are U; tall: U = W·L·V/σ): the factors of the general
+    path, which forms W·L again, up to rounding."""
+    ckpt, stats, spectra = probed
+    general = dataclasses.replace(stats, analyzed={})
+    shapes = set()
+    for name in stats.analyzed:
+        weighting = scores_mod._weighting(ckpt, name, stats)
+        if weighting is None or weighting.kind != "whiten":
+            continue
+        s = spectra.matrices[name]
+        assert stats.analyzed_eigh(name) is not None  # the shortcut's input
+        shapes.add(s.rows > s.cols)
+        rank = max(1, min(s.rows, s.cols) // 2)
+        A, B = scores_mod._factors_task(ckpt, name, weighting, stats, rank)
+        A0, B0 = scores_mod._factors_task(ckpt, name, weighting, general, rank)
+        scale = float((A0 @ B0).abs().max())
+        torch.testing.assert_close(A @ B, A0 @ B0, rtol=1e-5, atol=1e-5 * scale)
+    assert shapes == {True, False}  # tall and wide matrices both took the shortcut
+
+
 def test_factorize_reuses_the_scores_eigensolves(probed, monkeypatch):
     ckpt, stats, spectra = probed
     stats = dataclasses.replace(stats, memo=_whitening_only(stats))

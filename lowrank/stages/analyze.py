@@ -255,9 +255,10 @@ def analyze(
             cols = info.shape[0] if flip else math.prod(info.shape[1:])
             weighting = None if stats is None else \
                 functools.partial(stats.weighting, info.name, cols, device)
+            eigh = functools.partial(stats.gram_eigh, name=info.name) \
+                if local and stats is not None else None
             yield (source, info.name, settings,
-                   weighting if local or weighting is None else weighting(), flip, device,
-                   stats.gram_eigh if local and stats is not None else None)
+                   weighting if local or weighting is None else weighting(), flip, device, eigh)
 
     for spectrum in ordered_map(analyze_task, tasks(), workers, executor):
         spectra.matrices[spectrum.name] = spectrum

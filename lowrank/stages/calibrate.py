@@ -110,6 +110,8 @@ class ActivationStats:
     # {(kind, content key, device): a root of G, or a Gram's eigenvalues and eigenvectors}:
     # each is computed once per run (see whitening_factor, gram_eigh).
     memo: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
+    # {tensor name: the memo key of the eigh that analysis computed for its weighted matrix}
+    analyzed: dict = field(default_factory=dict, repr=False, compare=False)
     # Weights stored (in, out) (GPT-2's Conv1D): their Gram is of the rows of the stored
     # tensor, the columns of the (out, in) matrix that is factored (lowrank.naming).
     transposed: set[str] = field(default_factory=set)
@@ -123,9 +125,10 @@ class ActivationStats:
                               shrinkage=s.kfac_shrinkage)
 
     def whitening_factor(self, gram: torch.Tensor, device: str | None = None) -> torch.Tensor:
-        """A root of ``gram`` (:func:`lowrank.linalg.psd_root`), memoized by content: analysis and factorization of one run, and
-        layers fed the same input (query, key and value), share one eigendecomposition.
-        Hashing G reads n² numbers; the eigh it saves costs ~n³. One torch thread, like the
+        """A root of ``gram`` (:func:`lowrank.linalg.psd_root`), memoized by content: analysis
+        and factorization of one run, and layers fed the same input (query, key and value),
+        share one. Hashing G reads n² numbers; the factorization it saves costs ~n³/3. One
+        torch thread, like the
         per-matrix tasks beside it (:func:`lowrank.parallel.fixed_threads`): the same bytes
         whichever thread asks, and no OpenMP oversubscription while the tasks run."""
         where = float64_device(device)
@@ -135,14 +138,29 @@ class ActivationStats:
                 return psd_root(gram, where)
         return self._memoized(("root", _digest(gram), where), compute)
 
-    def gram_eigh(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gram_eigh(self, x: torch.Tensor,
+                  name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`lowrank.linalg.gram_eigh` of ``x`` (a weighted matrix's short side), memoized
         by content like :meth:`whitening_factor`: analysis's spectrum, the scores stage's
         factors and factorization's truncated ones come from one eigensolve per
-        matrix. Kept on CPU."""
-        values, vectors = self._memoized(("eigh", _digest(x), str(x.device)),
-                                         lambda: tuple(t.cpu() for t in gram_eigh(x)))
+        matrix. Kept on CPU. ``name``: ``x`` is checkpoint tensor ``name`` under this
+        weighting (analysis), found again by :meth:`analyzed_eigh`."""
+        key = ("eigh", _digest(x), str(x.device))
+        values, vectors = self._memoized(key, lambda: tuple(t.cpu() for t in gram_eigh(x)))
+        if name is not None:
+            self.analyzed[name] = key
         return values.to(x.device), vectors.to(x.device)
+
+    def analyzed_eigh(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (eigenvalues, eigenvectors) analysis computed for checkpoint tensor ``name``'s
+        weighted matrix, if still memoized: found by name, without forming and hashing that
+        matrix again."""
+        key = self.analyzed.get(name)
+        with _MEMO_LOCK:
+            value = self.memo.get(key) if key is not None else None
+            if value is not None:
+                self.memo.move_to_end(key)
+        return value
 
     def gram_eigenvectors(self, x: torch.Tensor) -> torch.Tensor:
         return self.gram_eigh(x)[1]

@@ -40,7 +40,7 @@ from torch import nn
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from ..io.samples import model_batches, read_calibration
-from ..linalg import matrix_view, weighted_factors
+from ..linalg import matrix_view, weighted_factors, whitened_factors_from_eigh
 from ..models import Models
 from ..parallel import AUTO, fixed_threads, ordered_map, resolve_workers
 from ..pipeline.stage import Context, Stage, json_loader, json_saver, register_stage
@@ -144,6 +144,13 @@ def _weighting(ckpt: Checkpoint, name: str, stats):
 def _factors_task(ckpt: Checkpoint, name: str, weighting, stats,
                   rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     w = matrix_view(ckpt.get(name))
+    if weighting is not None and weighting.kind == "whiten" and name not in stats.transposed:
+        # The analysis's eigendecomposition of this matrix: no W·L to form and hash again
+        analyzed = stats.analyzed_eigh(name)
+        if analyzed is not None and analyzed[1].shape[0] == min(w.shape):
+            with fixed_threads():
+                A, B = whitened_factors_from_eigh(w, weighting, analyzed[1], rank)
+            return A.float(), B.float()
     eigh = stats.gram_eigenvectors if stats is not None else None
     with fixed_threads():
         A, B, _, _, _ = weighted_factors(w, rank, "gram", weighting=weighting, eigh=eigh)
