@@ -134,14 +134,19 @@ class _Reached(Exception):
 class _PairedInputs:
     """Forward pre-hooks on the first weight of each input-sharing group. In the dense block
     they keep every batch's (real-token) inputs x; in the partly factored block, the hooked
-    layer adds x̃x̃ᵀ and x̃xᵀ to its group's G̃ and C (float64 sums of float32 batch products)
-    and stops the pass (nothing after it is needed)."""
+    layer keeps x̃ and stops the pass (nothing after it is needed). :meth:`sums` gives the
+    group's G̃ = Σ x̃x̃ᵀ and C = Σ x̃xᵀ: float64 sums of float32 products over chunks of at
+    least ``CHUNK_ROWS`` tokens (per-batch products made the float64 additions cost more than
+    the GEMMs on MiniLM)."""
+
+    CHUNK_ROWS = 8192
 
     def __init__(self, dense: dict[str, nn.Module]):
         self.mask, self.batch = None, 0
         self.dense: dict[str, list[torch.Tensor]] = {n: [] for n in dense}
         self.gram: dict[str, torch.Tensor] = {}
         self.cross: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.handles = [m.register_forward_pre_hook(self._keep(n)) for n, m in dense.items()]
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,14 +160,29 @@ class _PairedInputs:
     def student(self, name: str, module: nn.Module):
         """Hook ``module`` of the partly factored block; returns the handle."""
         def hook(module, args):
-            rows, dense = self._rows(args[0]), self.dense[name][self.batch]
-            for store, product in ((self.gram, rows.T @ rows), (self.cross, rows.T @ dense)):
-                if name in store:
-                    store[name].add_(product)  # in place: no float64 copy per batch
-                else:
-                    store[name] = product.double()
+            pending = self.pending.setdefault(name, [])
+            pending.append((self._rows(args[0]), self.dense[name][self.batch]))
+            if sum(len(rows) for rows, _ in pending) >= self.CHUNK_ROWS:
+                self._add(name)
             raise _Reached
         return module.register_forward_pre_hook(hook)
+
+    def _add(self, name: str) -> None:
+        pending = self.pending.pop(name, [])
+        if not pending:
+            return
+        rows = torch.cat([r for r, _ in pending])
+        dense = torch.cat([d for _, d in pending])
+        for store, product in ((self.gram, rows.T @ rows), (self.cross, rows.T @ dense)):
+            if name in store:
+                store[name] += product
+            else:
+                store[name] = product.double()
+
+    def sums(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G̃, C) of the group whose first weight is ``name``; forgets them."""
+        self._add(name)
+        return self.gram.pop(name), self.cross.pop(name)
 
     def remove(self):
         for h in self.handles:
@@ -270,8 +290,8 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
                     handle.remove()
                     weights = [matrix_view(models.checkpoint.get(n), n in stats.transposed)
                                for n in group]
-                    matrices, root = compensated_targets(
-                        weights, paired.gram.pop(group[0]), paired.cross.pop(group[0]), damping)
+                    matrices, root = compensated_targets(weights, *paired.sums(group[0]),
+                                                         damping)
                     for name, matrix in zip(group, matrices):
                         A, B, result = factor(name, Weighting("whiten", root), matrix)
                         result.method += "+compensated"
