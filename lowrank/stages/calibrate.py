@@ -128,9 +128,9 @@ class ActivationStats:
         """A root of ``gram`` (:func:`lowrank.linalg.psd_root`), memoized by content: analysis
         and factorization of one run, and layers fed the same input (query, key and value),
         share one. Hashing G reads n² numbers; the factorization it saves costs ~n³/3. One
-        torch thread, like the
-        per-matrix tasks beside it (:func:`lowrank.parallel.fixed_threads`): the same bytes
-        whichever thread asks, and no OpenMP oversubscription while the tasks run."""
+        torch thread, like the per-matrix tasks beside it (:func:`lowrank.parallel.fixed_threads`):
+        the same bytes whichever thread asks, and no OpenMP oversubscription while the tasks
+        run."""
         where = float64_device(device)
 
         def compute():

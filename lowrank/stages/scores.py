@@ -18,8 +18,9 @@ of seconds each), so the loss is estimated to second order from the same data, e
   sum scores every rank at once. The factors come from the float64 Gram eigenvectors
   (``gram``), memoized in the statistics
   (:meth:`~lowrank.stages.calibrate.ActivationStats.gram_eigh`, computed by the analysis):
-  factorization's truncated factors, same solver and thread count, reuse that eigensolve. The products with the
-  gradients run in float32 (the gradients are float32), the per-sequence sums in float64.
+  factorization's truncated factors, same solver and thread count, reuse that eigensolve.
+  The products with the gradients run in float32 (the gradients are float32), the
+  per-sequence sums in float64.
 - A weight used twice (a tied embedding and LM head) sums the contributions of both uses: one
   decision, scored with both uses factored.
 
@@ -222,7 +223,8 @@ def score_candidates(ckpt: Checkpoint, spectra: Spectra,
             continue
         samples = torch.cat(parts) / math.sqrt(tokens)  # (sequences, K + 1): column r = rank r
         chosen = samples[:, ranks[name]]
-        matrices[name] = {"ranks": ranks[name], "scores": [float(v) for v in chosen.pow(2).sum(0)],
+        matrices[name] = {"ranks": ranks[name],
+                          "scores": [float(v) for v in chosen.pow(2).sum(0)],
                           "uses": scorer.uses[name]}
         directions[name] = [[float(v) for v in row] for row in chosen]
     return {"format": SCORES_FORMAT, "version": SCORES_VERSION, "kind": kind,
