@@ -225,6 +225,12 @@ def gram_eigenvectors(x: torch.Tensor) -> torch.Tensor:
     return gram_eigh(x)[1]
 
 
+def _reciprocal_or_zero(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """1/s, and 0 where s is below ``dtype``'s smallest normal number: a direction with σ ≈ 0
+    carries no energy, and its vector is ≈ 0 too."""
+    return torch.where(s > torch.finfo(dtype).tiny, 1 / s, torch.zeros_like(s))
+
+
 def gram_svd(w: torch.Tensor, rank: int, eigh=gram_eigenvectors):
     """Top-``rank`` (U, S, Vh) of ``w`` from the eigenvectors of its smaller float64 Gram, in
     ``w``'s dtype.
@@ -251,8 +257,8 @@ def gram_svd(w: torch.Tensor, rank: int, eigh=gram_eigenvectors):
         s2 += pj.pow(2).sum(1)
         p[:, j:j + pj.shape[1]] = pj
     s = s2.sqrt()
-    inv = torch.where(s > torch.finfo(w.dtype).tiny, 1 / s, torch.zeros_like(s))
-    p.mul_(inv.to(w.dtype)[:, None])  # orthonormal rows: Vh (Uᵀ when transposed)
+    # orthonormal rows: Vh (Uᵀ when transposed)
+    p.mul_(_reciprocal_or_zero(s, w.dtype).to(w.dtype)[:, None])
     q, s = q.to(w.dtype), s.to(w.dtype)
     return (p.T, s, q.T) if transposed else (q, s, p)
 
@@ -270,8 +276,7 @@ def whitened_factors_from_eigh(w: torch.Tensor, wt: Weighting, vectors: torch.Te
         U = top
     else:
         U = work @ (wt.factor.to(work) @ top)
-        norms = U.norm(dim=0)
-        U = U * torch.where(norms > torch.finfo(w.dtype).tiny, 1 / norms, torch.zeros_like(norms))
+        U = U * _reciprocal_or_zero(U.norm(dim=0), w.dtype)
     return U.contiguous(), (U.T @ work).contiguous()
 
 
