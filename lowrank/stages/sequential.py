@@ -99,15 +99,16 @@ def sequential_factors(models: Models, ranks: dict[str, int], stats: ActivationS
 # Compensation: factors fitted to the dense outputs from the compressed model's inputs
 
 
-def compensated_targets(weights: list[torch.Tensor], gram: torch.Tensor, cross: torch.Tensor,
+def compensated_targets(weights: list[torch.Tensor], gram: torch.Tensor,
+                        products: list[torch.Tensor],
                         damping: float) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The matrices to truncate, and their whitening, for factors that map the *compressed*
     model's inputs x̃ to the *dense* layers' outputs W·x (``weights``: the (out, in) matrices
-    that multiply one input).
+    that multiply one input; ``products``: each one's Σ (W x) x̃ᵀ).
 
     Σ‖W x − M x̃‖² + λ‖M − W‖² (λ = ``damping`` × mean eigenvalue of G̃; the ridge pulls M toward
     W where the calibration inputs say little) is ‖(M − M*)·G'^½‖² + const with
-    G' = G̃ + λI, M* = (W·Cᵀ + λW)·G'⁻¹, G̃ = Σ x̃ x̃ᵀ and C = Σ x̃ xᵀ; so the best rank-r M is
+    G' = G̃ + λI, M* = (Σ (W x) x̃ᵀ + λW)·G'⁻¹ and G̃ = Σ x̃ x̃ᵀ; so the best rank-r M is
     M* truncated in G'^½'s metric: data-aware factorization of M* with whitening G'^½. When
     x̃ = x, M* = W and this is plain whitening. Returns ([M*] in the weights' dtype, a root of G');
     float64 maths. Whitening needs any root of G' (:func:`lowrank.linalg.psd_root`): its
@@ -117,11 +118,9 @@ def compensated_targets(weights: list[torch.Tensor], gram: torch.Tensor, cross: 
     lam = damping * float(g_reg.diagonal().mean())
     g_reg.diagonal().add_(lam)
     cholesky = torch.linalg.cholesky(g_reg)
-    cross = cross.double()
     targets = []
-    for w in weights:
-        w64 = w.double()
-        rhs = w64 @ cross.T + lam * w64
+    for w, product in zip(weights, products):
+        rhs = product.double() + lam * w.double()
         # G' is symmetric: M* = (G'⁻¹·rhsᵀ)ᵀ
         targets.append(torch.cholesky_solve(rhs.T, cholesky).T.to(w.dtype))
     return targets, cholesky
@@ -132,36 +131,63 @@ class _Reached(Exception):
 
 
 class _PairedInputs:
-    """Forward pre-hooks on the first weight of each input-sharing group. In the dense block
-    they keep every batch's (real-token) inputs x; in the partly factored block, the hooked
-    layer keeps x̃ and stops the pass (nothing after it is needed). :meth:`sums` gives the
-    group's G̃ = Σ x̃x̃ᵀ and C = Σ x̃xᵀ: float64 sums of float32 products over chunks of at
-    least ``CHUNK_ROWS`` tokens (per-batch products made the float64 additions cost more than
-    the GEMMs on MiniLM)."""
+    """What compensation needs of each input-sharing group (keyed by its first weight), from
+    the dense block and the partly factored one. In the dense block, hooks keep every batch's
+    (real-token) inputs x, or, when the group's outputs are narrower than its input (an FFN's
+    down projection), the outputs W·x themselves, bias removed. In the partly factored block the
+    first layer keeps x̃ and stops the pass (nothing after it is needed). :meth:`sums` gives the
+    group's G̃ = Σ x̃x̃ᵀ and each weight's Σ (W x) x̃ᵀ: float64 sums of float32 products over
+    chunks of at least ``CHUNK_ROWS`` tokens (per-batch products made the float64 additions
+    cost more than the GEMMs on MiniLM); with the inputs kept, via Σ x x̃ᵀ (in × in), with the
+    outputs directly (out × in: the cheaper product when out < in)."""
 
     CHUNK_ROWS = 8192
 
-    def __init__(self, dense: dict[str, nn.Module]):
+    def __init__(self, groups: dict[str, list[tuple[nn.Module, torch.Tensor]]]):
+        """``groups``: {first weight's name: [(dense module, its (out, in) weight)] in order}."""
         self.mask, self.batch = None, 0
-        self.dense: dict[str, list[torch.Tensor]] = {n: [] for n in dense}
+        self.weights = {n: [w for _, w in group] for n, group in groups.items()}
+        self.keeps_outputs = {n: sum(w.shape[0] for w in ws) < ws[0].shape[1]
+                              for n, ws in self.weights.items()}
+        self.dense: dict[str, list] = {}
         self.gram: dict[str, torch.Tensor] = {}
         self.cross: dict[str, torch.Tensor] = {}
         self.pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.handles = [m.register_forward_pre_hook(self._keep(n)) for n, m in dense.items()]
+        self.handles = []
+        for name, group in groups.items():
+            modules = [m for m, _ in group]
+            if self.keeps_outputs[name]:  # one list of outputs per layer, joined per batch
+                self.dense[name] = [[] for _ in modules]
+                self.handles += [m.register_forward_hook(self._keep_output(name, i))
+                                 for i, m in enumerate(modules)]
+            else:
+                self.dense[name] = []
+                self.handles.append(modules[0].register_forward_pre_hook(self._keep_input(name)))
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         return token_rows(x.detach(), self.mask).float()
 
-    def _keep(self, name):
+    def _keep_input(self, name):
         def hook(module, args):
             self.dense[name].append(self._rows(args[0]))
         return hook
+
+    def _keep_output(self, name, i):
+        def hook(module, args, output):
+            bias = getattr(module, "bias", None)
+            self.dense[name][i].append(self._rows(output if bias is None else output - bias))
+        return hook
+
+    def _dense_rows(self, name: str) -> torch.Tensor:
+        if self.keeps_outputs[name]:
+            return torch.cat([outputs[self.batch] for outputs in self.dense[name]], dim=1)
+        return self.dense[name][self.batch]
 
     def student(self, name: str, module: nn.Module):
         """Hook ``module`` of the partly factored block; returns the handle."""
         def hook(module, args):
             pending = self.pending.setdefault(name, [])
-            pending.append((self._rows(args[0]), self.dense[name][self.batch]))
+            pending.append((self._rows(args[0]), self._dense_rows(name)))
             if sum(len(rows) for rows, _ in pending) >= self.CHUNK_ROWS:
                 self._add(name)
             raise _Reached
@@ -173,16 +199,22 @@ class _PairedInputs:
             return
         rows = torch.cat([r for r, _ in pending])
         dense = torch.cat([d for _, d in pending])
-        for store, product in ((self.gram, rows.T @ rows), (self.cross, rows.T @ dense)):
+        for store, product in ((self.gram, rows.T @ rows), (self.cross, dense.T @ rows)):
             if name in store:
                 store[name] += product
             else:
                 store[name] = product.double()
 
-    def sums(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(G̃, C) of the group whose first weight is ``name``; forgets them."""
+    def sums(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(G̃, [Σ (W x) x̃ᵀ for each weight W]) of the group whose first weight is ``name``;
+        forgets them and the group's dense rows."""
         self._add(name)
-        return self.gram.pop(name), self.cross.pop(name)
+        self.dense.pop(name)
+        weights = self.weights.pop(name)
+        gram, cross = self.gram.pop(name), self.cross.pop(name)
+        if self.keeps_outputs[name]:
+            return gram, list(cross.split([w.shape[0] for w in weights]))
+        return gram, [w.double() @ cross for w in weights]  # cross = Σ x x̃ᵀ
 
     def remove(self):
         for h in self.handles:
@@ -273,7 +305,8 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
         sub = (lambda root, n, i=i: root.get_submodule(module_name(n)[len(f"{prefix}.{i}."):]))
         groups = _input_groups(dense_block, {n: sub(dense_block, n) for n in names},
                                dense_states[0]) if names else []
-        paired = _PairedInputs({g[0]: sub(dense_block, g[0]) for g in groups})
+        paired = _PairedInputs({g[0]: [(sub(dense_block, n), matrix_view(
+            models.checkpoint.get(n), n in stats.transposed)) for n in g] for g in groups})
         with torch.no_grad():
             try:  # the dense block's outputs and the inputs of its layers, one pass
                 targets = []
@@ -288,15 +321,13 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
                         except _Reached:
                             pass
                     handle.remove()
-                    weights = [matrix_view(models.checkpoint.get(n), n in stats.transposed)
-                               for n in group]
+                    weights = paired.weights[group[0]]
                     matrices, root = compensated_targets(weights, *paired.sums(group[0]),
                                                          damping)
                     for name, matrix in zip(group, matrices):
                         A, B, result = factor(name, Weighting("whiten", root), matrix)
                         result.method += "+compensated"
                         put(name, A, B, result)
-                    paired.dense.pop(group[0])
             finally:
                 paired.remove()
             student_states = [(run_block(block, s), s[1], s[2]) for s in student_states]
