@@ -23,7 +23,8 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 
 import torch
 
@@ -134,8 +135,19 @@ def ordered_map(fn: Callable, tasks: Iterable[tuple], workers: int | str = 1,
         # spawn, not fork: forking a process whose OpenMP/MKL threads are running can deadlock.
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            yield from _windowed(lambda task: pool.submit(fn, *task), lambda f: f.result(),
-                                 tasks, 2 * workers)
+            yield from _windowed(lambda task: pool.submit(fn, *task), _result, tasks, 2 * workers)
+
+
+# How often a wait for a task wakes: a signal (Ctrl-C, SIGTERM) that the kernel hands to another
+# thread (a pool thread, an OpenMP one) runs its Python handler only when the main thread runs
+# bytecode, and a wait without a timeout would keep it blocked until the task ends.
+POLL_SECONDS = 0.2
+
+
+def _result(future: Future):
+    while not future.done():
+        wait_futures([future], timeout=POLL_SECONDS)
+    return future.result()
 
 
 def _pin_pool_thread() -> None:
@@ -148,8 +160,7 @@ def _thread_map(fn: Callable, tasks: Iterable[tuple], workers: int) -> Iterator:
     pool = ThreadPoolExecutor(workers, thread_name_prefix="lowrank", initializer=_pin_pool_thread)
     finished = False
     try:
-        yield from _windowed(lambda task: pool.submit(fn, *task), lambda f: f.result(),
-                             tasks, 2 * workers)
+        yield from _windowed(lambda task: pool.submit(fn, *task), _result, tasks, 2 * workers)
         finished = True
     finally:
         # Interrupted (Ctrl-C, SIGTERM, an error): queued tasks are cancelled and running ones

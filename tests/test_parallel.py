@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -145,6 +147,43 @@ def test_thread_executor_gives_the_bytes_of_a_serial_run(toy_checkpoint):
     b = factorize(ckpt, plan, workers=3, executor="thread")
     assert a.tensors.keys() == b.tensors.keys() and a.layers == b.layers
     assert all(torch.equal(b.tensors[n], t) for n, t in a.tensors.items())
+
+
+class _Signalled(Exception):
+    pass
+
+
+def _sleep_in_pool(started: threading.Event, pool_thread: list, seconds: float) -> int:
+    pool_thread.append(threading.get_ident())
+    started.set()
+    time.sleep(seconds)
+    return 0
+
+
+def test_a_signal_handed_to_a_pool_thread_interrupts_the_wait_at_once():
+    """The kernel may deliver Ctrl-C or SIGTERM to any thread. Delivered to a pool thread, its
+    Python handler must still run in the main thread while that waits for the task."""
+    started, pool_thread = threading.Event(), []
+
+    def raise_signalled(signum, frame):
+        raise _Signalled
+
+    def signal_the_pool_thread():
+        started.wait()
+        time.sleep(0.5)  # the main thread is waiting for the task by now
+        signal.pthread_kill(pool_thread[0], signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, raise_signalled)
+    sender = threading.Thread(target=signal_the_pool_thread)
+    sender.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(_Signalled):
+            list(ordered_map(_sleep_in_pool, [(started, pool_thread, 5.0)] * 2, 2, "thread"))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        sender.join()
+    assert time.perf_counter() - start < 2.0  # not after the 5-second task
 
 
 def test_bad_executor_and_worker_counts_are_input_errors():
