@@ -878,7 +878,10 @@ def test_signal_mid_run_leaves_no_scratch(tmp_path, toy_checkpoint, sig, code):
     OUTPUT: the run stops with 128+signal, and neither OUTPUT nor scratch is left."""
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
+        # Ctrl-C raises KeyboardInterrupt, as in a terminal, also when this test runs in a
+        # background job (whose children start with SIGINT ignored).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         import lowrank.stages.factorize as factorize
         real = factorize.factor_task
         def slow(*args):
