@@ -10,7 +10,8 @@ right after (so both see the same machine load), the limits:
   W·L, its Gram and its `eigh` (eigenvalues for the spectrum, eigenvectors that the scores
   stage and factorization then reuse instead of solving again), timed the same way;
 - calibrate: plain `torch.inference_mode` forward passes of the dense model over the same
-  batches (calibration samples, max_length, batch size as the stage's defaults);
+  batches (calibration samples, max_length, batch size as the stage's defaults, lines batched
+  by token count as the stage does);
 - factorize: the truncated SVDs the plan needs, each matrix at its planned rank with the solver
   factorize picks (`truncated_svd`, plain matrix; weighting costs one GEMM more). With
   calibration, compensation (the default) also needs the dense model's block outputs and the
@@ -142,7 +143,7 @@ def calibrate_limit(ckpt) -> float:
     s = CalibrateSettings()
     data = read_calibration(CALIB, s.samples, warn=False)
     model, tokenizer = Models(ckpt).runnable_model()
-    batches = list(model_batches(data, tokenizer, s.batch_size, s.max_length))
+    batches = list(model_batches(data, tokenizer, s.batch_size, s.max_length, by_length=True))
 
     def run():
         with torch.inference_mode():

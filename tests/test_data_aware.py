@@ -105,3 +105,31 @@ def test_data_aware_on_checkpoint_without_architecture_is_a_clear_error(tmp_path
     assert result.exit_code == 3
     assert "no architecture: give an HF model directory" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_batches_by_length_pad_less_and_give_the_same_statistics(tiny_llama_dir):
+    import transformers
+
+    from lowrank.io.samples import model_batches
+    from lowrank.stages.calibrate import collect_stats
+
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    lines = [" ".join(["word"] * (1 + (7 * i) % 23)) for i in range(24)]  # lengths mixed
+
+    def padded_and_rows(by_length):
+        batches = list(model_batches(lines, tokenizer, 4, 16, by_length=by_length))
+        rows = sorted(tuple(ids[m].tolist()) for inputs, mask in batches
+                      for ids, m in zip(inputs["input_ids"], mask))
+        return sum(mask.numel() for _, mask in batches), rows
+
+    (sorted_padded, sorted_rows), (file_padded, file_rows) = map(padded_and_rows, (True, False))
+    assert sorted_rows == file_rows  # every line once, whatever the order
+    assert sorted_padded < 0.8 * file_padded
+
+    by_length = collect_stats(model, tokenizer, lines, CalibrateSettings(batch_size=4))
+    in_order = collect_stats(model, tokenizer, lines,  # kfac batches in file order
+                             CalibrateSettings(batch_size=4, method="kfac"))
+    assert by_length.tokens == in_order.tokens
+    for name, gram in in_order.grams.items():  # equal up to float32 rounding of the sums
+        assert (by_length.grams[name] - gram).norm() <= 1e-5 * gram.norm(), name

@@ -102,12 +102,19 @@ def num_samples(data: Samples) -> int:
 
 
 def model_batches(data: Samples, tokenizer, batch_size: int, max_length: int,
-                  device: str | None = None):
+                  device: str | None = None, by_length: bool = False):
     """(model keyword inputs, real-token mask or None) per batch of ``data``, on ``device``
-    (as they are when None)."""
+    (as they are when None). ``by_length``: text lines batched in order of token count, so a
+    batch pads little (for sums over tokens, which order does not change: on the Debian
+    calibration lines SmolLM2's tokenizer pads 3,036 real tokens to 5,040 in file order, to
+    3,200 sorted)."""
     def put(t):
         return t.to(device) if device is not None else t
 
+    if by_length and isinstance(data, list) and len(data) > batch_size:
+        lengths = [len(ids) for ids in tokenizer(data, truncation=True,
+                                                 max_length=max_length)["input_ids"]]
+        data = [data[i] for i in sorted(range(len(data)), key=lengths.__getitem__)]
     for start in range(0, num_samples(data), batch_size):
         if isinstance(data, dict):
             yield {k: put(v[start:start + batch_size]) for k, v in data.items()

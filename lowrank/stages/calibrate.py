@@ -258,8 +258,9 @@ def collect_stats(model: nn.Module, tokenizer, data: Samples, settings: Calibrat
         for p in trainable:  # gradients of the outputs only, not of the weights
             p.requires_grad_(False)
         with torch.inference_mode(not kfac):
+            # kfac's backward passes take the first samples: keep them in file order
             for inputs, mask in model_batches(data, tokenizer, settings.batch_size,
-                                              settings.max_length, device):
+                                              settings.max_length, device, by_length=not kfac):
                 recorder.mask = _statistics_mask(mask, settings.outliers)
                 first = next(iter(inputs.values()))
                 stats.tokens += int(mask.sum()) if mask is not None else first.shape[0]

@@ -158,12 +158,16 @@ def _factors_task(ckpt: Checkpoint, name: str, weighting, stats,
     return A.float(), B.float()
 
 
-def probe_data(ckpt: Checkpoint, settings: ScoreSettings, stats, factory=None):
-    """(dense model, list of (inputs, mask) probe batches, loss kind)."""
+def probe_data(ckpt: Checkpoint, settings: ScoreSettings, stats, factory=None,
+               by_length: bool = False):
+    """(dense model, list of (inputs, mask) probe batches, loss kind). ``by_length``: batched
+    by token count (:func:`~lowrank.io.samples.model_batches`), for a loss summed over tokens;
+    the scores' sampled labels follow the batch order, so they keep the file's."""
     source = stats.settings.calibration_file if stats is not None else None
     data = read_calibration(source, settings.samples, warn=False)
     model, tokenizer = Models(ckpt, factory).runnable_model(need_tokenizer=isinstance(data, list))
-    batches = list(model_batches(data, tokenizer, settings.batch_size, settings.max_length))
+    batches = list(model_batches(data, tokenizer, settings.batch_size, settings.max_length,
+                                 by_length=by_length))
     return model, batches, loss_kind(RecoverSettings(), model)
 
 
@@ -236,7 +240,7 @@ def measure_joint(ckpt: Checkpoint, settings: ScoreSettings, stats, plans: list[
                   factory=None) -> list[float]:
     """The measured distillation loss on the probe batch of each plan ({tensor name: rank}),
     all its matrices factored at once as the scores assumed (:func:`leading_factors`)."""
-    model, batches, kind = probe_data(ckpt, settings, stats, factory)
+    model, batches, kind = probe_data(ckpt, settings, stats, factory, by_length=True)
     params = dict(model.named_parameters())
     # Factors per matrix up to the largest rank any plan gives it, sliced to each plan's rank
     largest = {n: max(p[n] for p in plans if n in p) for n in set().union(*plans)}

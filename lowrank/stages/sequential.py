@@ -273,7 +273,7 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
         return {}  # no blocks to cache inputs of, two stacks, or a recurrence: plain factors
     blocks = model.get_submodule(prefix)
     batches = list(model_batches(data, tokenizer, stats.settings.batch_size,
-                                 stats.settings.max_length))
+                                 stats.settings.max_length, by_length=True))
     masks = [mask for _, mask in batches]
     results = {}
 
