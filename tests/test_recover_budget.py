@@ -41,6 +41,19 @@ def test_step_count_follows_the_measured_step_time(step_seconds):
     assert losses[-1] < losses[0]
 
 
+def test_steps_of_varying_length_fill_the_budget():
+    """Batches of different lengths: slow steps first must not end training early."""
+    clock, weight = FakeClock(), torch.nn.Parameter(torch.ones(3))
+    step_times = [1.0, 1.0, 1.0] + [0.2, 0.6] * 100  # mean 0.4 s after the first three
+
+    def step_loss(step):
+        clock.now += step_times[step]
+        return weight.pow(2).sum()
+
+    train_steps([weight], step_loss, 0.1, None, seconds=20, clock=clock)
+    assert 20 - 0.6 < clock.now <= 20 + 1e-9
+
+
 def test_fixed_steps_win_over_the_budget():
     clock, weight = FakeClock(), torch.nn.Parameter(torch.ones(3))
 

@@ -1,9 +1,9 @@
 """Training steps that fit a time budget: the loop recovery's end-to-end and block-wise passes
 share (AdamW, linear warm-up then cosine decay to zero).
 
-Without a fixed step count the loop times its first steps and picks the total that fits the
-seconds left: on a 2-core CPU a step of a 135M-parameter LM takes seconds, on a GPU
-milliseconds, so no fixed count suits both.
+Without a fixed step count the loop times its steps and picks the total that fits the seconds
+left: on a 2-core CPU a step of a 135M-parameter LM takes seconds, on a GPU milliseconds, so no
+fixed count suits both.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-# Steps timed before choosing the total; the first one is left out (allocations, lazy init).
-PROBE_STEPS = 3
+# The total before a step is timed; the first step's time is left out (allocations, lazy init).
+PROVISIONAL_STEPS = 30
 
 
 def steps_to_fit(seconds_left: float, step_seconds: float, done: int) -> int:
@@ -33,7 +33,7 @@ def train_steps(params: list[torch.nn.Parameter], step_loss: Callable[[int], tor
     """Minimize ``step_loss(step)`` over ``params``: ``steps`` steps, or (None) as many as fit in
     ``seconds`` by ``clock``. ``on_step(step, total, loss)`` after each step. Returns the losses."""
     start = clock()
-    total = [steps or 10 * PROBE_STEPS]  # a provisional total until the first steps are timed
+    total = [steps or PROVISIONAL_STEPS]
 
     def factor(step: int) -> float:
         warmup = max(1, total[0] // 10)
@@ -57,11 +57,12 @@ def train_steps(params: list[torch.nn.Parameter], step_loss: Callable[[int], tor
         if steps is None:
             if step == 1:
                 timed_from = now
-            elif step <= PROBE_STEPS:
+            else:
+                # Re-fitted after every step from the mean step time so far: steps differ
+                # (batches of different lengths, a machine that slows down), and a total fixed
+                # from the first few left a third of the budget unused or overran it.
                 step_s = (now - timed_from) / (step - 1)
                 total[0] = steps_to_fit(start + seconds - now, step_s, step)
-            elif now - start + (now - timed_from) / (step - 1) > seconds + 1e-9:
-                total[0] = step  # the machine slowed down: the next step would overrun
         if on_step:
             on_step(step, total[0], losses[-1])
     return losses
