@@ -254,6 +254,7 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
                     else fraction, text)
 
     final_seconds, final_steps = seconds, settings.steps
+    tokens = [int(m.sum()) if m is not None else 1 for _, m in train]  # real tokens per batch
     if mode == "blockwise":
         block_seconds = seconds * (1 - settings.final_share)
         used = train
@@ -269,8 +270,7 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
             clock=clock)
         log.train_seconds += clock() - t0
         log.block_steps = sum(b.steps for b in log.blocks)
-        tokens_per_batch = [int(m.sum()) if m is not None else 1 for _, m in used]
-        log.tokens += sum(tokens_per_batch[j % len(used)] for b in log.blocks
+        log.tokens += sum(tokens[j % len(used)] for b in log.blocks
                           for j in range(b.steps)) / len(log.blocks)
         final_seconds = max(0.0, start + budget - clock() - eval_s)
         final_steps = None if settings.steps is None else \
@@ -278,8 +278,6 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
         if not settings.final_share:
             final_seconds = 0.0
     order = random.Random(settings.seed + 1)
-
-    tokens = [int(m.sum()) if m is not None else 1 for _, m in train]
     mean_tokens = sum(tokens) / len(tokens)
 
     def step_loss(step: int) -> torch.Tensor:
