@@ -60,7 +60,7 @@ def train_steps(params: list[torch.nn.Parameter], step_loss: Callable[[int], tor
             else:
                 # Re-fitted after every step from the mean step time so far: steps differ
                 # (batches of different lengths, a machine that slows down), and a total fixed
-                # from the first few left a third of the budget unused or overran it.
+                # from the first few left a quarter of the budget unused or overran it.
                 step_s = (now - timed_from) / (step - 1)
                 total[0] = steps_to_fit(start + seconds - now, step_s, step)
         if on_step:
