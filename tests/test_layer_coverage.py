@@ -210,13 +210,12 @@ def test_cnn_digits_compressed_accuracy_and_onnx(digits, tmp_path):
 def test_lstm_digits_through_cli_with_model_factory(digits, tmp_path):
     files = digits["lstm"]
     out = tmp_path / "lstm-r32"
-    with pytest.warns(UserWarning, match="fewer than the 1024"):  # recovery: 256 samples
-        result = CliRunner().invoke(main, [
-            "compress", str(files["model"]), str(out), "--model-factory", f"{HERE}:digits_lstm",
-            "--rank", "32", "--min-numel", "4096", "--calibration", str(files["calib"]),
-            "--calibration-samples", "256", "--recover", "factors", "--recover-steps", "20",
-            "--recover-text", str(files["calib"]), "--export", "onnx",
-            "--evaluate", str(files["eval"]), "--no-cache"])
+    result = CliRunner().invoke(main, [
+        "compress", str(files["model"]), str(out), "--model-factory", f"{HERE}:digits_lstm",
+        "--rank", "32", "--min-numel", "4096", "--calibration", str(files["calib"]),
+        "--calibration-samples", "256", "--recover", "factors", "--recover-steps", "20",
+        "--recover-text", str(files["calib"]), "--export", "onnx",
+        "--evaluate", str(files["eval"]), "--no-cache"])
     assert result.exit_code == 0, result.output
     assert "accuracy" in result.output  # the summary line
     report = json.loads((out / "report.json").read_text())

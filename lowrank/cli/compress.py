@@ -104,7 +104,7 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
 @click.option("--recover-alpha", type=float, help="LoRA alpha (default 32).")
 @click.option("--recover-batch-size", type=int, help="Samples per step (default 32).")
 @click.option("--recover-samples", type=int,
-              help="Training lines (or samples) to use (default 1024).")
+              help="Training lines (or samples) to use (default: all, up to 4096).")
 @click.option("--recover-seed", type=int, help="Training seed (default 0).")
 @click.option("--recover-text", type=click.Path(dir_okay=False),
               help="Training text, one sample per line (default: the --calibration file, else the "

@@ -54,6 +54,9 @@ LOSSES = ("auto", "hidden", "logits", "outputs")
 # minutes on MiniLM at 50% (cosine 0.725 vs 0.613) and on SmolLM2-135M at 85% (perplexity
 # 1.44x vs 1.46x dense on python_docs; LoRA trained on Debian text).
 MODES = {"logits": "end-to-end", "hidden": "end-to-end", "outputs": "end-to-end"}
+# The most training lines read by default (``samples`` None). 3 minutes on 2 cores train
+# SmolLM2 on ~2,200 lines and MiniLM on ~23,000; more than 2,000 were not measured.
+MAX_SAMPLES = 4096
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,11 @@ class RecoverSettings:
     pooled_weight: float = 0.0
     # Training text, one sample per line; None = the calibration text shipped with lowrank.
     calibration_file: str | None = None
-    samples: int = 1024
+    # Lines (or samples) to train on; None: every line of the text, up to MAX_SAMPLES, with no
+    # fewer-samples warning. More distinct lines beat more passes over fewer: SmolLM2 at 85%,
+    # 3 minutes, 2,000 Debian lines instead of 1,024: perplexity 1.437× → 1.409× dense on
+    # python_docs; MiniLM at 50%: cosine 0.800 → 0.828.
+    samples: int | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -94,7 +101,7 @@ class RecoverSettings:
         if self.mode not in ("auto", "end-to-end", "blockwise"):
             raise InputError(f"recovery mode must be auto, end-to-end or blockwise, "
                              f"got {self.mode!r}")
-        if min(self.rank, self.block_size, self.steps or 1, self.batch_size, self.samples,
+        if min(self.rank, self.block_size, self.steps or 1, self.batch_size, self.samples or 1,
                self.max_length) < 1 or (self.lr is not None and self.lr <= 0) \
                 or not self.minutes > 0:
             raise InputError("recovery rank, block_size, steps, batch_size, samples, max_length, "
@@ -316,7 +323,8 @@ def recover(factored: LowRankCheckpoint, models: Models,
     dense checkpoint). LoRA adapters are also kept in the result (``adapters``,
     ``adapter_config``) and written beside the checkpoint as ``adapters/``.
     """
-    data = read_calibration(settings.calibration_file, settings.samples, purpose="recovery")
+    data = read_calibration(settings.calibration_file, settings.samples or MAX_SAMPLES,
+                            warn=settings.samples is not None, purpose="recovery")
     teacher, tokenizer = models.runnable_model(need_tokenizer=isinstance(data, list))
     student = models.compressed(factored.tensors, factored.layers)
     log = distill(student, teacher, tokenizer, data, settings, on_step, device)
