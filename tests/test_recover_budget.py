@@ -142,7 +142,8 @@ def test_cli_recovers_a_causal_lm_blockwise_within_minutes(tiny_llama_dir, tmp_p
     assert lowrank.load(out)(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
 
 
-@pytest.mark.parametrize("bad", [{"mode": "layerwise"}, {"minutes": 0}, {"final_share": 1.0}])
+@pytest.mark.parametrize("bad", [{"mode": "layerwise"}, {"minutes": 0}, {"final_share": 1.0},
+                                 {"samples": 0}])
 def test_bad_recovery_settings_are_one_line_errors(bad):
     from lowrank.errors import InputError
 

@@ -101,7 +101,8 @@ class RecoverSettings:
         if self.mode not in ("auto", "end-to-end", "blockwise"):
             raise InputError(f"recovery mode must be auto, end-to-end or blockwise, "
                              f"got {self.mode!r}")
-        if min(self.rank, self.block_size, self.steps or 1, self.batch_size, self.samples or 1,
+        if min(self.rank, self.block_size, self.steps or 1, self.batch_size,
+               1 if self.samples is None else self.samples,
                self.max_length) < 1 or (self.lr is not None and self.lr <= 0) \
                 or not self.minutes > 0:
             raise InputError("recovery rank, block_size, steps, batch_size, samples, max_length, "
@@ -323,8 +324,9 @@ def recover(factored: LowRankCheckpoint, models: Models,
     dense checkpoint). LoRA adapters are also kept in the result (``adapters``,
     ``adapter_config``) and written beside the checkpoint as ``adapters/``.
     """
-    data = read_calibration(settings.calibration_file, settings.samples or MAX_SAMPLES,
-                            warn=settings.samples is not None, purpose="recovery")
+    asked = settings.samples is not None
+    data = read_calibration(settings.calibration_file, settings.samples if asked else MAX_SAMPLES,
+                            warn=asked, purpose="recovery")
     teacher, tokenizer = models.runnable_model(need_tokenizer=isinstance(data, list))
     student = models.compressed(factored.tensors, factored.layers)
     log = distill(student, teacher, tokenizer, data, settings, on_step, device)
