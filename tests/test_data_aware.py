@@ -133,3 +133,29 @@ def test_batches_by_length_pad_less_and_give_the_same_statistics(tiny_llama_dir)
     assert by_length.tokens == in_order.tokens
     for name, gram in in_order.grams.items():  # equal up to float32 rounding of the sums
         assert (by_length.grams[name] - gram).norm() <= 1e-5 * gram.norm(), name
+
+
+def test_calibration_records_the_lm_head_input_without_computing_logits(tiny_llama_dir):
+    import transformers
+
+    from lowrank.io.samples import model_batches
+    from lowrank.stages.calibrate import collect_stats
+
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    lines = [" ".join(["word"] * (1 + (7 * i) % 23)) for i in range(12)]
+    logit_rows = []
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: logit_rows.append(out.shape[1]))
+    stats = collect_stats(model, tokenizer, lines, CalibrateSettings(batch_size=4))
+    handle.remove()
+    assert logit_rows == [0, 0, 0]  # the head ran on no positions
+
+    expected = 0  # its input Gram all the same: the final hidden states of the real tokens
+    with torch.no_grad():
+        for inputs, mask in model_batches(lines, tokenizer, 4, 128):
+            hidden = model.model(**inputs).last_hidden_state[mask].double()
+            expected = expected + hidden.T @ hidden
+    gram = stats.grams["lm_head.weight"]
+    assert (gram - expected).norm() <= 1e-5 * expected.norm()
+    inputs, _ = next(model_batches(lines, tokenizer, 4, 128))  # and the hook is gone
+    assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]

@@ -141,3 +141,16 @@ def test_auto_picks_gram_up_to_the_cut_over_and_randomized_above():
         AnalyzeSettings(method="qr")
     with pytest.raises(InputError, match="factorize method"):
         FactorizeSettings(method="qr")
+
+
+@pytest.mark.parametrize("rows,cols", [(200, 1536 // 8), (5, 7), (3, 1), (0, 9)])
+def test_lower_gram_reads_as_the_full_gram(rows, cols):
+    from lowrank.linalg import lower_gram, symmetric
+
+    x = torch.randn(rows, cols, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    # only the lower block triangle is written and read: what lies above it does not matter
+    scratch = torch.full((cols, cols), float("nan"), dtype=torch.float64)
+    for out in (None, scratch):
+        gram = symmetric(lower_gram(x, out))
+        assert torch.allclose(gram, x.T @ x, rtol=1e-12, atol=1e-12)
+        assert torch.equal(gram, gram.T)

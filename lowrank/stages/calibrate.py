@@ -35,7 +35,7 @@ from ..io.files import check_format, write_json
 from ..io.safetensors import save_tensors
 from ..io.samples import Samples, model_batches, num_samples, read_calibration
 from ..linalg import METHODS, gram_eigh, make_weighting, psd_root
-from ..models import Models
+from ..models import Models, skip_output_head
 from ..parallel import fixed_threads
 from ..pipeline.stage import Context, Stage, register_stage
 from .fisher import OutputGradients, sampled_objective
@@ -254,10 +254,14 @@ def collect_stats(model: nn.Module, tokenizer, data: Samples, settings: Calibrat
     gen = torch.Generator().manual_seed(0)  # the sampled labels / noise
     trainable = [p for p in model.parameters() if p.requires_grad]
     done = 0
+    # Only the layers' inputs are needed, not the logits: unless kfac differentiates them or a
+    # seq2seq model's loss (seq2seq_inputs' labels) reads them.
+    skip_head = not kfac and not getattr(getattr(model, "config", None), "is_encoder_decoder",
+                                         False)
     try:
         for p in trainable:  # gradients of the outputs only, not of the weights
             p.requires_grad_(False)
-        with torch.inference_mode(not kfac):
+        with torch.inference_mode(not kfac), skip_output_head(model, skip_head):
             # kfac's backward passes take the first samples: keep them in file order
             for inputs, mask in model_batches(data, tokenizer, settings.batch_size,
                                               settings.max_length, device, by_length=not kfac):
@@ -279,6 +283,7 @@ def collect_stats(model: nn.Module, tokenizer, data: Samples, settings: Calibrat
                 done += first.shape[0]
                 if on_batch:
                     on_batch(f"{done} samples")
+        recorder.flush()
     finally:
         recorder.remove()
         if gradients is not None:

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from ..models import output_tensor
+from ..models import output_head, output_tensor
 from ..naming import weight_name
 from ..nn.layers import is_transposed
 
@@ -71,8 +71,7 @@ class OutputGradients:
                  only: set[str] | None = None, device: str = "cpu",
                  max_outputs: int = MAX_OUTPUTS):
         self.grams, self.device, self.mask, self.handles = grams, device, None, []
-        get_head = getattr(model, "get_output_embeddings", None)
-        head = get_head() if callable(get_head) else None
+        head = output_head(model)
         for fqn, module in model.named_modules():
             name = weight_name(fqn)
             if module is head or only is not None and name not in only:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..io.samples import model_batches, read_calibration
-from ..linalg import Weighting, matrix_view
+from ..linalg import Weighting, lower_gram, matrix_view, symmetric
 from ..models import Models, checkpoint_renamer
 from ..naming import IN_PROJ, RECURRENT, module_name, split_owner
 from ..nn.layers import is_transposed
@@ -199,7 +199,8 @@ class _PairedInputs:
             return
         rows = torch.cat([r for r, _ in pending])
         dense = torch.cat([d for _, d in pending])
-        for store, product in ((self.gram, rows.T @ rows), (self.cross, dense.T @ rows)):
+        for store, product in ((self.gram, symmetric(lower_gram(rows))),
+                               (self.cross, dense.T @ rows)):
             if name in store:
                 store[name] += product
             else:
