@@ -11,7 +11,9 @@ right after (so both see the same machine load), the limits:
   stage and factorization then reuse instead of solving again), timed the same way;
 - calibrate: plain `torch.inference_mode` forward passes of the dense model over the same
   batches (calibration samples, max_length, batch size as the stage's defaults, lines batched
-  by token count as the stage does);
+  by token count as the stage does), without the LM head's logits, which no statistic needs
+  and the stage skips too (`lowrank.models.skip_output_head`); the same passes with the head
+  are in the JSON as "forward passes with the LM head";
 - factorize: the truncated SVDs the plan needs, each matrix at its planned rank with the solver
   factorize picks (`truncated_svd`, plain matrix; weighting costs one GEMM more). With
   calibration, compensation (the default) also needs the dense model's block outputs and the
@@ -135,9 +137,9 @@ def factorize_limit(ckpt, ranks: dict[str, int]) -> float:
     return total
 
 
-def calibrate_limit(ckpt) -> float:
+def calibrate_limit(ckpt, head: bool = False) -> float:
     from lowrank.io.samples import model_batches, read_calibration
-    from lowrank.models import Models
+    from lowrank.models import Models, skip_output_head
     from lowrank.stages.calibrate import CalibrateSettings
 
     s = CalibrateSettings()
@@ -146,7 +148,7 @@ def calibrate_limit(ckpt) -> float:
     batches = list(model_batches(data, tokenizer, s.batch_size, s.max_length, by_length=True))
 
     def run():
-        with torch.inference_mode():
+        with torch.inference_mode(), skip_output_head(model, skip=not head):
             for inputs, _ in batches:
                 model(**inputs)
     return _timed(run)
@@ -191,6 +193,7 @@ def measure(name: str, repeats: int, workers: list[int], keep: Path | None) -> d
     if "--calibration" in flags:
         limits["analyze"] = weighted_analyze_limit(ckpt)
         limits["calibrate"] = calibrate_limit(ckpt)
+        limits["forward passes with the LM head"] = calibrate_limit(ckpt, head=True)
         limits["scores"] = scores_limit(ckpt)
         if "--no-compensate" not in flags:
             limits["factorize"] += 2 * limits["calibrate"]
