@@ -287,14 +287,16 @@ def output_head(model: nn.Module) -> nn.Module | None:
 @contextlib.contextmanager
 def skip_output_head(model: nn.Module, skip: bool = True):
     """Inside: the output head (:func:`output_head`) sees its input, but multiplies none of its
-    rows: for passes that need only the inputs of layers (calibration's statistics), whose
-    logits — 49152 × 576 per token on SmolLM2, 23% of its forward pass — are thrown away.
+    rows: for passes that need only the inputs of layers (calibration's statistics), which
+    would throw the logits away (49152 × 576 per token on SmolLM2, about a fifth of its
+    forward pass's time: reports/speed.md).
     Its input reaches the hooks registered before this one; the model's logits come out
     empty along the sequence axis."""
     head = output_head(model) if skip else None
     if head is None:
         yield model
         return
+
     def no_rows(module, args):
         if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
             return (args[0][..., :0, :], *args[1:])
