@@ -55,7 +55,8 @@ LOSSES = ("auto", "hidden", "logits", "outputs")
 # 1.44x vs 1.46x dense on python_docs; LoRA trained on Debian text).
 MODES = {"logits": "end-to-end", "hidden": "end-to-end", "outputs": "end-to-end"}
 # The most training lines read by default (``samples`` None). 3 minutes on 2 cores train
-# SmolLM2 on ~2,200 lines and MiniLM on ~23,000; more than 2,000 were not measured.
+# SmolLM2 on ~2,200 lines and MiniLM on ~23,000; 4,096 or 8,192 distinct lines instead of
+# 2,000 did no better on either (reports/quality-smollm2-recovery.md).
 MAX_SAMPLES = 4096
 
 
