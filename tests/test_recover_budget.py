@@ -143,7 +143,7 @@ def test_cli_recovers_a_causal_lm_blockwise_within_minutes(tiny_llama_dir, tmp_p
 
 
 @pytest.mark.parametrize("bad", [{"mode": "layerwise"}, {"minutes": 0}, {"final_share": 1.0},
-                                 {"samples": 0}])
+                                 {"samples": 0}, {"steps": 0}])
 def test_bad_recovery_settings_are_one_line_errors(bad):
     from lowrank.errors import InputError
 

@@ -102,8 +102,8 @@ class RecoverSettings:
         if self.mode not in ("auto", "end-to-end", "blockwise"):
             raise InputError(f"recovery mode must be auto, end-to-end or blockwise, "
                              f"got {self.mode!r}")
-        if min(self.rank, self.block_size, self.steps or 1, self.batch_size,
-               1 if self.samples is None else self.samples,
+        if min(self.rank, self.block_size, 1 if self.steps is None else self.steps,
+               self.batch_size, 1 if self.samples is None else self.samples,
                self.max_length) < 1 or (self.lr is not None and self.lr <= 0) \
                 or not self.minutes > 0:
             raise InputError("recovery rank, block_size, steps, batch_size, samples, max_length, "
