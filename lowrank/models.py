@@ -298,7 +298,8 @@ def skip_output_head(model: nn.Module, skip: bool = True):
         return
 
     def no_rows(module, args):
-        if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+        x = args[0] if args else None  # features (not token ids: a head that is an Embedding)
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 2:
             return (args[0][..., :0, :], *args[1:])
         return None
 
