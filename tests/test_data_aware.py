@@ -150,7 +150,7 @@ def test_calibration_records_the_lm_head_input_without_computing_logits(tiny_lla
     handle.remove()
     assert logit_rows == [0, 0, 0]  # the head ran on no positions
 
-    expected = 0  # its input Gram all the same: the final hidden states of the real tokens
+    expected = 0  # yet its input's Gram is recorded: the real tokens' final hidden states
     with torch.no_grad():
         for inputs, mask in model_batches(lines, tokenizer, 4, 128):
             hidden = model.model(**inputs).last_hidden_state[mask].double()
