@@ -33,6 +33,7 @@ carrying no energy lose digits.
 
 from __future__ import annotations
 
+import itertools
 import math
 import zlib
 from dataclasses import dataclass
@@ -219,7 +220,7 @@ def lower_gram(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Ten
     if out is None:
         out = rows.new_zeros(n, n)
     edges = sorted({0, *(n * i // GRAM_BLOCKS for i in range(1, GRAM_BLOCKS)), n})
-    for lo, hi in zip(edges, edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         out[lo:, lo:hi].addmm_(rows[:, lo:].T, rows[:, lo:hi], beta=0)
     return out
 

@@ -279,7 +279,8 @@ def output_tensor(out) -> torch.Tensor:
 
 
 def output_head(model: nn.Module) -> nn.Module | None:
-    """The model's output embedding (an LM head), or None: transformers' ``get_output_embeddings``."""
+    """The model's output embedding (an LM head) by transformers' ``get_output_embeddings``,
+    or None."""
     get_head = getattr(model, "get_output_embeddings", None)
     return get_head() if callable(get_head) else None
 

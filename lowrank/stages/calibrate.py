@@ -1,13 +1,13 @@
 """Calibration: activation statistics of a model on sample text, through forward hooks.
 
 For every Linear the input Gram matrix G = Σ x xᵀ over real (non-padding) tokens, in float64,
-streamed over batches, plus Σ|x| for activation-scaling; for every Embedding the count of each
-row looked up. A Conv1d/Conv2d's rows are its input patches (unfolded to in·kernel columns,
-the layout of its factored matrix); an LSTM/GRU/RNN's weight_ih_l{k} sees its layer's inputs
-and weight_hh_l{k} the previous hidden states, traced by re-running the recurrence on the dense
-weights (:func:`lowrank.nn.recurrent.dense_rnn_forward`; padding is not masked there). These drive
-data-aware factorization (:mod:`lowrank.linalg`): truncating W G^½ instead of W keeps the
-layer's *outputs* on this data as well as rank r allows.
+streamed over batches, plus Σ|x| for activation-scaling (method "scale"); for every Embedding
+the count of each row looked up. A Conv1d/Conv2d's rows are its input patches (unfolded to
+in·kernel columns, the layout of its factored matrix); an LSTM/GRU/RNN's weight_ih_l{k} sees
+its layer's inputs and weight_hh_l{k} the previous hidden states, traced by re-running the
+recurrence on the dense weights (:func:`lowrank.nn.recurrent.dense_rnn_forward`; padding is not
+masked there). These drive data-aware factorization (:mod:`lowrank.linalg`): truncating W G^½
+instead of W keeps the layer's *outputs* on this data as well as rank r allows.
 
 With ``method="kfac"`` each batch also runs one backward pass of a sampled objective
 (:mod:`lowrank.stages.fisher`) and collects each Linear's output-gradient Gram G_g = Σ g gᵀ for
@@ -101,7 +101,8 @@ class ActivationStats:
     """The calibrate stage's artifact, keyed by weight name (``<module>.weight``)."""
 
     grams: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ x xᵀ, float64 (in × in)
-    abs_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ |x|, float64 (in,)
+    # Σ |x|, float64 (in,); collected for method "scale" only, the one weighting that reads it
+    abs_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     token_counts: dict[str, torch.Tensor] = field(default_factory=dict)  # rows looked up (num,)
     out_grams: dict[str, torch.Tensor] = field(default_factory=dict)  # kfac: Σ g gᵀ (out × out)
     tokens: int = 0  # real tokens seen
