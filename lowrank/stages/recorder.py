@@ -70,7 +70,7 @@ class Recorder:
     def __init__(self, model: nn.Module, stats, only: set[str] | None = None,
                  device: str | None = None):
         self.stats, self.mask, self.handles = stats, None, []
-        self.abs_sums = stats.settings.method == "scale"  # the only weighting that reads Σ|x|
+        self.collect_abs = stats.settings.method == "scale"  # the one weighting reading Σ|x|
         self.clip = stats.settings.outlier_factor if stats.settings.outliers == "clip" else None
         self.device = float64_device(device)  # where the float64 Grams accumulate
         # The last Linear input and its Gram/abs-sum terms: a layer fed the same input next
@@ -119,16 +119,17 @@ class Recorder:
             gram, abs_sum = last[1], last[2]  # the same values: the same terms, bit for bit
         else:
             gram = self._lower_gram(rows)
-            abs_sum = rows.abs().sum(0, dtype=torch.float64) if self.abs_sums else None
+            abs_sum = rows.abs().sum(0, dtype=torch.float64) if self.collect_abs else None
             # our own copy: the model may change its input in place afterwards (and the
             # term is scratch, which a call without sharing may overwrite: forget it then)
             own = rows.clone() if share and rows.data_ptr() == x.data_ptr() else rows
             self.last = (own, gram, abs_sum) if share else None
-        sums = self.stats.abs_sums
-        if abs_sum is not None and name in sums:
-            sums[name] += abs_sum
-        elif abs_sum is not None:  # a copy: the terms may be shared with the next layer
-            sums[name] = abs_sum.clone()
+        if abs_sum is not None:
+            sums = self.stats.abs_sums
+            if name in sums:
+                sums[name] += abs_sum
+            else:  # a copy: the terms may be shared with the next layer
+                sums[name] = abs_sum.clone()
         pending = self.pending.get(name)
         if pending is None:  # a copy: the term is scratch, and may be shared
             self.pending[name] = [gram.clone(), rows.shape[0]]
