@@ -1,5 +1,7 @@
-"""Compensated factors (lowrank.stages.sequential.compensated_factors): each layer fitted to the
+"""Compensated factors (lowrank.stages.compensate.compensated_factors): each layer fitted to the
 dense model's outputs from the inputs it gets in the partly factored model."""
+
+import copy
 
 import pytest
 import torch
@@ -8,7 +10,13 @@ import lowrank
 from lowrank.io.samples import read_calibration_text
 from lowrank.linalg import Weighting, factorize_matrix, psd_root
 from lowrank.models import load_dense
-from lowrank.stages.sequential import _PairedInputs, _Reached, compensated_targets
+from lowrank.stages.compensate import (
+    _PairedInputs,
+    _Reached,
+    block_output_sums,
+    compensated_targets,
+    writes_block_output,
+)
 
 
 def _objective(w, m, x, x_student):
@@ -68,6 +76,56 @@ def test_paired_sums_are_the_least_squares_products(width):
         assert torch.allclose(product, w.double() @ x.T @ x_student, atol=1e-4)
 
 
+class _Block(torch.nn.Module):
+    """A pre-norm residual MLP block (``post_norm``: BERT's order, a LayerNorm after the add)."""
+
+    def __init__(self, width=8, hidden=24, post_norm=False):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(width, hidden), torch.nn.Linear(hidden, width)
+        self.norm = torch.nn.LayerNorm(width) if post_norm else torch.nn.Identity()
+
+    def forward(self, h):
+        return self.norm(h + self.down(torch.relu(self.up(h))))
+
+
+def test_only_a_layer_added_to_the_block_output_as_is_writes_it():
+    torch.manual_seed(0)
+    state = (torch.randn(3, 5, 8), (), {})
+    block = _Block()
+    assert writes_block_output(block, block.down, state)
+    assert not writes_block_output(block, block.up, state)  # another width, through relu
+    post_norm = _Block(post_norm=True)
+    assert not writes_block_output(post_norm, post_norm.down, state)
+
+
+def test_block_output_sums_fit_the_weighted_block_output():
+    torch.manual_seed(0)
+    dense = _Block().double()
+    student = copy.deepcopy(dense)
+    student.up.weight.data += 0.3 * torch.randn_like(student.up.weight)  # upstream error
+    h = torch.randn(4, 30, 8, dtype=torch.float64)
+    h[:, 0] *= 50  # attention-sink-like tokens with a huge norm
+    h_student = h + 0.05 * torch.randn_like(h)
+    y = dense(h).detach()
+    w = dense.down.weight.detach()
+    with torch.no_grad():
+        gram, product = block_output_sums(student, student.down, w, [(h_student, (), {})], [y],
+                                          [None], share=1.0)
+        (m,), _ = compensated_targets([w], gram, [product], damping=1e-9)
+        # The weighted least-squares map from the student's inputs to the block output.
+        x = torch.relu(student.up(h_student)).reshape(-1, 24)
+        rest = (h_student + student.down.bias).reshape(-1, 8)
+        root_w = y.reshape(-1, 8).pow(2).mean(dim=1).rsqrt()[:, None]
+        best = torch.linalg.lstsq(x * root_w, (y.reshape(-1, 8) - rest) * root_w).solution.T
+    assert torch.allclose(m, best, atol=1e-4 * best.abs().max())
+    # A share below 1 moves from W toward it: a part of the block output's error is absorbed.
+    with torch.no_grad():
+        _, half = block_output_sums(student, student.down, w, [(h_student, (), {})], [y],
+                                    [None], share=0.5)
+        (m_half,), _ = compensated_targets([w], gram, [half], damping=1e-9)
+    assert torch.allclose(m_half, (w + best) / 2, atol=1e-4 * best.abs().max())
+
+
 def _compress(model_dir, out, compensate):
     spec = lowrank.default_pipeline()
     spec.stages = ["calibrate", *spec.stages]
@@ -102,8 +160,11 @@ def test_compensation_lowers_the_output_error_on_a_decoder(tiny_llama_dir, tmp_p
     texts = read_calibration_text(None, 64)  # the calibration text: what the fit is on
     assert _output_error(tiny_llama_dir, comp.output, texts) \
         < _output_error(tiny_llama_dir, plain.output, texts)
-    result = comp.artifacts["factorize"].layers["model.layers.1.mlp.down_proj.weight"]
-    assert result.rank == 6 and result.method == "gram+whiten+compensated"
+    layers = comp.artifacts["factorize"].layers
+    result = layers["model.layers.1.mlp.down_proj.weight"]
+    # down_proj's output is added to the block's output: fitted to it (block_output_sums)
+    assert result.rank == 6 and result.method == "gram+whiten+compensated+residual"
+    assert layers["model.layers.1.self_attn.o_proj.weight"].method == "gram+whiten+compensated"
     w = load_dense(tiny_llama_dir).model.layers[1].mlp.down_proj.weight.detach()
     ab = b["model.layers.1.mlp.down_proj.A"] @ b["model.layers.1.mlp.down_proj.B"]
     assert result.rel_error == pytest.approx(float((w - ab).norm() / w.norm()), rel=1e-4)

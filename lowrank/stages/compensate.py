@@ -1,0 +1,333 @@
+"""Compensation (the default with calibration): each layer's factors fitted to the *dense*
+layer's outputs from the inputs it gets in the partly factored model (a least-squares target,
+not only the re-weighting of :mod:`lowrank.stages.sequential`), on cached block inputs, so it
+costs a few model forwards in all. A block's last layer, when its output is added to the
+block's output as is, is fitted to a share of the block output's error too."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..io.samples import model_batches, read_calibration
+from ..linalg import Weighting, lower_gram, matrix_view, symmetric
+from ..models import Models, checkpoint_renamer
+from ..naming import IN_PROJ, RECURRENT, module_name, split_owner
+from ..nn.layers import is_transposed
+from ..nn.swap import blocks_prefix, swap_lowrank_
+from .calibrate import ActivationStats
+from .recorder import token_rows
+from .sequential import input_features
+
+
+def compensated_targets(weights: list[torch.Tensor], gram: torch.Tensor,
+                        products: list[torch.Tensor],
+                        damping: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The matrices to truncate, and their whitening, for factors that map the *compressed*
+    model's inputs x̃ to the *dense* layers' outputs W·x (``weights``: the (out, in) matrices
+    that multiply one input; ``products``: each one's Σ (W x) x̃ᵀ).
+
+    Σ‖W x − M x̃‖² + λ‖M − W‖² (λ = ``damping`` × mean eigenvalue of G̃; the ridge pulls M toward
+    W where the calibration inputs say little) is ‖(M − M*)·G'^½‖² + const with
+    G' = G̃ + λI, M* = (Σ (W x) x̃ᵀ + λW)·G'⁻¹ and G̃ = Σ x̃ x̃ᵀ; so the best rank-r M is
+    M* truncated in G'^½'s metric: data-aware factorization of M* with whitening G'^½. When
+    x̃ = x, M* = W and this is plain whitening. Returns ([M*] in the weights' dtype, a root of G');
+    float64 maths. Whitening needs any root of G' (:func:`lowrank.linalg.psd_root`): its
+    Cholesky factor, already at hand.
+    """
+    g_reg = gram.double().clone()
+    lam = damping * float(g_reg.diagonal().mean())
+    g_reg.diagonal().add_(lam)
+    cholesky = torch.linalg.cholesky(g_reg)
+    targets = []
+    for w, product in zip(weights, products):
+        rhs = product.double() + lam * w.double()
+        # G' is symmetric: M* = (G'⁻¹·rhsᵀ)ᵀ
+        targets.append(torch.cholesky_solve(rhs.T, cholesky).T.to(w.dtype))
+    return targets, cholesky
+
+
+class _Reached(Exception):
+    """Stops a block's forward pass once the hooked layer's input has been used."""
+
+
+class _PairedInputs:
+    """What compensation needs of each input-sharing group (keyed by its first weight), from
+    the dense block and the partly factored one. In the dense block, hooks keep every batch's
+    (real-token) inputs x, or, when the group's outputs are narrower than its input (an FFN's
+    down projection), the outputs W·x themselves, bias removed. In the partly factored block the
+    first layer keeps x̃ and stops the pass (nothing after it is needed). :meth:`sums` gives the
+    group's G̃ = Σ x̃x̃ᵀ and each weight's Σ (W x) x̃ᵀ: float64 sums of float32 products over
+    chunks of at least ``CHUNK_ROWS`` tokens (per-batch products made the float64 additions
+    cost more than the GEMMs on MiniLM); with the inputs kept, via Σ x x̃ᵀ (in × in), with the
+    outputs directly (out × in: the cheaper product when out < in)."""
+
+    CHUNK_ROWS = 8192
+
+    def __init__(self, groups: dict[str, list[tuple[nn.Module, torch.Tensor]]]):
+        """``groups``: {first weight's name: [(dense module, its (out, in) weight)] in order}."""
+        self.mask, self.batch = None, 0
+        self.weights = {n: [w for _, w in group] for n, group in groups.items()}
+        self.keeps_outputs = {n: sum(w.shape[0] for w in ws) < ws[0].shape[1]
+                              for n, ws in self.weights.items()}
+        self.dense: dict[str, list] = {}
+        self.gram: dict[str, torch.Tensor] = {}
+        self.cross: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.handles = []
+        for name, group in groups.items():
+            modules = [m for m, _ in group]
+            if self.keeps_outputs[name]:  # one list of outputs per layer, joined per batch
+                self.dense[name] = [[] for _ in modules]
+                self.handles += [m.register_forward_hook(self._keep_output(name, i))
+                                 for i, m in enumerate(modules)]
+            else:
+                self.dense[name] = []
+                self.handles.append(modules[0].register_forward_pre_hook(self._keep_input(name)))
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        return token_rows(x.detach(), self.mask).float()
+
+    def _keep_input(self, name):
+        def hook(module, args):
+            self.dense[name].append(self._rows(args[0]))
+        return hook
+
+    def _keep_output(self, name, i):
+        def hook(module, args, output):
+            bias = getattr(module, "bias", None)
+            self.dense[name][i].append(self._rows(output if bias is None else output - bias))
+        return hook
+
+    def _dense_rows(self, name: str) -> torch.Tensor:
+        if self.keeps_outputs[name]:
+            return torch.cat([outputs[self.batch] for outputs in self.dense[name]], dim=1)
+        return self.dense[name][self.batch]
+
+    def student(self, name: str, module: nn.Module):
+        """Hook ``module`` of the partly factored block; returns the handle."""
+        def hook(module, args):
+            pending = self.pending.setdefault(name, [])
+            pending.append((self._rows(args[0]), self._dense_rows(name)))
+            if sum(len(rows) for rows, _ in pending) >= self.CHUNK_ROWS:
+                self._add(name)
+            raise _Reached
+        return module.register_forward_pre_hook(hook)
+
+    def _add(self, name: str) -> None:
+        pending = self.pending.pop(name, [])
+        if not pending:
+            return
+        rows = torch.cat([r for r, _ in pending])
+        dense = torch.cat([d for _, d in pending])
+        for store, product in ((self.gram, symmetric(lower_gram(rows))),
+                               (self.cross, dense.T @ rows)):
+            if name in store:
+                store[name] += product
+            else:
+                store[name] = product.double()
+
+    def sums(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(G̃, [Σ (W x) x̃ᵀ for each weight W]) of the group whose first weight is ``name``;
+        forgets them and the group's dense rows."""
+        self._add(name)
+        self.dense.pop(name)
+        weights = self.weights.pop(name)
+        gram, cross = self.gram.pop(name), self.cross.pop(name)
+        if self.keeps_outputs[name]:
+            return gram, list(cross.split([w.shape[0] for w in weights]))
+        return gram, [w.double() @ cross for w in weights]  # cross = Σ x x̃ᵀ
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def writes_block_output(block: nn.Module, module: nn.Module, state) -> bool:
+    """Whether ``module``'s output is added to ``block``'s output as is (the last layer of a
+    pre-norm residual branch, LLaMA's down_proj; not BERT's, which a LayerNorm follows): a
+    perturbation of it reaches the block's output unchanged."""
+    from .blockwise import run_block
+
+    added = {}
+
+    def perturb(m, args, output):
+        generator = torch.Generator().manual_seed(0)
+        noise = torch.randn(output.shape, generator=generator, dtype=output.dtype)
+        added["delta"] = noise * output.pow(2).mean().sqrt()
+        return output + added["delta"]
+
+    with torch.no_grad():
+        base = run_block(block, state)
+        handle = module.register_forward_hook(perturb)
+        try:
+            change = run_block(block, state) - base
+        finally:
+            handle.remove()
+    delta = added["delta"]
+    return change.shape == delta.shape and bool((change - delta).norm() < 1e-2 * delta.norm())
+
+
+def block_output_sums(block: nn.Module, module: nn.Module, weight: torch.Tensor,
+                      states: list, targets: list[torch.Tensor], masks: list,
+                      share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """G̃ = Σ w x̃x̃ᵀ and Σ w·t x̃ᵀ for the block's last layer (:func:`writes_block_output`), fitted
+    to t = W x̃ + share·(y − ỹ): y the dense block's output (``targets``), ỹ the partly factored
+    block's with this layer still W, so with share 1 the layer absorbs all of the block output's
+    error that its inputs can predict, upstream blocks' included; less, because that fit is on
+    a few thousand calibration tokens (measured). Each token is weighted by w = 1/mean(y²):
+    the next RMSNorm divides by it, and without it a few attention-sink tokens with 100× the
+    norm hold half the error. float64 sums of float32 products."""
+    from .blockwise import run_block
+
+    inputs = {}
+
+    def keep(m, args):
+        inputs["x"] = args[0]
+
+    gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64)
+    cross = torch.zeros(weight.shape, dtype=torch.float64)
+    handle = module.register_forward_pre_hook(keep)
+    try:
+        for state, y, mask in zip(states, targets, masks):
+            error = run_block(block, state) - y
+            root_w = token_rows(y, mask).float().pow(2).mean(dim=1).rsqrt()[:, None]
+            x = token_rows(inputs["x"], mask).float() * root_w
+            gram += symmetric(lower_gram(x))
+            cross -= (token_rows(error, mask).float() * root_w).T @ x
+    finally:
+        handle.remove()
+    return gram, weight.double() @ gram + share * cross
+
+
+def _input_groups(block: nn.Module, modules: dict[str, nn.Module], state) -> list[list[str]]:
+    """The weights of ``modules`` (inside ``block``) grouped by the tensor they multiply
+    (query/key/value share one, gate/up another), in the order they run."""
+    from .blockwise import run_block
+
+    seen: list[tuple[torch.Tensor, list[str]]] = []
+
+    def hook(name):
+        def record(module, args):
+            for x, group in seen:
+                if args[0] is x:
+                    group.append(name)
+                    return
+            seen.append((args[0], [name]))
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            run_block(block, state)
+    finally:
+        for h in handles:
+            h.remove()
+    return [group for _, group in seen]
+
+
+def compensated_factors(models: Models, ranks: dict[str, int], stats: ActivationStats,
+                        factor: Callable, damping: float = 0.3,
+                        residual_share: float | None = 0.3) -> dict:
+    """Factor the weights in ``ranks`` in execution order, each fitted to the dense model's
+    outputs from the inputs it gets in the model factored so far (:func:`compensated_targets`):
+    errors from upstream layers are corrected, not only re-weighted. Works on cached block
+    inputs (a few model forwards in all): per transformer block, each group of weights that
+    share an input runs the dense block on the dense inputs and the partly factored block on
+    the compressed ones. A block's last layer, when its output goes to the block's output as
+    is, is fitted to the block's output instead (:func:`block_output_sums`, ``residual_share``;
+    None: like the others). Other weights (embeddings, an LM head, anything not a Linear) are
+    factored first, from the dense statistics. A model without blocks, an encoder-decoder,
+    one with recurrent or attention ``in_proj`` weights, or statistics for another data method
+    than ``whiten`` get {} (plain factors).
+    ``factor(name, weighting, matrix)`` factors one weight (``matrix``: the target in (out,
+    in) form); returns {name: (A, B, result)}."""
+    from .blockwise import block_inputs, run_block
+
+    if stats.settings.method != "whiten":  # kfac/scale weightings are not least squares
+        return {}
+    data = read_calibration(stats.settings.calibration_file, stats.settings.samples, warn=False)
+    model, tokenizer = models.runnable_model(need_tokenizer=isinstance(data, list))
+    prefix = blocks_prefix(model)
+    if prefix is None or getattr(getattr(model, "config", None), "is_encoder_decoder", False) \
+            or any(RECURRENT.match(split_owner(n)[1]) or split_owner(n)[1] == IN_PROJ
+                   for n in ranks):
+        return {}  # no blocks to cache inputs of, two stacks, or a recurrence: plain factors
+    blocks = model.get_submodule(prefix)
+    batches = list(model_batches(data, tokenizer, stats.settings.batch_size,
+                                 stats.settings.max_length, by_length=True))
+    masks = [mask for _, mask in batches]
+    results = {}
+
+    rename = checkpoint_renamer(model)  # checkpoint key -> the model's (transformers 5)
+    known = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+
+    def put(name, A, B, result):
+        if rename(name, known) in known:  # else the model never uses it: nothing to swap
+            fqn = module_name(rename(name, known))
+            swap_lowrank_(model, {fqn: A.shape[1]}, {fqn: (A, B)},
+                          {fqn: result.split} if result.split else None)
+        results[name] = (A, B, result)
+
+    def factor_group(group, weights, gram, products, method=""):
+        matrices, root = compensated_targets(weights, gram, products, damping)
+        for name, matrix in zip(group, matrices):
+            A, B, result = factor(name, Weighting("whiten", root), matrix)
+            result.method += "+compensated" + method
+            put(name, A, B, result)
+
+    dense_states = block_inputs(model, blocks, batches)
+    inside: dict[int, list[str]] = {}
+    for name in ranks:
+        owner, param = split_owner(name)
+        module = model.get_submodule(owner) if name in known else None
+        if name.startswith(prefix + ".") and param == "weight" and name in stats.grams \
+                and (isinstance(module, nn.Linear) or is_transposed(module)):
+            inside.setdefault(int(name[len(prefix) + 1:].split(".")[0]), []).append(name)
+        else:  # outside the blocks, or not a Linear: from the dense statistics, first
+            features = input_features(models, stats, name)
+            put(name, *factor(name, stats.weighting(name, features), None))
+    student_states = block_inputs(model, blocks, batches) if results else dense_states
+    for i, block in enumerate(blocks):
+        names = inside.get(i, [])
+        dense_block = copy.deepcopy(block) if names else block
+        sub = (lambda root, n, i=i: root.get_submodule(module_name(n)[len(f"{prefix}.{i}."):]))
+        groups = _input_groups(dense_block, {n: sub(dense_block, n) for n in names},
+                               dense_states[0]) if names else []
+        last_layer = groups[-1] if residual_share is not None and groups \
+            and len(groups[-1]) == 1 \
+            and writes_block_output(block, sub(block, groups[-1][0]), student_states[0]) \
+            else None
+        weights = {n: matrix_view(models.checkpoint.get(n), n in stats.transposed)
+                   for g in groups for n in g}
+        paired = _PairedInputs({g[0]: [(sub(dense_block, n), weights[n]) for n in g]
+                                for g in groups if g is not last_layer})
+        with torch.no_grad():
+            try:  # the dense block's outputs and the inputs of its layers, one pass
+                targets = []
+                for state, paired.mask in zip(dense_states, masks):
+                    targets.append(run_block(dense_block, state))
+                for group in groups:
+                    if group is last_layer:  # fitted to W x̃ plus a share of the block's error
+                        gram, product = block_output_sums(
+                            block, sub(block, group[0]), weights[group[0]], student_states,
+                            targets, masks, residual_share)
+                        factor_group(group, [weights[group[0]]], gram, [product], "+residual")
+                        continue
+                    handle = paired.student(group[0], sub(block, group[0]))
+                    for paired.batch, (state, paired.mask) in enumerate(zip(student_states,
+                                                                               masks)):
+                        try:
+                            run_block(block, state)
+                        except _Reached:
+                            pass
+                    handle.remove()
+                    factor_group(group, [weights[n] for n in group], *paired.sums(group[0]))
+            finally:
+                paired.remove()
+            student_states = [(run_block(block, s), s[1], s[2]) for s in student_states]
+        dense_states = [(y, s[1], s[2]) for y, s in zip(targets, dense_states)]
+    return results
