@@ -188,6 +188,7 @@ def main():
         "evaluation": f"python_docs.txt first {args.paragraphs} paragraphs, max 128 tokens",
         "dense_ppl": math.exp(dense_nll), "dense_repeated_4grams": repeated_ngrams(dense_greedy),
         "dense_sample_continuation": tokenizer.decode(dense_greedy[0]), "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # e.g. --out /tmp/new/name
     Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
     Path(args.out + ".md").write_text(markdown(result))
 
