@@ -78,9 +78,10 @@ class FactorizeSettings:
     compensate_damping: float = 0.3
     # A block's last layer, when its output is added to the block's output as is (a pre-norm
     # residual branch: LLaMA's down_proj), is fitted instead to W·x̃ plus this share of the
-    # block output's error, tokens weighted by 1/‖y‖² (what the next RMSNorm sees); None: fitted
-    # to W·x like the others. Measured (README, Data-aware compression): SmolLM2 perplexity /
-    # dense at 85% 1.512× -> 1.48×, at 70% 3.74× -> 3.48× (share 0: 1.49× at 85%, 1: 1.51×).
+    # block output's error, tokens weighted by 1/mean(y²) (the next RMSNorm divides by it);
+    # None: fitted to W·x like the others. Measured (README, Data-aware compression): SmolLM2
+    # perplexity / dense at 85% 1.512× -> 1.484×, at 70% 3.740× -> 3.479× (share 0: 1.487× at
+    # 85%, 1: 1.509×).
     compensate_residual_share: float | None = 0.3
     # Factor a fused projection (Phi-3 qkv_proj/gate_up_proj, GPT-2 c_attn) per part, each part
     # at the rank that keeps the planned parameter count, instead of as one matrix. Off: at equal
