@@ -51,6 +51,7 @@ def main():
              if t.strip()][:args.paragraphs]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     cached = Path(args.out + f"-dense-{args.paragraphs}.pt")
+    cached.parent.mkdir(parents=True, exist_ok=True)
     if cached.exists():
         dense_nll, dense_top = torch.load(cached)
     else:

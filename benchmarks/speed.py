@@ -230,6 +230,7 @@ def write_report(results: dict, out: Path, threads: int) -> None:
                   "(reports/memory-sharded.md): " + ", ".join(
                       f"workers {n}: {OLD_SHARDED_SERIAL_S / run['wall']:.1f}× faster"
                       for n, run in results["sharded"]["runs"].items())]
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
 
