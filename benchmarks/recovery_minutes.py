@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_lm import DATA, score  # a script beside this one
 from calibration_text import calibration_file  # a module beside this script
+from quality_lm import DATA, score  # a script beside this one
 
 
 def main():
