@@ -94,6 +94,17 @@ class FactorizeSettings:
             raise InputError(f"factorize method must be one of {', '.join(SVD_METHODS)}, "
                              f"got {self.method!r}")
 
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        if not number(self.compensate_damping) or self.compensate_damping < 0:
+            raise InputError(f"factorize compensate_damping must be a number >= 0, "
+                             f"got {self.compensate_damping!r}")
+        share = self.compensate_residual_share
+        if share is not None and not (number(share) and 0 <= share <= 1):
+            raise InputError(f"factorize compensate_residual_share must be a number from 0 to 1, "
+                             f"got {share!r}")
+
 
 def choose_method(rows: int, cols: int, settings: FactorizeSettings) -> str:
     return choose_svd_method(settings.method, rows, cols, settings.exact_max_dim)
