@@ -10,7 +10,7 @@ right after (so both see the same machine load), the limits:
   W·L, its Gram and its `eigh` (eigenvalues for the spectrum, eigenvectors that the scores
   stage and factorization then reuse instead of solving again), timed the same way;
 - calibrate: plain `torch.inference_mode` forward passes of the dense model over the same
-  batches (calibration samples, max_length, batch size as the stage's defaults, lines batched
+  batches (calibration lines, max_length, batch size as the stage's defaults, lines batched
   by token count as the stage does), without the LM head's logits, which no statistic needs
   and the stage skips too (`lowrank.models.skip_output_head`); the same passes with the head
   are in the JSON as "forward passes with the LM head";
@@ -145,13 +145,12 @@ def factorize_limit(ckpt, ranks: dict[str, int]) -> float:
 
 
 def calibrate_limit(ckpt, head: bool = False) -> float:
-    from lowrank.io.samples import model_batches, read_calibration
+    from lowrank.io.samples import model_batches
     from lowrank.models import Models, skip_output_head
-    from lowrank.stages.calibrate import CalibrateSettings
+    from lowrank.stages.calibrate import CalibrateSettings, calibration_data
 
-    s = CalibrateSettings()
-    data = read_calibration(CALIB, s.samples, warn=False)
-    model, tokenizer = Models(ckpt).runnable_model()
+    s = CalibrateSettings(calibration_file=CALIB)
+    model, tokenizer, data = calibration_data(Models(ckpt), s, warn=False)
     batches = list(model_batches(data, tokenizer, s.batch_size, s.max_length, by_length=True))
 
     def run():

@@ -186,8 +186,8 @@ def test_warnings_are_one_line_and_name_their_setting(tmp_path, tiny_bert_dir):
     few = tmp_path / "few.txt"
     few.write_text("one line of text\nanother line of text\n")
     result = invoke("compress", tiny_bert_dir, tmp_path / "out", "--rank", 4, "--calibration",
-                    few, "--recover", "lora", "--recover-steps", 1, "--recover-text", few,
-                    "--recover-samples", 1024, "--no-cache")
+                    few, "--calibration-samples", 256, "--recover", "lora", "--recover-steps", 1,
+                    "--recover-text", few, "--recover-samples", 1024, "--no-cache")
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert f"warning: {few}: 2 calibration samples, fewer than the 256 asked for; using all of " \
@@ -195,7 +195,9 @@ def test_warnings_are_one_line_and_name_their_setting(tmp_path, tiny_bert_dir):
     assert f"warning: {few}: 2 recovery samples, fewer than the 1024 asked for; using all of " \
            f"them" in lines
     assert "UserWarning" not in result.stderr and "warnings.warn" not in result.stderr
-    # Recovery's default is every line (up to recover.MAX_SAMPLES): nothing was asked for
-    default = invoke("compress", tiny_bert_dir, tmp_path / "out2", "--rank", 4, "--recover",
-                     "lora", "--recover-steps", 1, "--recover-text", few, "--no-cache")
-    assert default.exit_code == 0 and "recovery samples" not in default.stderr
+    # The defaults ask for no line count: calibration takes lines up to a token budget,
+    # recovery every line (up to recover.MAX_SAMPLES)
+    default = invoke("compress", tiny_bert_dir, tmp_path / "out2", "--rank", 4, "--calibration",
+                     few, "--recover", "lora", "--recover-steps", 1, "--recover-text", few,
+                     "--no-cache")
+    assert default.exit_code == 0 and "samples" not in default.stderr

@@ -4,6 +4,7 @@ from click.testing import CliRunner
 
 from lowrank.cli import main
 from lowrank.errors import InputError
+from lowrank.io.checkpoint import open_checkpoint
 from lowrank.io.samples import read_calibration_text
 from lowrank.linalg import factorize_matrix, make_weighting, psd_root, psd_sqrt
 from lowrank.stages.calibrate import ActivationStats, CalibrateSettings
@@ -133,6 +134,60 @@ def test_batches_by_length_pad_less_and_give_the_same_statistics(tiny_llama_dir)
     assert by_length.tokens == in_order.tokens
     for name, gram in in_order.grams.items():  # equal up to float32 rounding of the sums
         assert (by_length.grams[name] - gram).norm() <= 1e-5 * gram.norm(), name
+
+
+def test_calibration_takes_lines_up_to_a_token_budget(tiny_llama_dir, tmp_path):
+    """Without a line count, calibration takes the first lines whose tokens (each line
+    truncated at max_length) fit the budget: short lines give as many tokens as long ones."""
+    import transformers
+
+    from lowrank.io.samples import lines_within_tokens
+    from lowrank.models import Models
+    from lowrank.stages.calibrate import calibrate, calibration_data
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    lines = [" ".join(["word"] * (1 + i % 9)) for i in range(60)]
+    counts = [len(ids) for ids in tokenizer(lines, truncation=True, max_length=6)["input_ids"]]
+    kept = lines_within_tokens(lines, tokenizer, 40, 6, chunk=7)  # chunks: as if all at once
+    assert kept == lines[:len(kept)]
+    assert sum(counts[:len(kept)]) <= 40 < sum(counts[:len(kept) + 1])
+    assert lines_within_tokens(lines, tokenizer, 1, 6) == lines[:1]  # never none
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(lines))
+    ckpt = open_checkpoint(tiny_llama_dir)
+    budget = CalibrateSettings(calibration_file=str(text), tokens=120, max_length=16)
+    _, _, data = calibration_data(Models(ckpt), budget)
+    stats = calibrate(ckpt, budget)
+    assert stats.samples == len(data) and 120 - 16 < stats.tokens <= 120
+    counted = CalibrateSettings(calibration_file=str(text), samples=50, tokens=120)
+    assert calibration_data(Models(ckpt), counted)[2] == lines[:50]  # a line count wins
+    with pytest.raises(InputError, match="tokens"):
+        CalibrateSettings(tokens=0)
+
+
+def test_statistics_over_more_rows_than_one_float32_sum_holds(tiny_llama_dir, monkeypatch):
+    """Each layer's float32 running sum goes into its float64 Gram every FLUSH_ROWS rows, in a
+    hook (under torch.inference_mode), and once more after the passes: calibration text longer
+    than FLUSH_ROWS tokens failed there (an inference tensor updated in place)."""
+    import transformers
+
+    from lowrank.stages import recorder
+    from lowrank.stages.calibrate import collect_stats
+
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    lines = [" ".join(["word"] * (1 + (7 * i) % 23)) for i in range(24)]
+    one_sum = collect_stats(model, tokenizer, lines, CalibrateSettings(batch_size=4))
+    monkeypatch.setattr(recorder, "FLUSH_ROWS", one_sum.tokens * 2 // 3)
+    in_inference_mode = []  # where each flush ran: in a hook, or after the passes
+    flush = recorder.Recorder._flush
+    monkeypatch.setattr(recorder.Recorder, "_flush", lambda self, name: (
+        in_inference_mode.append(torch.is_inference_mode_enabled()), flush(self, name)))
+    flushed = collect_stats(model, tokenizer, lines, CalibrateSettings(batch_size=4))
+    assert set(in_inference_mode) == {True, False}
+    for name, gram in one_sum.grams.items():
+        assert (flushed.grams[name] - gram).norm() <= 1e-5 * gram.norm(), name
 
 
 def test_calibration_records_the_lm_head_input_without_computing_logits(tiny_llama_dir):

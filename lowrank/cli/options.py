@@ -37,7 +37,12 @@ calibration_options = options(
                  default=None, metavar="[FILE]",
                  help="Data-aware compression on this text (one sample per line); without "
                  "FILE, the calibration text shipped with lowrank."),
-    click.option("--calibration-samples", type=int, help="Calibration lines to use (default 256)."),
+    click.option("--calibration-samples", type=int,
+                 help="Calibration lines to use (default: the first lines holding "
+                 "--calibration-tokens tokens)."),
+    click.option("--calibration-tokens", type=int,
+                 help="Token budget of the calibration text when --calibration-samples is not "
+                 "given (default 32768)."),
     click.option("--max-length", type=int, help="Tokens per calibration sample (default 128)."),
     click.option("--data-method", type=click.Choice(["whiten", "kfac", "scale"]),
                  help="Data-aware method: whiten (output-optimal, default), kfac (two-sided: "
@@ -61,12 +66,12 @@ def take(flags: dict, *keys: str, **renames: str) -> dict:
 
 def calibration_settings(flags: dict) -> dict:
     return take(flags, "max_length", "outliers", samples="calibration_samples",
-                method="data_method")
+                tokens="calibration_tokens", method="data_method")
 
 
 # compress_spec's parameter names (lowrank.errors.OptionError) as the flags that set them.
 FLAGS = {"calibration_file": "--calibration",
-         "calibration settings": "--calibration-samples/--max-length/--data-method/--outliers options",
+         "calibration settings": "--calibration-samples/--calibration-tokens/--max-length/--data-method/--outliers options",
          "sequential": "--sequential", "recover settings": "--recover-* options",
          "recover_method": "--recover", "optimize": "--optimize", "int8": "--int8", "bench": "--bench",
          "export": "--export onnx"}

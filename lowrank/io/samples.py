@@ -15,9 +15,10 @@ from ..errors import InputError, LowrankWarning, first_line
 DEFAULT_CALIBRATION = Path(__file__).parents[1] / "data" / "calibration.txt"
 
 
-def read_calibration_text(path: str | Path | None, samples: int, warn: bool = True,
+def read_calibration_text(path: str | Path | None, samples: int | None, warn: bool = True,
                           purpose: str = "calibration") -> list[str]:
-    """Non-empty lines of ``path`` (the bundled text when None), at most ``samples`` of them."""
+    """Non-empty lines of ``path`` (the bundled text when None), at most ``samples`` of them
+    (None: all)."""
     path = Path(path) if path else DEFAULT_CALIBRATION
     try:
         raw = path.read_bytes()
@@ -34,10 +35,27 @@ def read_calibration_text(path: str | Path | None, samples: int, warn: bool = Tr
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise InputError(f"{path}: calibration file is empty")
-    if warn and len(lines) < samples:
+    if warn and samples is not None and len(lines) < samples:
         warnings.warn(f"{path}: {len(lines)} {purpose} samples, fewer than the {samples} "
                       f"asked for; using all of them", LowrankWarning, stacklevel=2)
     return lines[:samples]
+
+
+def lines_within_tokens(lines: list[str], tokenizer, tokens: int, max_length: int,
+                        chunk: int = 1024) -> list[str]:
+    """The first ``lines`` whose token counts (each at most ``max_length``, as batches
+    truncate them) add up to at most ``tokens``; at least one line. Tokenized ``chunk`` lines
+    at a time, so a long file is read only as far as the budget goes."""
+    kept, total = [], 0
+    for start in range(0, len(lines), chunk):
+        part = lines[start:start + chunk]
+        for line, ids in zip(part, tokenizer(part, truncation=True,
+                                             max_length=max_length)["input_ids"]):
+            total += len(ids)
+            if total > tokens and kept:
+                return kept
+            kept.append(line)
+    return kept
 
 
 TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")

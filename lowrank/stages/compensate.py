@@ -12,13 +12,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..io.samples import model_batches, read_calibration
+from ..io.samples import model_batches
 from ..linalg import Weighting, lower_gram, matrix_view, symmetric
 from ..models import Models, checkpoint_renamer
 from ..naming import IN_PROJ, RECURRENT, module_name, split_owner
 from ..nn.layers import is_transposed
 from ..nn.swap import blocks_prefix, swap_lowrank_
-from .calibrate import ActivationStats
+from .calibrate import ActivationStats, calibration_data
 from .recorder import token_rows
 from .sequential import input_features
 
@@ -249,8 +249,7 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
 
     if stats.settings.method != "whiten":  # kfac/scale weightings are not least squares
         return {}
-    data = read_calibration(stats.settings.calibration_file, stats.settings.samples, warn=False)
-    model, tokenizer = models.runnable_model(need_tokenizer=isinstance(data, list))
+    model, tokenizer, data = calibration_data(models, stats.settings, warn=False)
     prefix = blocks_prefix(model)
     if prefix is None or getattr(getattr(model, "config", None), "is_encoder_decoder", False) \
             or any(RECURRENT.match(split_owner(n)[1]) or split_owner(n)[1] == IN_PROJ

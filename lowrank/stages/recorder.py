@@ -150,10 +150,9 @@ class Recorder:
     def _flush(self, name: str) -> None:
         gram = symmetric(self.pending.pop(name)[0]).double()
         grams = self.stats.grams
-        if name in grams:
-            grams[name] += gram
-        else:
-            grams[name] = gram
+        # out of place: a Gram first flushed in a hook is an inference tensor, and the last
+        # flush runs after torch.inference_mode has ended, where it cannot be updated in place
+        grams[name] = grams[name] + gram if name in grams else gram
 
     def flush(self) -> None:
         """Move every float32 running sum into the statistics' float64 Grams."""
