@@ -59,7 +59,7 @@ def conv_patches(conv: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 # Each batch's Gram term (a float32 lower_gram) is added to a float32 running sum that moves
 # into the float64 total every FLUSH_ROWS rows: converting and adding every term in float64
 # cost as much as the GEMM itself at 1536 features, 200 rows (9.0 vs 4.6 ms). On SmolLM2's
-# calibration (3,036 tokens) the Grams equal the per-batch float64 sums to 1e-7 relative.
+# old 256-line calibration (3,036 tokens) the Grams equal the per-batch float64 sums to 1e-7 relative.
 FLUSH_ROWS = 8192
 
 
