@@ -16,6 +16,7 @@ import torch
 from .errors import InputError
 
 DEVICES = ("cpu", "cuda", "mps")
+PASS_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def default_device() -> str:
@@ -52,3 +53,22 @@ def float64_device(device: str | None) -> str:
 def on_device(tensor: torch.Tensor, device: str | None) -> torch.Tensor:
     """``tensor`` where float64 work for ``device`` runs (unchanged on CPU or None)."""
     return tensor.to(float64_device(device))
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there bf16 GEMMs run
+    2.2× faster than float32 (2 cores, 2048×576 by 576×1536: 8.5 vs 18.8 ms); elsewhere torch
+    emulates them, slower than float32."""
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def pass_dtype(name: str) -> torch.dtype:
+    """The dtype CPU forward passes autocast to, for a setting of :data:`PASS_DTYPES`
+    (``auto``: bfloat16 where :func:`native_bf16`, else float32)."""
+    if name not in PASS_DTYPES:
+        raise InputError(f"forward pass dtype must be one of {', '.join(PASS_DTYPES)}, "
+                         f"got {name!r}")
+    if name == "auto":
+        return torch.bfloat16 if native_bf16() else torch.float32
+    return getattr(torch, name)

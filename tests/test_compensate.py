@@ -126,12 +126,13 @@ def test_block_output_sums_fit_the_weighted_block_output():
     assert torch.allclose(m_half, (w + best) / 2, atol=1e-4 * best.abs().max())
 
 
-def _compress(model_dir, out, compensate):
+def _compress(model_dir, out, compensate, dtype="float32"):
     spec = lowrank.default_pipeline()
     spec.stages = ["calibrate", *spec.stages]
     spec.settings["calibrate"] = {"samples": 64}
     spec.settings["plan"] = {"rank": 6}
-    spec.settings["factorize"] = {"compensate": compensate, "compensate_damping": 0.01}
+    spec.settings["factorize"] = {"compensate": compensate, "compensate_damping": 0.01,
+                                  "compensate_dtype": dtype}
     return lowrank.run_pipeline(spec, model_dir, out, cache_dir=out.parent / "cache")
 
 
@@ -168,3 +169,16 @@ def test_compensation_lowers_the_output_error_on_a_decoder(tiny_llama_dir, tmp_p
     w = load_dense(tiny_llama_dir).model.layers[1].mlp.down_proj.weight.detach()
     ab = b["model.layers.1.mlp.down_proj.A"] @ b["model.layers.1.mlp.down_proj.B"]
     assert result.rel_error == pytest.approx(float((w - ab).norm() / w.norm()), rel=1e-4)
+
+
+def test_bfloat16_passes_fit_about_as_well_as_float32(tiny_llama_dir, tmp_path):
+    texts = read_calibration_text(None, 64)
+    plain = _output_error(tiny_llama_dir, _compress(tiny_llama_dir, tmp_path / "plain",
+                                                    False).output, texts)
+    full = _output_error(tiny_llama_dir, _compress(tiny_llama_dir, tmp_path / "fp32",
+                                                   True).output, texts)
+    half = _output_error(tiny_llama_dir, _compress(tiny_llama_dir, tmp_path / "bf16", True,
+                                                   "bfloat16").output, texts)
+    # bf16 inputs to the fit (8 significant bits) cost a little of compensation's gain, not all
+    assert half != full and half < plain
+    assert abs(half - full) < 0.1 * (plain - full)

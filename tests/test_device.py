@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import lowrank
-from lowrank.device import float64_device, resolve_device
+from lowrank.device import float64_device, pass_dtype, resolve_device
 from lowrank.errors import InputError
 from lowrank.pipeline.runner import _device_key
 from lowrank.pipeline.spec import read_pipeline
@@ -30,6 +30,18 @@ def test_resolve_device(monkeypatch):
     assert resolve_device(None) == "cuda" and resolve_device("cuda:1") == "cuda:1"
     # MPS has no float64: that work stays on CPU.
     assert float64_device("mps") == "cpu" and float64_device("cuda:0") == "cuda:0"
+
+
+def test_pass_dtype_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):
+    assert pass_dtype("float32") == torch.float32 and pass_dtype("bfloat16") == torch.bfloat16
+    for caps, dtype in (({"avx512_bf16": True}, torch.bfloat16), ({"amx_bf16": True},
+                        torch.bfloat16), ({"avx512_f": True}, torch.float32), ({}, torch.float32)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
+        assert pass_dtype("auto") == dtype
+    with pytest.raises(InputError, match="dtype must be one of"):
+        pass_dtype("float16")
+    with pytest.raises(InputError, match="dtype must be one of"):
+        factorize_mod.FactorizeSettings(compensate_dtype="fp16")
 
 
 def test_device_is_in_cache_keys_off_cpu_only():

@@ -190,14 +190,26 @@ def block_output_sums(block: nn.Module, module: nn.Module, weight: torch.Tensor,
 
     gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64)
     cross = torch.zeros(weight.shape, dtype=torch.float64)
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def add():  # one product per chunk of rows, like _PairedInputs
+        x = torch.cat([x for x, _ in pending])
+        error = torch.cat([e for _, e in pending])
+        pending.clear()
+        gram.add_(symmetric(lower_gram(x)))
+        cross.sub_(error.T @ x)
+
     handle = module.register_forward_pre_hook(keep)
     try:
         for state, y, mask in zip(states, targets, masks):
             error = run_block(block, state) - y
             root_w = token_rows(y, mask).float().pow(2).mean(dim=1).rsqrt()[:, None]
-            x = token_rows(inputs["x"], mask).float() * root_w
-            gram += symmetric(lower_gram(x))
-            cross -= (token_rows(error, mask).float() * root_w).T @ x
+            pending.append((token_rows(inputs["x"], mask).float() * root_w,
+                            token_rows(error, mask).float() * root_w))
+            if sum(len(x) for x, _ in pending) >= _PairedInputs.CHUNK_ROWS:
+                add()
+        if pending:
+            add()
     finally:
         handle.remove()
     return gram, weight.double() @ gram + share * cross
@@ -231,7 +243,8 @@ def _input_groups(block: nn.Module, modules: dict[str, nn.Module], state) -> lis
 
 def compensated_factors(models: Models, ranks: dict[str, int], stats: ActivationStats,
                         factor: Callable, damping: float = 0.3,
-                        residual_share: float | None = 0.3) -> dict:
+                        residual_share: float | None = 0.3,
+                        dtype: torch.dtype = torch.float32) -> dict:
     """Factor the weights in ``ranks`` in execution order, each fitted to the dense model's
     outputs from the inputs it gets in the model factored so far (:func:`compensated_targets`):
     errors from upstream layers are corrected, not only re-weighted. Works on cached block
@@ -239,8 +252,9 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
     share an input runs the dense block on the dense inputs and the partly factored block on
     the compressed ones. A block's last layer, when its output goes to the block's output as
     is, is fitted to the block's output instead (:func:`block_output_sums`, ``residual_share``;
-    None: like the others). Other weights (embeddings, an LM head, anything not a Linear) are
-    factored first, from the dense statistics. A model without blocks, an encoder-decoder,
+    None: like the others). The block passes autocast to ``dtype`` (CPU). Other weights
+    (embeddings, an LM head, anything not a Linear) are factored first, from the dense
+    statistics. A model without blocks, an encoder-decoder,
     one with recurrent or attention ``in_proj`` weights, or statistics for another data method
     than ``whiten`` get {} (plain factors).
     ``factor(name, weighting, matrix)`` factors one weight (``matrix``: the target in (out,
@@ -304,7 +318,7 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
                    for g in groups for n in g}
         paired = _PairedInputs({g[0]: [(sub(dense_block, n), weights[n]) for n in g]
                                 for g in groups if g is not last_layer})
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
             try:  # the dense block's outputs and the inputs of its layers, one pass
                 targets = []
                 for state, paired.mask in zip(dense_states, masks):

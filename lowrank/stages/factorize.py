@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..device import on_device
+from ..device import on_device, pass_dtype
 from ..errors import InputError, LowrankError
 from ..io.checkpoint import Checkpoint, LazyTensors
 from ..io.safetensors import ShardWriter
@@ -83,6 +83,13 @@ class FactorizeSettings:
     # perplexity / dense at 85% 1.512× -> 1.484×, at 70% 3.740× -> 3.479× (share 0: 1.487× at
     # 85%, 1: 1.509×).
     compensate_residual_share: float | None = 0.3
+    # What compensation's forward passes autocast to: "auto" is bfloat16 where the CPU
+    # multiplies it natively (lowrank.device.native_bf16), else float32; the sums stay float64
+    # of float32 products. Measured (reports/speed.md): SmolLM2 at 85% factorize 123 -> 78 s,
+    # perplexity / dense 1.466x -> 1.466x (300 paragraphs: 1.551x -> 1.553x); MiniLM at 50%
+    # 23.7 -> 19.6 s, cosine 0.785 -> 0.783. bf16 calibration statistics cost more (SmolLM2
+    # 1.472x / 1.556x) for 14 s: calibration stays float32.
+    compensate_dtype: str = "auto"
     # Factor a fused projection (Phi-3 qkv_proj/gate_up_proj, GPT-2 c_attn) per part, each part
     # at the rank that keeps the planned parameter count, instead of as one matrix. Off: at equal
     # parameters the fused factors had the lower whitened output error in every case measured
@@ -100,6 +107,7 @@ class FactorizeSettings:
         if not number(self.compensate_damping) or self.compensate_damping < 0:
             raise InputError(f"factorize compensate_damping must be a number >= 0, "
                              f"got {self.compensate_damping!r}")
+        pass_dtype(self.compensate_dtype)  # checked here, resolved where the passes run
         share = self.compensate_residual_share
         if share is not None and not (number(share) and 0 <= share <= 1):
             raise InputError(f"factorize compensate_residual_share must be a number from 0 to 1, "
@@ -246,7 +254,8 @@ def factorize(
         done = (sequential_factors(Models(ckpt), planned, stats, factor) if settings.sequential
                 else compensated_factors(Models(ckpt), planned, stats, factor,
                                          settings.compensate_damping,
-                                         settings.compensate_residual_share))
+                                         settings.compensate_residual_share,
+                                         pass_dtype(settings.compensate_dtype)))
     order = sorted(infos)
     jobs = [n for n in order if n in planned and n not in done]
     # In this process (serially or in threads), the Gram eigenvectors the scores stage computed
