@@ -40,7 +40,7 @@ def test_pass_dtype_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):
         assert pass_dtype("auto") == dtype
     with pytest.raises(InputError, match="dtype must be one of"):
         pass_dtype("float16")
-    with pytest.raises(InputError, match="dtype must be one of"):
+    with pytest.raises(InputError, match="compensate_dtype must be one of"):
         factorize_mod.FactorizeSettings(compensate_dtype="fp16")
 
 

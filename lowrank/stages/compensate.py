@@ -254,9 +254,9 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
     is, is fitted to the block's output instead (:func:`block_output_sums`, ``residual_share``;
     None: like the others). The block passes autocast to ``dtype`` (CPU). Other weights
     (embeddings, an LM head, anything not a Linear) are factored first, from the dense
-    statistics. A model without blocks, an encoder-decoder,
-    one with recurrent or attention ``in_proj`` weights, or statistics for another data method
-    than ``whiten`` get {} (plain factors).
+    statistics. A model without blocks, an encoder-decoder, one with recurrent or attention
+    ``in_proj`` weights, or statistics for another data method than ``whiten`` get {} (plain
+    factors).
     ``factor(name, weighting, matrix)`` factors one weight (``matrix``: the target in (out,
     in) form); returns {name: (A, B, result)}."""
     from .blockwise import block_inputs, run_block
