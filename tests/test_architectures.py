@@ -147,8 +147,8 @@ def test_gpt2_conv1d_full_rank_equals_dense_lower_rank_loses(hf_dirs, tmp_path):
     layer = run.report["layers"]["transformer.h.0.mlp.c_fc.weight"]
     assert layer["rank"] == 32 and "+whiten" in layer["method"] and layer["transposed"]
     # a pre-norm block: its last layer (a Conv1D) adds to the block output as is
-    assert run.report["layers"]["transformer.h.1.mlp.c_proj.weight"]["method"] \
-        == "gram+whiten+compensated+residual"
+    assert run.report["layers"]["transformer.h.1.mlp.c_proj.weight"]["method"].startswith(
+        "gram+whiten+compensated+residual")  # then "+bf16" where the CPU has native bf16
     assert run.report["fidelity"]["kind"] == "causal-lm"
     loaded = lowrank.load(tmp_path / "out")
     state = load_file(str(tmp_path / "out" / "model.safetensors"))

@@ -177,8 +177,10 @@ def test_bfloat16_passes_fit_about_as_well_as_float32(tiny_llama_dir, tmp_path):
                                                     False).output, texts)
     full = _output_error(tiny_llama_dir, _compress(tiny_llama_dir, tmp_path / "fp32",
                                                    True).output, texts)
-    half = _output_error(tiny_llama_dir, _compress(tiny_llama_dir, tmp_path / "bf16", True,
-                                                   "bfloat16").output, texts)
+    bf16 = _compress(tiny_llama_dir, tmp_path / "bf16", True, "bfloat16")
+    half = _output_error(tiny_llama_dir, bf16.output, texts)
+    method = bf16.artifacts["factorize"].layers["model.layers.1.mlp.down_proj.weight"].method
+    assert method == "gram+whiten+compensated+residual+bf16"
     # bf16 inputs to the fit (8 significant bits) cost a little of compensation's gain, not all
     assert half != full and half < plain
     assert abs(half - full) < 0.1 * (plain - full)
