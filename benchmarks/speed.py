@@ -17,7 +17,9 @@ right after (so both see the same machine load), the limits:
 - factorize: the truncated SVDs the plan needs, each matrix at its planned rank with the solver
   factorize picks (`truncated_svd`, plain matrix; weighting costs one GEMM more). With
   calibration, compensation (the default) also needs the dense model's block outputs and the
-  compressed model's block inputs over the calibration text: plus two calibrate limits;
+  compressed model's block inputs over the calibration text: plus two calibrate limits
+  (float32: compensation's passes run in bf16 where the CPU has it, so this stage can come
+  in under its limit);
 - scores: forward + backward passes (weight gradients included) over the probe batches with the
   stage's sampled objective, no hooks.
 
