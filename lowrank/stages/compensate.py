@@ -54,18 +54,52 @@ class _Reached(Exception):
     """Stops a block's forward pass once the hooked layer's input has been used."""
 
 
+class _ChunkedSums:
+    """Σ x xᵀ and Σ t xᵀ over paired rows (x, t), float64 sums of float32 products, one
+    product per chunk of at least ``CHUNK_ROWS`` rows (per-batch products made the float64
+    additions cost more than the GEMMs: on MiniLM, and on SmolLM2's 1536-wide block-output fit,
+    18 s of its factorize)."""
+
+    CHUNK_ROWS = 8192
+
+    def __init__(self):
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.gram: torch.Tensor | None = None
+        self.cross: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        self.pending.append((x, t))
+        if sum(len(rows) for rows, _ in self.pending) >= self.CHUNK_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        x = torch.cat([x for x, _ in self.pending])
+        t = torch.cat([t for _, t in self.pending])
+        self.pending = []
+        gram, cross = symmetric(lower_gram(x)), t.T @ x
+        if self.gram is None:
+            self.gram, self.cross = gram.double(), cross.double()
+        else:
+            self.gram += gram
+            self.cross += cross
+
+    def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ x xᵀ, Σ t xᵀ) over every row added."""
+        self._flush()
+        return self.gram, self.cross
+
+
 class _PairedInputs:
     """What compensation needs of each input-sharing group (keyed by its first weight), from
     the dense block and the partly factored one. In the dense block, hooks keep every batch's
     (real-token) inputs x, or, when the group's outputs are narrower than its input (an FFN's
     down projection), the outputs W·x themselves, bias removed. In the partly factored block the
     first layer keeps x̃ and stops the pass (nothing after it is needed). :meth:`sums` gives the
-    group's G̃ = Σ x̃x̃ᵀ and each weight's Σ (W x) x̃ᵀ: float64 sums of float32 products over
-    chunks of at least ``CHUNK_ROWS`` tokens (per-batch products made the float64 additions
-    cost more than the GEMMs on MiniLM); with the inputs kept, via Σ x x̃ᵀ (in × in), with the
-    outputs directly (out × in: the cheaper product when out < in)."""
-
-    CHUNK_ROWS = 8192
+    group's G̃ = Σ x̃x̃ᵀ and each weight's Σ (W x) x̃ᵀ (:class:`_ChunkedSums`); with the inputs
+    kept, via Σ x x̃ᵀ (in × in), with the outputs directly (out × in: the cheaper product when
+    out < in)."""
 
     def __init__(self, groups: dict[str, list[tuple[nn.Module, torch.Tensor]]]):
         """``groups``: {first weight's name: [(dense module, its (out, in) weight)] in order}."""
@@ -74,9 +108,7 @@ class _PairedInputs:
         self.keeps_outputs = {n: sum(w.shape[0] for w in ws) < ws[0].shape[1]
                               for n, ws in self.weights.items()}
         self.dense: dict[str, list] = {}
-        self.gram: dict[str, torch.Tensor] = {}
-        self.cross: dict[str, torch.Tensor] = {}
-        self.pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.chunked: dict[str, _ChunkedSums] = {}
         self.handles = []
         for name, group in groups.items():
             modules = [m for m, _ in group]
@@ -110,33 +142,17 @@ class _PairedInputs:
     def student(self, name: str, module: nn.Module):
         """Hook ``module`` of the partly factored block; returns the handle."""
         def hook(module, args):
-            pending = self.pending.setdefault(name, [])
-            pending.append((self._rows(args[0]), self._dense_rows(name)))
-            if sum(len(rows) for rows, _ in pending) >= self.CHUNK_ROWS:
-                self._add(name)
+            sums = self.chunked.setdefault(name, _ChunkedSums())
+            sums.add(self._rows(args[0]), self._dense_rows(name))
             raise _Reached
         return module.register_forward_pre_hook(hook)
-
-    def _add(self, name: str) -> None:
-        pending = self.pending.pop(name, [])
-        if not pending:
-            return
-        rows = torch.cat([r for r, _ in pending])
-        dense = torch.cat([d for _, d in pending])
-        for store, product in ((self.gram, symmetric(lower_gram(rows))),
-                               (self.cross, dense.T @ rows)):
-            if name in store:
-                store[name] += product
-            else:
-                store[name] = product.double()
 
     def sums(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(G̃, [Σ (W x) x̃ᵀ for each weight W]) of the group whose first weight is ``name``;
         forgets them and the group's dense rows."""
-        self._add(name)
         self.dense.pop(name)
         weights = self.weights.pop(name)
-        gram, cross = self.gram.pop(name), self.cross.pop(name)
+        gram, cross = self.chunked.pop(name).totals()
         if self.keeps_outputs[name]:
             return gram, list(cross.split([w.shape[0] for w in weights]))
         return gram, [w.double() @ cross for w in weights]  # cross = Σ x x̃ᵀ
@@ -188,31 +204,18 @@ def block_output_sums(block: nn.Module, module: nn.Module, weight: torch.Tensor,
     def keep(m, args):
         inputs["x"] = args[0]
 
-    gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64)
-    cross = torch.zeros(weight.shape, dtype=torch.float64)
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def add():  # one product per chunk of rows, like _PairedInputs
-        x = torch.cat([x for x, _ in pending])
-        error = torch.cat([e for _, e in pending])
-        pending.clear()
-        gram.add_(symmetric(lower_gram(x)))
-        cross.sub_(error.T @ x)
-
+    sums = _ChunkedSums()
     handle = module.register_forward_pre_hook(keep)
     try:
         for state, y, mask in zip(states, targets, masks):
             error = run_block(block, state) - y
             root_w = token_rows(y, mask).float().pow(2).mean(dim=1).rsqrt()[:, None]
-            pending.append((token_rows(inputs["x"], mask).float() * root_w,
-                            token_rows(error, mask).float() * root_w))
-            if sum(len(x) for x, _ in pending) >= _PairedInputs.CHUNK_ROWS:
-                add()
-        if pending:
-            add()
+            sums.add(token_rows(inputs["x"], mask).float() * root_w,
+                     token_rows(error, mask).float() * root_w)
     finally:
         handle.remove()
-    return gram, weight.double() @ gram + share * cross
+    gram, error_cross = sums.totals()
+    return gram, weight.double() @ gram - share * error_cross
 
 
 def _input_groups(block: nn.Module, modules: dict[str, nn.Module], state) -> list[list[str]]:
