@@ -128,7 +128,8 @@ def test_batches_by_length_pad_less_and_give_the_same_statistics(tiny_llama_dir)
     assert sorted_rows == file_rows  # every line once, whatever the order
     assert sorted_padded < 0.8 * file_padded
 
-    by_length = collect_stats(model, tokenizer, lines, CalibrateSettings(batch_size=4))
+    fp32 = CalibrateSettings(batch_size=4, forward_dtype="float32")  # kfac's passes are float32
+    by_length = collect_stats(model, tokenizer, lines, fp32)
     in_order = collect_stats(model, tokenizer, lines,  # kfac batches in file order
                              CalibrateSettings(batch_size=4, method="kfac"))
     assert by_length.tokens == in_order.tokens
@@ -201,7 +202,8 @@ def test_calibration_records_the_lm_head_input_without_computing_logits(tiny_lla
     lines = [" ".join(["word"] * (1 + (7 * i) % 23)) for i in range(12)]
     logit_rows = []
     handle = model.lm_head.register_forward_hook(lambda m, a, out: logit_rows.append(out.shape[1]))
-    stats = collect_stats(model, tokenizer, lines, CalibrateSettings(batch_size=4))
+    stats = collect_stats(model, tokenizer, lines,
+                          CalibrateSettings(batch_size=4, forward_dtype="float32"))
     handle.remove()
     assert logit_rows == [0, 0, 0]  # the head ran on no positions
 
@@ -214,3 +216,29 @@ def test_calibration_records_the_lm_head_input_without_computing_logits(tiny_lla
     assert (gram - expected).norm() <= 1e-5 * expected.norm()
     inputs, _ = next(model_batches(lines, tokenizer, 4, 128))  # and the hook is gone
     assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_bfloat16_forward_passes_give_grams_close_to_float32(tiny_llama_dir):
+    """forward_dtype bfloat16 (the default where the CPU has it): the layers' inputs carry 8
+    significant bits, the Grams are still float64 sums of their float32 products."""
+    import transformers
+
+    from lowrank.stages.calibrate import collect_stats
+
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    lines = [" ".join(["word"] * (1 + (7 * i) % 23)) for i in range(24)]
+    full, half = (collect_stats(model, tokenizer, lines,
+                                CalibrateSettings(batch_size=4, forward_dtype=dtype))
+                  for dtype in ("float32", "bfloat16"))
+    assert full.grams.keys() == half.grams.keys() and full.tokens == half.tokens
+    errors = {name: float((half.grams[name] - gram).norm() / gram.norm())
+              for name, gram in full.grams.items()}
+    assert all(g.dtype == torch.float64 for g in half.grams.values())
+    assert max(errors.values()) < 2e-2, errors
+    # the first block's query input (RMSNorm, float32 under autocast) is the same; after a
+    # bf16 GEMM they differ: the bf16 path really ran
+    assert errors["model.layers.0.self_attn.q_proj.weight"] == 0
+    assert errors["model.layers.0.mlp.down_proj.weight"] > 0
+    with pytest.raises(InputError, match="forward_dtype must be one of"):
+        CalibrateSettings(forward_dtype="float16")

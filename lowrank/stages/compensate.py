@@ -189,14 +189,16 @@ def writes_block_output(block: nn.Module, module: nn.Module, state) -> bool:
 
 def block_output_sums(block: nn.Module, module: nn.Module, weight: torch.Tensor,
                       states: list, targets: list[torch.Tensor], masks: list,
-                      share: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      share: float, kept: list | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """G̃ = Σ w x̃x̃ᵀ and Σ w·t x̃ᵀ for the block's last layer (:func:`writes_block_output`), fitted
     to t = W x̃ + share·(y − ỹ): y the dense block's output (``targets``), ỹ the partly factored
     block's with this layer still W, so with share 1 the layer absorbs all of the block output's
     error that its inputs can predict, upstream blocks' included; less, because that fit sees
     the calibration tokens only (share measured with 256 Debian lines). Each token is weighted by w = 1/mean(y²):
     the next RMSNorm divides by it, and without it a few attention-sink tokens with 100× the
-    norm hold half the error. float64 sums of float32 products."""
+    norm hold half the error. float64 sums of float32 products. ``kept``: a list to which each
+    batch's (block output, layer input) is appended."""
     from .blockwise import run_block
 
     inputs = {}
@@ -208,7 +210,10 @@ def block_output_sums(block: nn.Module, module: nn.Module, weight: torch.Tensor,
     handle = module.register_forward_pre_hook(keep)
     try:
         for state, y, mask in zip(states, targets, masks):
-            error = run_block(block, state) - y
+            output = run_block(block, state)
+            error = output - y
+            if kept is not None:
+                kept.append((output, inputs["x"]))
             root_w = token_rows(y, mask).float().pow(2).mean(dim=1).rsqrt()[:, None]
             sums.add(token_rows(inputs["x"], mask).float() * root_w,
                      token_rows(error, mask).float() * root_w)
@@ -325,15 +330,20 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
                                 for g in groups if g is not last_layer})
         with torch.no_grad(), torch.autocast("cpu", dtype, enabled=autocast):
             try:  # the dense block's outputs and the inputs of its layers, one pass
-                targets = []
+                targets, outputs = [], None
                 for state, paired.mask in zip(dense_states, masks):
                     targets.append(run_block(dense_block, state))
                 for group in groups:
                     if group is last_layer:  # fitted to W x̃ plus a share of the block's error
+                        kept = []
                         gram, product = block_output_sums(
                             block, sub(block, group[0]), weights[group[0]], student_states,
-                            targets, masks, residual_share)
+                            targets, masks, residual_share, kept)
                         factor_group(group, [weights[group[0]]], gram, [product], "+residual")
+                        # Its output reaches the block's output as is: the factored block's
+                        # outputs are the pass's plus the change of this layer's, no rerun.
+                        factored, dense = sub(block, group[0]), sub(dense_block, group[0])
+                        outputs = [y - dense(x) + factored(x) for y, x in kept]
                         continue
                     handle = paired.student(group[0], sub(block, group[0]))
                     for paired.batch, (state, paired.mask) in enumerate(zip(student_states,
@@ -346,6 +356,8 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
                     factor_group(group, [weights[n] for n in group], *paired.sums(group[0]))
             finally:
                 paired.remove()
-            student_states = [(run_block(block, s), s[1], s[2]) for s in student_states]
+            if outputs is None:
+                outputs = [run_block(block, s) for s in student_states]
+            student_states = [(y, s[1], s[2]) for y, s in zip(outputs, student_states)]
         dense_states = [(y, s[1], s[2]) for y, s in zip(targets, dense_states)]
     return results

@@ -87,8 +87,7 @@ class FactorizeSettings:
     # multiplies it natively (lowrank.device.native_bf16), else float32; the sums stay float64
     # of float32 products. Measured (reports/speed.md): SmolLM2 at 85% factorize 123 -> 78 s,
     # perplexity / dense 1.466x -> 1.466x (300 paragraphs: 1.551x -> 1.553x); MiniLM at 50%
-    # 23.7 -> 19.6 s, cosine 0.785 -> 0.783. bf16 calibration statistics cost more (SmolLM2
-    # 1.472x / 1.556x) for 14 s: calibration stays float32.
+    # 23.7 -> 19.6 s, cosine 0.785 -> 0.783. Calibration's passes: CalibrateSettings.forward_dtype.
     compensate_dtype: str = "auto"
     # Factor a fused projection (Phi-3 qkv_proj/gate_up_proj, GPT-2 c_attn) per part, each part
     # at the rank that keeps the planned parameter count, instead of as one matrix. Off: at equal
