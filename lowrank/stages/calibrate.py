@@ -74,7 +74,9 @@ class CalibrateSettings:
     samples: int | None = None
     tokens: int = 32768  # 256 lines of max_length tokens, what the old line default allowed
     max_length: int = 128  # tokens per sample; longer samples are truncated
-    batch_size: int = 16
+    # Lines per pass, batched by length (compensation's too): 16 took SmolLM2's calibration
+    # 54-61 s instead of 41-42 s (64 Debian lines are ~770 tokens, GEMMs big enough for speed).
+    batch_size: int = 64
     # How the statistics weight the SVD (lowrank.linalg): "whiten" (optimal output error),
     # "kfac" (also the output-gradient Gram: optimal Fisher-weighted error) or "scale"
     # (ASVD-style, input channels scaled by mean|x|^scale_alpha).
@@ -92,11 +94,9 @@ class CalibrateSettings:
     # token, or "clip" each token's input norm at outlier_factor × the batch's median norm.
     outliers: str = "keep"
     outlier_factor: float = 5.0
-    # The forward passes on CPU autocast to this (lowrank.device.PASS_DTYPES; "auto": bf16
-    # where the CPU multiplies it natively); the Grams stay float64 sums of float32 products of
-    # the layers' inputs. kfac's passes stay float32. Measured (reports/speed.md), default
-    # command: SmolLM2 at 85% perplexity / dense 1.466x -> 1.468x (300 paragraphs 1.553x ->
-    # 1.552x), MiniLM at 50% cosine 0.783 -> 0.782; calibrate 69 -> 56 s and 13 -> 10 s.
+    # CPU forward passes autocast to this (lowrank.device.PASS_DTYPES; "auto": bf16 where the
+    # CPU has it; kfac's stay float32); Grams stay float64 sums of float32 products. SmolLM2 at
+    # 85%: perplexity / dense 1.466x -> 1.468x, calibrate 69 -> 56 s (reports/speed.md).
     forward_dtype: str = "auto"
 
     def __post_init__(self):
