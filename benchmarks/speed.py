@@ -13,7 +13,9 @@ right after (so both see the same machine load), the limits:
   batches (calibration lines, max_length, batch size as the stage's defaults, lines batched
   by token count as the stage does), without the LM head's logits, which no statistic needs
   and the stage skips too (`lowrank.models.skip_output_head`); the same passes with the head
-  are in the JSON as "forward passes with the LM head";
+  are in the JSON as "forward passes with the LM head". The limit's passes are float32;
+  the stage's autocast to bf16 where the CPU has it (`calibrate.forward_dtype`), so it can
+  come in under its limit;
 - factorize: the truncated SVDs the plan needs, each matrix at its planned rank with the solver
   factorize picks (`truncated_svd`, plain matrix; weighting costs one GEMM more). With
   calibration, compensation (the default) also needs the dense model's block outputs and the

@@ -69,6 +69,29 @@ def test_recovery_lowers_the_loss_and_merging_keeps_ranks(tiny_bert_dir, factore
         assert module.B.shape[0] == 8  # the planned rank, unchanged
 
 
+def test_bfloat16_recovery_trains_about_as_well_as_float32(tiny_bert_dir, factored):
+    """dtype bfloat16 (the default where the CPU has it): the passes autocast, the adapters and
+    the optimizer stay float32."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    teacher = load_dense(tiny_bert_dir)
+    texts = read_calibration_text(None, 256)
+    logs = {}
+    for dtype in ("float32", "bfloat16"):
+        student = lowrank.load(factored.output)
+        logs[dtype] = distill(student, teacher, tokenizer, texts,
+                              RecoverSettings(steps=40, batch_size=16, lr=1e-2, dtype=dtype))
+        assert all(p.dtype == torch.float32 for p in student.parameters())
+    full, half = logs["float32"], logs["bfloat16"]
+    assert (full.pass_dtype, half.pass_dtype) == ("float32", "bfloat16")
+    assert full.heldout_before == pytest.approx(half.heldout_before, rel=0.05)
+    assert half.losses != full.losses  # the bf16 passes really ran
+    gain_full = full.heldout_before - full.heldout_after
+    gain_half = half.heldout_before - half.heldout_after
+    assert gain_half > 0.8 * gain_full
+    with pytest.raises(lowrank.InputError, match="recovery dtype"):
+        RecoverSettings(dtype="half")
+
+
 def test_lora_adapters_use_peft_layout(tiny_bert_dir, factored):
     student = lowrank.load(factored.output)
     settings = RecoverSettings(method="lora", rank=4, alpha=8, steps=2, samples=64)
