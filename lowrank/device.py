@@ -63,6 +63,13 @@ def native_bf16() -> bool:
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
+def autocast_dtype(name: str, device: str | torch.device | None = None) -> torch.dtype:
+    """What forward passes on ``device`` (CPU when None) autocast to for a setting of
+    :data:`PASS_DTYPES`: :func:`pass_dtype` on CPU; float32 (no autocast) elsewhere."""
+    dtype = pass_dtype(name)
+    return dtype if torch.device(device or "cpu").type == "cpu" else torch.float32
+
+
 def pass_dtype(name: str) -> torch.dtype:
     """The dtype CPU forward passes autocast to, for a setting of :data:`PASS_DTYPES`
     (``auto``: bfloat16 where :func:`native_bf16`, else float32)."""

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import lowrank
-from lowrank.device import float64_device, pass_dtype, resolve_device
+from lowrank.device import autocast_dtype, float64_device, pass_dtype, resolve_device
 from lowrank.errors import InputError
 from lowrank.pipeline.runner import _device_key
 from lowrank.pipeline.spec import read_pipeline
@@ -40,6 +40,9 @@ def test_pass_dtype_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):
         assert pass_dtype("auto") == dtype
     with pytest.raises(InputError, match="dtype must be one of"):
         pass_dtype("float16")
+    # CPU autocast only: passes on an accelerator run as they are
+    assert autocast_dtype("bfloat16") == autocast_dtype("bfloat16", "cpu:0") == torch.bfloat16
+    assert autocast_dtype("bfloat16", "cuda") == torch.float32
     with pytest.raises(InputError, match="compensate_dtype must be one of"):
         factorize_mod.FactorizeSettings(compensate_dtype="fp16")
 

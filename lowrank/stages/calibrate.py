@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..device import PASS_DTYPES, float64_device, pass_dtype
+from ..device import PASS_DTYPES, autocast_dtype, float64_device
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from ..io.files import check_format, write_json
@@ -283,13 +283,12 @@ def collect_stats(model: nn.Module, tokenizer, data: Samples, settings: Calibrat
     # seq2seq model's loss (seq2seq_inputs' labels) reads them.
     skip_head = not kfac and not getattr(getattr(model, "config", None), "is_encoder_decoder",
                                          False)
-    dtype = pass_dtype(settings.forward_dtype)
-    autocast = dtype != torch.float32 and not kfac and torch.device(device or "cpu").type == "cpu"
+    dtype = torch.float32 if kfac else autocast_dtype(settings.forward_dtype, device)
     try:
         for p in trainable:  # gradients of the outputs only, not of the weights
             p.requires_grad_(False)
         with torch.inference_mode(not kfac), skip_output_head(model, skip_head), \
-                torch.autocast("cpu", dtype, enabled=autocast):
+                torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
             # kfac's backward passes take the first samples: keep them in file order
             for inputs, mask in model_batches(data, tokenizer, settings.batch_size,
                                               settings.max_length, device, by_length=not kfac):

@@ -341,7 +341,7 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
                             targets, masks, residual_share, kept)
                         factor_group(group, [weights[group[0]]], gram, [product], "+residual")
                         # Its output reaches the block's output as is: the factored block's
-                        # outputs are the pass's plus the change of this layer's, no rerun.
+                        # outputs are the pass's plus this layer's change, no rerun.
                         factored, dense = sub(block, group[0]), sub(dense_block, group[0])
                         outputs = [y - dense(x) + factored(x) for y, x in kept]
                         continue

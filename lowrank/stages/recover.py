@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..device import PASS_DTYPES, pass_dtype
+from ..device import PASS_DTYPES, autocast_dtype
 from ..errors import InputError
 from ..io.samples import model_batches, num_samples, read_calibration
 from ..models import Models, output_tensor
@@ -244,12 +244,12 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
     teacher.eval()
     student.eval()  # no dropout: the target is the deterministic dense model
 
-    dtype = pass_dtype(settings.dtype)
-    autocast = dtype != torch.float32 and torch.device(device or "cpu").type == "cpu"
+    dtype = autocast_dtype(settings.dtype, device)
 
     def run(model, inputs, grad):
         extra = {"output_hidden_states": True} if kind == "hidden" else {}
-        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype, enabled=autocast):
+        with torch.set_grad_enabled(grad), \
+                torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
             return model(**inputs, **extra)
 
     def heldout_loss() -> float:
@@ -263,7 +263,7 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
         teacher.to(device)
         student.to(device)
     log = RecoveryLog(settings, mode, trainable_params=sum(p.numel() for p in trainable),
-                      pass_dtype=str(dtype if autocast else torch.float32).removeprefix("torch."))
+                      pass_dtype=str(dtype).removeprefix("torch."))
     measured = clock()
     log.heldout_before = heldout_loss()
     eval_s = clock() - measured
