@@ -70,12 +70,21 @@ def autocast_dtype(name: str, device: str | torch.device | None = None) -> torch
     return dtype if torch.device(device or "cpu").type == "cpu" else torch.float32
 
 
+def check_pass_dtype(name: str, setting: str = "forward pass dtype") -> None:
+    """A one-line InputError naming ``setting`` unless ``name`` is one of :data:`PASS_DTYPES`."""
+    if name not in PASS_DTYPES:
+        raise InputError(f"{setting} must be one of {', '.join(PASS_DTYPES)}, got {name!r}")
+
+
+def cpu_autocast(dtype: torch.dtype):
+    """``torch.autocast`` on CPU to ``dtype``; no autocast for float32."""
+    return torch.autocast("cpu", dtype, enabled=dtype != torch.float32)
+
+
 def pass_dtype(name: str) -> torch.dtype:
     """The dtype CPU forward passes autocast to, for a setting of :data:`PASS_DTYPES`
     (``auto``: bfloat16 where :func:`native_bf16`, else float32)."""
-    if name not in PASS_DTYPES:
-        raise InputError(f"forward pass dtype must be one of {', '.join(PASS_DTYPES)}, "
-                         f"got {name!r}")
+    check_pass_dtype(name)
     if name == "auto":
         return torch.bfloat16 if native_bf16() else torch.float32
     return getattr(torch, name)

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..device import PASS_DTYPES, autocast_dtype, float64_device
+from ..device import autocast_dtype, check_pass_dtype, cpu_autocast, float64_device
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from ..io.files import check_format, write_json
@@ -110,9 +110,7 @@ class CalibrateSettings:
         if self.outliers not in OUTLIERS or not self.outlier_factor >= 1:
             raise InputError(f"outliers must be one of {', '.join(OUTLIERS)} (outlier factor "
                              f">= 1), got {self.outliers!r}")
-        if self.forward_dtype not in PASS_DTYPES:
-            raise InputError(f"calibration forward_dtype must be one of "
-                             f"{', '.join(PASS_DTYPES)}, got {self.forward_dtype!r}")
+        check_pass_dtype(self.forward_dtype, "calibration forward_dtype")
         counts = (self.tokens, self.max_length, self.batch_size, self.kfac_samples,
                   1 if self.samples is None else self.samples)
         if not all(isinstance(n, int) and n >= 1 for n in counts):
@@ -288,7 +286,7 @@ def collect_stats(model: nn.Module, tokenizer, data: Samples, settings: Calibrat
         for p in trainable:  # gradients of the outputs only, not of the weights
             p.requires_grad_(False)
         with torch.inference_mode(not kfac), skip_output_head(model, skip_head), \
-                torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
+                cpu_autocast(dtype):
             # kfac's backward passes take the first samples: keep them in file order
             for inputs, mask in model_batches(data, tokenizer, settings.batch_size,
                                               settings.max_length, device, by_length=not kfac):

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..device import cpu_autocast
 from ..io.samples import model_batches
 from ..linalg import Weighting, lower_gram, matrix_view, symmetric
 from ..models import Models, checkpoint_renamer
@@ -293,13 +294,13 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
                           {fqn: result.split} if result.split else None)
         results[name] = (A, B, result)
 
-    autocast = dtype != torch.float32  # recorded in each layer's method
+    bf16 = dtype == torch.bfloat16  # recorded in each layer's method
 
     def factor_group(group, weights, gram, products, method=""):
         matrices, root = compensated_targets(weights, gram, products, damping)
         for name, matrix in zip(group, matrices):
             A, B, result = factor(name, Weighting("whiten", root), matrix)
-            result.method += "+compensated" + method + ("+bf16" if autocast else "")
+            result.method += "+compensated" + method + ("+bf16" if bf16 else "")
             put(name, A, B, result)
 
     dense_states = block_inputs(model, blocks, batches)
@@ -328,7 +329,7 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
                    for g in groups for n in g}
         paired = _PairedInputs({g[0]: [(sub(dense_block, n), weights[n]) for n in g]
                                 for g in groups if g is not last_layer})
-        with torch.no_grad(), torch.autocast("cpu", dtype, enabled=autocast):
+        with torch.no_grad(), cpu_autocast(dtype):
             try:  # the dense block's outputs and the inputs of its layers, one pass
                 targets, outputs = [], None
                 for state, paired.mask in zip(dense_states, masks):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..device import PASS_DTYPES, on_device, pass_dtype
+from ..device import check_pass_dtype, on_device, pass_dtype
 from ..errors import InputError, LowrankError
 from ..io.checkpoint import Checkpoint, LazyTensors
 from ..io.safetensors import ShardWriter
@@ -106,9 +106,7 @@ class FactorizeSettings:
         if not number(self.compensate_damping) or self.compensate_damping < 0:
             raise InputError(f"factorize compensate_damping must be a number >= 0, "
                              f"got {self.compensate_damping!r}")
-        if self.compensate_dtype not in PASS_DTYPES:  # resolved where the passes run
-            raise InputError(f"factorize compensate_dtype must be one of "
-                             f"{', '.join(PASS_DTYPES)}, got {self.compensate_dtype!r}")
+        check_pass_dtype(self.compensate_dtype, "factorize compensate_dtype")  # resolved later
         share = self.compensate_residual_share
         if share is not None and not (number(share) and 0 <= share <= 1):
             raise InputError(f"factorize compensate_residual_share must be a number from 0 to 1, "

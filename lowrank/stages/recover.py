@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..device import PASS_DTYPES, autocast_dtype
+from ..device import autocast_dtype, check_pass_dtype, cpu_autocast
 from ..errors import InputError
 from ..io.samples import model_batches, num_samples, read_calibration
 from ..models import Models, output_tensor
@@ -114,9 +114,7 @@ class RecoverSettings:
                 or not self.minutes > 0:
             raise InputError("recovery rank, block_size, steps, batch_size, samples, max_length, "
                              "minutes and lr must be positive")
-        if self.dtype not in PASS_DTYPES:
-            raise InputError(f"recovery dtype must be one of {', '.join(PASS_DTYPES)}, "
-                             f"got {self.dtype!r}")
+        check_pass_dtype(self.dtype, "recovery dtype")
         if not 0 <= self.final_share < 1:
             raise InputError(f"recovery final_share must be in [0, 1), got {self.final_share}")
 
@@ -248,8 +246,7 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
 
     def run(model, inputs, grad):
         extra = {"output_hidden_states": True} if kind == "hidden" else {}
-        with torch.set_grad_enabled(grad), \
-                torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
+        with torch.set_grad_enabled(grad), cpu_autocast(dtype):
             return model(**inputs, **extra)
 
     def heldout_loss() -> float:
