@@ -112,9 +112,14 @@ def test_edge_pipeline_writes_reports_and_gates(tiny_bert_dir, tmp_path):
     assert json.loads((tmp_path / "fail" / "report.json").read_text())["gate"][0]["passed"] is False
 
 
-def test_optimize_fuses_validates_and_benches_against_an_optimized_dense(tiny_bert_dir, tmp_path):
+def test_optimize_fuses_validates_and_benches_against_an_optimized_dense(tiny_bert_dir, tmp_path,
+                                                                         monkeypatch):
     """--optimize: onnxruntime's transformer optimizer on the export, validated; int8 quantizes
-    the fused graph and the benchmark's dense baseline gets the same treatment."""
+    the fused graph and the benchmark's dense baseline gets the same treatment. The plan timed
+    the model with attention factored and kept fusable (lowrank.stages.fusion)."""
+    from lowrank.stages import fusion
+
+    monkeypatch.setattr(fusion, "TIMING", {"runs": 2, "warmup": 1, "rounds": 1})
     result = CliRunner().invoke(main, ["compress", str(tiny_bert_dir), str(tmp_path / "out"),
                                        "--rank", "8", "--export", "onnx", "--optimize", "--int8",
                                        "--no-cache", "--json"])
@@ -123,6 +128,9 @@ def test_optimize_fuses_validates_and_benches_against_an_optimized_dense(tiny_be
     assert report["optimize"]["fused"].get("SkipLayerNormalization", 0) > 0
     assert all(v["ok"] for v in report["optimize"]["validation"])
     assert (tmp_path / "out" / "onnx-optimized" / "model.onnx").is_file()
+    timed = json.loads((tmp_path / "out" / "plan.json").read_text())["policy"]["attention_fusion"]
+    assert set(timed["p50_ms"]) == {"16", "2048"} and timed["attentions"] == 2
+    assert all(set(t) == {"factored", "fused"} for t in timed["p50_ms"].values())
     bad = CliRunner().invoke(main, ["compress", str(tiny_bert_dir), str(tmp_path / "o2"),
                                     "--optimize"])
     assert bad.exit_code == 2 and "--optimize needs --export onnx" in bad.output

@@ -166,3 +166,13 @@ def test_latency_objective_meets_the_time_budget(toy_checkpoint):
     assert spent <= 0.6 * dense and spent >= 0.55 * dense  # the budget is met and used
     with pytest.raises(LowrankError, match="needs latency measurements"):
         make_plan(spectra, settings)
+
+
+def test_matrices_given_as_dense_are_kept_and_the_budget_goes_to_the_others(spectra):
+    free = make_plan(spectra, PlanSettings(param_ratio=0.5))
+    assert free.layers["a.weight"].rank is not None
+    kept = make_plan(spectra, PlanSettings(param_ratio=0.5), dense={"a.weight": "fusion"})
+    assert kept.layers["a.weight"].rank is None and kept.layers["a.weight"].reason == "fusion"
+    assert abs(kept.params_after / spectra.total_params - 0.5) < 0.01
+    others = [n for n in free.layers if n != "a.weight" and free.layers[n].rank]
+    assert sum(kept.layers[n].params() for n in others) < sum(free.layers[n].params() for n in others)

@@ -12,7 +12,7 @@ from ..io.checkpoint import open_checkpoint
 from ..pipeline.cache import default_cache_dir
 from ..pipeline.runner import execute
 from ..pipeline.spec import compress_spec
-from ..stages.plan import save_plan
+from ..stages.plan_file import save_plan
 from .console import (
     cache_dir_option,
     emit_json,

@@ -158,8 +158,9 @@ def compress_spec(
         factorize: [factorize] settings (method, seed, oversample, niter).
         recover_method, recover: the recover stage and its settings (steps, lr, ...).
         eval_file: the evaluate stage on this file; ``""`` for the bundled evaluation text.
-        export: ``"onnx"``; ``optimize`` (fusions by onnxruntime's transformer optimizer),
-            ``int8`` (dict of [int8] settings, maybe empty) and ``bench`` need it.
+        export: ``"onnx"``; ``optimize`` (fusions by onnxruntime's transformer optimizer; the
+            plan then keeps attention fusable where that is measured faster), ``int8`` (dict of
+            [int8] settings, maybe empty) and ``bench`` need it.
         model_factory: the architecture of a non-HF checkpoint.
         max_shard_size: largest checkpoint file written into OUTPUT.
 
@@ -208,6 +209,8 @@ def compress_spec(
             spec.settings["export"] = {"inputs_file": calibration_file}
     if optimize:
         spec.stages.append("optimize")
+        if not plan_settings.get("plan_file"):  # keep attention fusable where that is faster
+            plan_settings.setdefault("attention_fusion", True)
     if int8 is not None:
         spec.stages.append("int8")
         spec.settings["int8"] = _given(**int8)

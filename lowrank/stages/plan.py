@@ -7,23 +7,21 @@ Keys are tensor names (``encoder.layer.0.attention.self.query.weight``); a layer
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import InputError, LowrankError
-from ..io.files import check_format, read_json_file
 from ..naming import FACTORABLE
 from ..pipeline.stage import Context, Stage, json_loader, json_saver, register_stage
 from ..timing import LatencyTable, machine_key
 from .allocate import Cost, allocate_budget, is_matmul, latency_cost, round_rank, slower_factored
 from .analyze import Spectra, Spectrum
+from .fusion import FUSION_TOKENS, keep_attention_fused
 from .knapsack import loss_allocation
+from .plan_file import PLAN_FORMAT, PLAN_VERSION, read_plan_file
 from .scores import ScoreSettings, measure_joint
 from .sensitivity import layer_weights
-
-PLAN_FORMAT, PLAN_VERSION = "lowrank.plan", 1
 
 POLICIES = ("energy", "rank", "rank_fraction", "param_ratio", "latency_ratio")
 ALLOCATIONS = ("loss", "energy")
@@ -54,6 +52,11 @@ class PlanSettings:
     # param_ratio with candidate scores (the scores stage, run with calibration): "loss" picks
     # ranks by measured end-to-end loss (lowrank.stages.knapsack); "energy" by spectral energy.
     allocation: str = "loss"
+    # For an export that onnxruntime's optimizer fuses (--optimize sets it): keep each
+    # attention's Q/K/V/output projections dense, so it fuses into one op, when the whole model
+    # runs faster that way on this CPU at latency_tokens (16 and 2048 when empty), measured
+    # (lowrank.stages.fusion).
+    attention_fusion: bool = False
 
     def __post_init__(self):
         if self.allocation not in ALLOCATIONS:
@@ -164,7 +167,7 @@ def _guarded(rank: int | None, s: Spectrum, settings: PlanSettings, why: str) ->
 def make_plan(spectra: Spectra, settings: PlanSettings,
               weights: dict[str, float] | None = None, latency=None,
               matmul_names: set[str] | None = None, scores: dict | None = None,
-              measure=None) -> RankPlan:
+              measure=None, dense: dict[str, str] | None = None) -> RankPlan:
     """Choose a rank (or dense) for every matrix of ``spectra`` under ``settings``' policy.
 
     ``weights`` (tensor name -> factor, default 1) scale each layer's energy in the global
@@ -174,22 +177,24 @@ def make_plan(spectra: Spectra, settings: PlanSettings,
     are not faster than dense on this CPU stays dense, and a budget is re-allocated without it.
     With ``scores`` (the scores stage's artifact) and ``allocation="loss"``, ``param_ratio`` is
     met by :func:`lowrank.stages.knapsack.loss_allocation` (``measure``: its joint check).
+    ``dense`` (name -> why) are kept dense before the policy, so a budget goes to the others.
 
     Example:
         >>> plan = make_plan(spectra, PlanSettings(param_ratio=0.6))  # doctest: +SKIP
         >>> plan.params_after / plan.total_params  # doctest: +SKIP
         0.5996
     """
-    slow: dict[str, str] = {}  # matrices the latency check keeps dense, with the reason
+    forced = dict(dense or {})  # matrices kept dense (given, or by the latency check): why
     info: dict = {}
-    for _ in range(10):  # each pass can only add to `slow`; a budget settles in a few
+    for _ in range(10):  # each pass can only add to `forced`; a budget settles in a few
         loss = (scores, measure, info) if scores and settings.allocation == "loss" else None
-        layers = _plan_layers(spectra, settings, weights or {}, slow, latency, matmul_names, loss)
+        layers = _plan_layers(spectra, settings, weights or {}, forced, latency, matmul_names,
+                              loss)
         if not settings.latency_tokens or latency is None:
             break
         newly = {}
         for name, layer in layers.items():
-            if layer.rank is None or name in slow:
+            if layer.rank is None or name in forced:
                 continue
             if not is_matmul(name, matmul_names):
                 continue
@@ -199,7 +204,7 @@ def make_plan(spectra: Spectra, settings: PlanSettings,
                 newly[name] = why
         if not newly:
             break
-        slow.update(newly)
+        forced.update(newly)
     ordered = {name: layers[name] for name in spectra.matrices}
     policy = {k: v for k, v in asdict(settings).items() if v is not None and v != ()}
     if info:
@@ -274,22 +279,7 @@ def _plan_layers(spectra: Spectra, settings: PlanSettings, weights: dict[str, fl
 
 
 # --------------------------------------------------------------------------------------------
-# Plan files
-
-
-def save_plan(plan: RankPlan, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(plan.to_json(), indent=2) + "\n")
-    tmp.replace(path)
-
-
-def read_plan_file(path: Path) -> dict:
-    data = read_json_file(path, "plan file")
-    if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
-        raise InputError(f"{path}: not a plan file (no \"layers\" object)")
-    if "format" in data:  # hand-written plans may give only "layers"
-        check_format(data, PLAN_FORMAT, PLAN_VERSION, path)
-    return data
+# Plan files (read and written by lowrank.stages.plan_file)
 
 
 def apply_plan(data: dict, spectra: Spectra, source: str = "plan") -> RankPlan:
@@ -364,7 +354,16 @@ def _run(ctx: Context, settings: PlanStageSettings, spectra: Spectra,
                                  for k, v in scores["settings"].items()})
         return measure_joint(ctx.checkpoint, probe, calibrate, plans, ctx.models.factory)
 
-    plan = make_plan(spectra, PlanSettings(**policy), weights, latency, matmuls, scores, measure)
+    def plan_for(dense=None):
+        return make_plan(spectra, PlanSettings(**policy), weights, latency, matmuls, scores,
+                         measure, dense)
+
+    plan = plan_for()
+    if settings.attention_fusion and ctx.models.runnable:
+        with ctx.track("attention fusion", 1) as advance:  # export, optimize and time twice
+            plan = keep_attention_fused(plan, plan_for, ctx.models, settings.latency_tokens
+                                        or FUSION_TOKENS, settings.latency_threads)
+            advance("timed")
     for name, why in ctx.models.kept_dense().items():  # after the policy: budgets count them
         if name in plan.layers:
             plan.layers[name] = LayerPlan(plan.layers[name].shape, None, why)
@@ -388,5 +387,6 @@ register_stage(Stage(
     emit=json_saver("plan.json", RankPlan.to_json),
     uses=("sensitivity", "scores", "calibrate"),
     machine=lambda settings: (machine_key(settings.latency_threads)
-                              if settings.latency_tokens or settings.latency_ratio else None),
+                              if settings.latency_tokens or settings.latency_ratio
+                              or settings.attention_fusion else None),
 ))

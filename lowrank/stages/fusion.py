@@ -1,0 +1,113 @@
+"""Keeping onnxruntime's attention fusion (``--optimize``): its transformer optimizer fuses an
+encoder layer's attention into one Attention op only when the query, key, value and output
+projections are each one dense MatMul (+ Add): a factored projection is two MatMuls, and the
+pattern no longer matches. Whether the fused op saves more time than factoring those four
+projections does depends on the shapes and the batch, so the plan stage measures it: the whole
+model, exported and optimized, with the projections factored as planned against the plan that
+keeps them dense (its budget spent on the other matrices), timed on this CPU.
+
+Only BERT-style attention (``<attn>.self.{query,key,value}`` and ``<attn>.output.dense``) is
+looked for: it is what the optimizer's ``bert`` patterns fuse. Its ``gpt2`` patterns fuse no
+LLaMA attention, so decoders have nothing to keep.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..naming import module_name, weight_name
+from ..nn.layers import Factored
+from ..nn.swap import swap_lowrank_
+from ..timing import BenchSettings, bench
+
+# Token counts (batch × sequence) timed when the plan has no latency_tokens: one short query
+# and a batch of 16 × 128.
+FUSION_TOKENS = (16, 2048)
+# Per token count: 3 processes × 10 runs per model, alternating (timing.bench).
+TIMING = {"runs": 10, "warmup": 3, "rounds": 3}
+
+
+def attention_groups(model: nn.Module) -> list[list[str]]:
+    """Weight names of each BERT-style attention: [query, key, value, output projection]."""
+    groups = []
+    for fqn, m in model.named_modules():
+        inner, out = getattr(m, "self", None), getattr(getattr(m, "output", None), "dense", None)
+        parts = [getattr(inner, p, None) for p in ("query", "key", "value")] + [out]
+        if all(isinstance(p, nn.Linear) for p in parts):
+            prefix = f"{fqn}." if fqn else ""
+            groups.append([weight_name(prefix + p) for p in
+                           ("self.query", "self.key", "self.value", "output.dense")])
+    return groups
+
+
+def _shape(tokens: int) -> tuple[int, int]:
+    """(batch, sequence) for a token count: sequences of up to 128 tokens."""
+    sequence = min(tokens, 128)
+    return max(1, math.ceil(tokens / sequence)), sequence
+
+
+def _random_factored(architecture, ranks: dict[str, int]) -> nn.Module:
+    """The architecture with random factors at ``ranks`` (tensor name -> rank): timing needs
+    the shapes, not the weights."""
+    model = architecture()
+    swap_lowrank_(model, {module_name(n): r for n, r in ranks.items()})
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, Factored):
+                for p in (m.A, m.B):
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    return model.eval()
+
+
+def time_plans(architecture, plans: dict[str, dict[str, int]], tokens: tuple[int, ...],
+               threads: int) -> dict[int, dict[str, float]]:
+    """p50 ms of each plan's model (name -> {tensor name: rank}), exported to ONNX and run
+    through onnxruntime's transformer optimizer, at each token count."""
+    from .export import export_onnx
+    from .optimize import fusion_shape, optimize_onnx
+
+    with tempfile.TemporaryDirectory(prefix="lowrank-fusion-") as tmp:
+        paths = {}
+        for name, ranks in plans.items():
+            model = _random_factored(architecture, ranks)
+            raw, fused = Path(tmp) / f"{name}.onnx", Path(tmp) / f"{name}-opt.onnx"
+            export_onnx(model, raw)
+            optimize_onnx(raw, fused, *fusion_shape(model))
+            paths[name] = fused
+        times = {}
+        for count in tokens:
+            batch, sequence = _shape(count)
+            settings = BenchSettings((batch,), (sequence,), intra_threads=threads, **TIMING)
+            result = bench(paths, settings)["results"]
+            times[count] = {r["model"]: r["p50_ms"] for r in result}
+    return times
+
+
+def keep_attention_fused(plan, replan, models, tokens: tuple[int, ...], threads: int):
+    """``plan``, or ``replan(dense)`` (the same policy with the ``dense`` matrices forced dense)
+    when keeping every factored attention's projections dense, so the optimizer fuses it, makes
+    ``models``' architecture (:class:`lowrank.models.Models`) faster at every token count. The
+    measurement goes into ``policy["attention_fusion"]``."""
+    groups = [g for g in attention_groups(models.architecture(meta=True))
+              if all(n in plan.layers for n in g)
+              and any(plan.layers[n].rank is not None for n in g)]
+    if not groups:
+        return plan
+    fused = replan({n: "kept dense with its attention's Q/K/V/output projections, so "
+                       "onnxruntime fuses the attention (faster on this CPU; policy."
+                       "attention_fusion)" for g in groups for n in g})
+    ranks = {name: {n: p.rank for n, p in candidate.layers.items() if p.rank is not None}
+             for name, candidate in (("factored", plan), ("fused", fused))}
+    times = time_plans(models.architecture, ranks, tokens, threads)
+    kept = all(t["fused"] < t["factored"] for t in times.values())
+    chosen = fused if kept else plan
+    chosen.policy["attention_fusion"] = {
+        "attentions": len(groups), "kept_dense": kept,
+        "p50_ms": {str(count): {k: round(v, 3) for k, v in t.items()} for count, t in times.items()}}
+    return chosen
