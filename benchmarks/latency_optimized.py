@@ -5,14 +5,11 @@ Baselines: the dense export optimized (fused Attention, SkipLayerNorm, BiasGelu)
 Variants, each the default command `lowrank compress minilm OUT --param-ratio 0.5
 --calibration CALIB --export onnx --optimize --int8 --evaluate python_docs.txt` plus flags:
 
-- default: the plan as it comes. `--optimize` has the plan time (at 16 and 2048 tokens) the
-  model with attention's Q/K/V/output projections factored against the plan that keeps them
-  dense so the optimizer fuses attention, and keep the faster (lowrank.stages.fusion);
-- `--latency-tokens 16`: the latency-aware plan for one short query at a time: the same
-  fusion check at 16 tokens only, and every Linear whose factors are not faster at 16 tokens
-  kept dense;
-- Q/K/V/O dense: `--exclude` on query/key/value/attention output, so attention always fuses
-  (other matrices cut deeper to keep 50%);
+- default: the plan as it comes. `--optimize --int8` has the plan time (int8, at 16 and 2048
+  tokens) the model with attention's Q/K/V/output projections factored against the plan that
+  keeps them dense so the optimizer fuses attention, and keep the faster
+  (lowrank.stages.fusion);
+- `--no-fusion-check`: attention factored as the budget plans it (the default before);
 - `--multiple 16`: ranks rounded up to multiples of 16.
 
 Latency: `lowrank.timing.bench` (each model × point in its own process, models alternating,
@@ -49,10 +46,8 @@ DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).parent))
 from latency import matmul_flops  # noqa: E402
 
-QKVO = " ".join(f"--exclude '*.attention.{p}.weight'"
-                for p in ("self.query", "self.key", "self.value", "output.dense"))
-VARIANTS = {"50% default": "", "50% --latency-tokens 16": "--latency-tokens 16",
-            "50% Q/K/V/O dense": QKVO, "50% --multiple 16": "--multiple 16"}
+VARIANTS = {"50% default": "", "50% --no-fusion-check": "--no-fusion-check",
+            "50% --multiple 16": "--multiple 16"}
 
 
 def compress(out: Path, calib: Path, flags: str) -> None:
@@ -105,7 +100,9 @@ def main() -> None:
         quality[name] = {"flags": flags, "params_ratio": report["params"]["ratio"],
                          "cosine": report["fidelity"]["cosine"],
                          "knn10": report["fidelity"]["knn10_overlap"],
-                         "attention_fusion": policy.get("attention_fusion")}
+                         "int8_cosine": report["fidelity"]["int8"]["cosine"],
+                         "int8_knn10": report["fidelity"]["int8"]["knn10_overlap"],
+                         "fusion_check": policy.get("fusion_check")}
         models[f"{name} optimized"] = out / "onnx-optimized" / "model.onnx"
         models[f"{name} optimized int8"] = out / "onnx-int8" / "model.onnx"
     settings = BenchSettings((1, 16), (16, 128), args.runs, 5, args.rounds, args.threads)
@@ -144,12 +141,13 @@ def markdown(result: dict) -> str:
         md.append(f"| {r['model']} | {r['batch']}×{r['sequence']} | {r['p50_ms']:.2f} "
                   f"| {r['vs_optimized_dense']:.2f}× | {r['vs_twin']:.2f}× | {r['ideal']:.2f}× "
                   f"| {r['vs_twin'] / r['ideal']:.2f} |")
-    md += ["", "| variant | flags | params kept | cosine | kNN@10 | fused by the optimizer |",
-           "|---|---|---:|---:|---:|---|"]
+    md += ["", ("| variant | flags | params kept | cosine | kNN@10 | int8 cosine | int8 kNN@10 "
+                "| fused by the optimizer |"), "|---|---|---:|---:|---:|---:|---:|---|"]
     for name, q in result["quality"].items():
         fused = ", ".join(f"{k} {v}" for k, v in result["fused"].get(name, {}).items())
         md.append(f"| {name} | `{q['flags'] or '(default)'}` | {q['params_ratio']:.1%} "
-                  f"| {q['cosine']:.3f} | {q['knn10']:.3f} | {fused} |")
+                  f"| {q['cosine']:.3f} | {q['knn10']:.3f} | {q['int8_cosine']:.3f} "
+                  f"| {q['int8_knn10']:.3f} | {fused} |")
     if "dense" in result["fused"]:
         md.append("")
         md.append("Dense export fused: " + ", ".join(f"{k} {v}" for k, v in
@@ -157,11 +155,12 @@ def markdown(result: dict) -> str:
     md += ["", ("The plans' attention-fusion check (p50 ms of the whole optimized model with "
                 "random weights, attention factored as planned / kept dense and fused):"), ""]
     for name, q in result["quality"].items():
-        check = q.get("attention_fusion")
+        check = q.get("fusion_check")
         if check:
             times = "; ".join(f"{t} tokens {v['factored']:.2f} / {v['fused']:.2f}"
                               for t, v in check["p50_ms"].items())
-            md.append(f"- {name}: {times}: kept "
+            md.append(f"- {name} ({check['precision']}): {times}; geometric mean "
+                      f"{check['fused_over_factored']:.3f}: kept "
                       f"{'dense and fused' if check['kept_dense'] else 'factored'}")
     return "\n".join(md) + "\n"
 

@@ -25,13 +25,13 @@ def test_optimize_keeps_attention_dense_only_when_the_fused_model_is_faster(
         tiny_bert_dir, tmp_path, monkeypatch, fused_faster):
     timed = []
 
-    def timer(architecture, plans, tokens, threads):
+    def timer(architecture, plans, tokens, threads, precision):
         timed.append(plans)
         return {t: {"factored": 2.0, "fused": 1.0 if fused_faster else 3.0} for t in tokens}
 
     monkeypatch.setattr(fusion, "time_plans", timer)
     spec = lowrank.compress_spec(plan={"rank_fraction": 0.25}, export="onnx", optimize=True)
-    assert spec.settings["plan"]["attention_fusion"] is True
+    assert spec.settings["plan"]["attention_fusion"] == "float32"
     report = lowrank.run_pipeline(spec, tiny_bert_dir, tmp_path / "out").report
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     group = [f"encoder.layer.{i}.{p}.weight" for i in range(2) for p in GROUP]
@@ -39,7 +39,8 @@ def test_optimize_keeps_attention_dense_only_when_the_fused_model_is_faster(
     (plans,) = timed
     assert all(n in plans["factored"] for n in group)  # the policy factored them...
     assert not any(n in plans["fused"] for n in group)  # ...and the other plan keeps them
-    assert plan["policy"]["attention_fusion"]["kept_dense"] is fused_faster
+    assert plan["policy"]["fusion_check"]["kept_dense"] is fused_faster
+    assert plan["policy"]["fusion_check"]["fused_over_factored"] == (0.5 if fused_faster else 1.5)
     fused_ops = report["optimize"]["fused"]
     if fused_faster:
         assert all(plan["layers"][n]["rank"] is None for n in group)
@@ -56,12 +57,19 @@ def test_fusion_timing_exports_optimizes_and_times_both_plans(tiny_bert_dir, mon
     monkeypatch.setattr(fusion, "TIMING", {"runs": 2, "warmup": 1, "rounds": 1})
     models = Models(lowrank.open_checkpoint(tiny_bert_dir))
     names = [n for g in fusion.attention_groups(load_dense(tiny_bert_dir)) for n in g]
-    times = fusion.time_plans(models.architecture, {"factored": {n: 4 for n in names},
-                                                    "fused": {}}, (16,), 1)
-    assert set(times) == {16} and set(times[16]) == {"factored", "fused"}
-    assert all(ms > 0 for ms in times[16].values())
+    for precision in ("float32", "int8"):
+        times = fusion.time_plans(models.architecture, {"factored": {n: 4 for n in names},
+                                                        "fused": {}}, (16,), 1, precision)
+        assert set(times) == {16} and set(times[16]) == {"factored", "fused"}
+        assert all(ms > 0 for ms in times[16].values())
 
 
-def test_a_plan_file_is_applied_as_written_under_optimize():
+def test_the_check_times_the_precision_deployed_and_a_plan_file_is_applied_as_written():
+    spec = lowrank.compress_spec(plan={}, export="onnx", optimize=True, int8={})
+    assert spec.settings["plan"]["attention_fusion"] == "int8"
     spec = lowrank.compress_spec(plan_file="plan.json", export="onnx", optimize=True)
     assert "attention_fusion" not in spec.settings["plan"]
+    spec = lowrank.compress_spec(plan={}, export="onnx", optimize=True, fusion_check=False)
+    assert "attention_fusion" not in spec.settings["plan"]
+    with pytest.raises(lowrank.errors.InputError, match="attention_fusion"):
+        lowrank.PlanSettings(param_ratio=0.5, attention_fusion="fp16")

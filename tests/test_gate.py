@@ -128,7 +128,7 @@ def test_optimize_fuses_validates_and_benches_against_an_optimized_dense(tiny_be
     assert report["optimize"]["fused"].get("SkipLayerNormalization", 0) > 0
     assert all(v["ok"] for v in report["optimize"]["validation"])
     assert (tmp_path / "out" / "onnx-optimized" / "model.onnx").is_file()
-    timed = json.loads((tmp_path / "out" / "plan.json").read_text())["policy"]["attention_fusion"]
+    timed = json.loads((tmp_path / "out" / "plan.json").read_text())["policy"]["fusion_check"]
     assert set(timed["p50_ms"]) == {"16", "2048"} and timed["attentions"] == 2
     assert all(set(t) == {"factored", "fused"} for t in timed["p50_ms"].values())
     bad = CliRunner().invoke(main, ["compress", str(tiny_bert_dir), str(tmp_path / "o2"),

@@ -117,6 +117,11 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
 @click.option("--optimize", is_flag=True, help="Also write OUTPUT/onnx-optimized/model.onnx: "
               "onnxruntime's transformer optimizer (fused LayerNorm, GELU, attention where it "
               "matches), validated; int8 and bench then use it, the dense baseline too.")
+@click.option("--fusion-check/--no-fusion-check", default=True,
+              help="With --optimize (default on): time this CPU's optimized model (int8 with "
+              "--int8) with attention's Q/K/V/output factored as planned against kept dense, "
+              "which lets onnxruntime fuse attention, and keep the faster (reports/"
+              "latency-optimized.md).")
 @click.option("--int8", is_flag=True, help="Also write OUTPUT/onnx-int8/model.onnx (dynamic "
               "int8 quantization of the export; needs --export onnx).")
 @click.option("--per-channel", is_flag=True, help="int8: one scale per output channel.")

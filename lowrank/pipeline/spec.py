@@ -139,6 +139,7 @@ def compress_spec(
     eval_file: str | None = None,
     export: str | None = None,
     optimize: bool = False,
+    fusion_check: bool = True,
     int8: dict | None = None,
     bench: bool = False,
     model_factory: str | None = None,
@@ -158,9 +159,9 @@ def compress_spec(
         factorize: [factorize] settings (method, seed, oversample, niter).
         recover_method, recover: the recover stage and its settings (steps, lr, ...).
         eval_file: the evaluate stage on this file; ``""`` for the bundled evaluation text.
-        export: ``"onnx"``; ``optimize`` (fusions by onnxruntime's transformer optimizer; the
-            plan then keeps attention fusable where that is measured faster), ``int8`` (dict of
-            [int8] settings, maybe empty) and ``bench`` need it.
+        export: ``"onnx"``; ``optimize`` (fusions by onnxruntime's transformer optimizer; with
+            ``fusion_check`` the plan keeps attention fusable where that is measured faster),
+            ``int8`` (dict of [int8] settings, maybe empty) and ``bench`` need it.
         model_factory: the architecture of a non-HF checkpoint.
         max_shard_size: largest checkpoint file written into OUTPUT.
 
@@ -209,8 +210,8 @@ def compress_spec(
             spec.settings["export"] = {"inputs_file": calibration_file}
     if optimize:
         spec.stages.append("optimize")
-        if not plan_settings.get("plan_file"):  # keep attention fusable where that is faster
-            plan_settings.setdefault("attention_fusion", True)
+        if fusion_check and not plan_settings.get("plan_file"):  # fusable where faster
+            plan_settings.setdefault("attention_fusion", "float32" if int8 is None else "int8")
     if int8 is not None:
         spec.stages.append("int8")
         spec.settings["int8"] = _given(**int8)

@@ -2,9 +2,10 @@
 encoder layer's attention into one Attention op only when the query, key, value and output
 projections are each one dense MatMul (+ Add): a factored projection is two MatMuls, and the
 pattern no longer matches. Whether the fused op saves more time than factoring those four
-projections does depends on the shapes and the batch, so the plan stage measures it: the whole
-model, exported and optimized, with the projections factored as planned against the plan that
-keeps them dense (its budget spent on the other matrices), timed on this CPU.
+projections does depends on the shapes, the batch and the precision, so the plan stage measures
+it: the whole model, exported, optimized (and quantized to int8 when the pipeline deploys int8),
+with the projections factored as planned against the plan that keeps them dense (its budget
+spent on the other matrices), timed on this CPU.
 
 Only BERT-style attention (``<attn>.self.{query,key,value}`` and ``<attn>.output.dense``) is
 looked for: it is what the optimizer's ``bert`` patterns fuse. Its ``gpt2`` patterns fuse no
@@ -30,6 +31,11 @@ from ..timing import BenchSettings, bench
 FUSION_TOKENS = (16, 2048)
 # Per token count: 3 processes × 10 runs per model, alternating (timing.bench).
 TIMING = {"runs": 10, "warmup": 3, "rounds": 3}
+# The fused plan's time over the factored one's, geometric mean over the token counts, must
+# be below this: it cuts the other matrices deeper for the same budget (MiniLM at 50%: cosine
+# 0.738 against 0.768), and repeated timings of two such models differ by a few percent.
+MARGIN = 0.95
+PRECISIONS = ("float32", "int8")
 
 
 def attention_groups(model: nn.Module) -> list[list[str]]:
@@ -66,10 +72,11 @@ def _random_factored(architecture, ranks: dict[str, int]) -> nn.Module:
 
 
 def time_plans(architecture, plans: dict[str, dict[str, int]], tokens: tuple[int, ...],
-               threads: int) -> dict[int, dict[str, float]]:
-    """p50 ms of each plan's model (name -> {tensor name: rank}), exported to ONNX and run
-    through onnxruntime's transformer optimizer, at each token count."""
+               threads: int, precision: str = "float32") -> dict[int, dict[str, float]]:
+    """p50 ms of each plan's model (name -> {tensor name: rank}), exported to ONNX, run through
+    onnxruntime's transformer optimizer (and dynamic int8 quantization), at each token count."""
     from .export import export_onnx
+    from .int8 import quantize_int8
     from .optimize import fusion_shape, optimize_onnx
 
     with tempfile.TemporaryDirectory(prefix="lowrank-fusion-") as tmp:
@@ -79,6 +86,9 @@ def time_plans(architecture, plans: dict[str, dict[str, int]], tokens: tuple[int
             raw, fused = Path(tmp) / f"{name}.onnx", Path(tmp) / f"{name}-opt.onnx"
             export_onnx(model, raw)
             optimize_onnx(raw, fused, *fusion_shape(model))
+            if precision == "int8":
+                quantize_int8(fused, fused.with_suffix(".int8.onnx"))
+                fused = fused.with_suffix(".int8.onnx")
             paths[name] = fused
         times = {}
         for count in tokens:
@@ -89,11 +99,13 @@ def time_plans(architecture, plans: dict[str, dict[str, int]], tokens: tuple[int
     return times
 
 
-def keep_attention_fused(plan, replan, models, tokens: tuple[int, ...], threads: int):
+def keep_attention_fused(plan, replan, models, tokens: tuple[int, ...], threads: int,
+                         precision: str = "float32"):
     """``plan``, or ``replan(dense)`` (the same policy with the ``dense`` matrices forced dense)
     when keeping every factored attention's projections dense, so the optimizer fuses it, makes
-    ``models``' architecture (:class:`lowrank.models.Models`) faster at every token count. The
-    measurement goes into ``policy["attention_fusion"]``."""
+    ``models``' architecture (:class:`lowrank.models.Models`) faster in ``precision``: its time
+    over the factored plan's, geometric mean over ``tokens``, below :data:`MARGIN`. The
+    measurement goes into ``policy["fusion_check"]``."""
     groups = [g for g in attention_groups(models.architecture(meta=True))
               if all(n in plan.layers for n in g)
               and any(plan.layers[n].rank is not None for n in g)]
@@ -101,13 +113,15 @@ def keep_attention_fused(plan, replan, models, tokens: tuple[int, ...], threads:
         return plan
     fused = replan({n: "kept dense with its attention's Q/K/V/output projections, so "
                        "onnxruntime fuses the attention (faster on this CPU; policy."
-                       "attention_fusion)" for g in groups for n in g})
+                       "fusion_check)" for g in groups for n in g})
     ranks = {name: {n: p.rank for n, p in candidate.layers.items() if p.rank is not None}
              for name, candidate in (("factored", plan), ("fused", fused))}
-    times = time_plans(models.architecture, ranks, tokens, threads)
-    kept = all(t["fused"] < t["factored"] for t in times.values())
+    times = time_plans(models.architecture, ranks, tokens, threads, precision)
+    ratio = math.prod(t["fused"] / t["factored"] for t in times.values()) ** (1 / len(times))
+    kept = ratio < MARGIN
     chosen = fused if kept else plan
-    chosen.policy["attention_fusion"] = {
-        "attentions": len(groups), "kept_dense": kept,
+    chosen.policy["fusion_check"] = {
+        "attentions": len(groups), "precision": precision, "fused_over_factored": round(ratio, 4),
+        "kept_dense": kept,
         "p50_ms": {str(count): {k: round(v, 3) for k, v in t.items()} for count, t in times.items()}}
     return chosen

@@ -17,7 +17,7 @@ from ..pipeline.stage import Context, Stage, json_loader, json_saver, register_s
 from ..timing import LatencyTable, machine_key
 from .allocate import Cost, allocate_budget, is_matmul, latency_cost, round_rank, slower_factored
 from .analyze import Spectra, Spectrum
-from .fusion import FUSION_TOKENS, keep_attention_fused
+from .fusion import FUSION_TOKENS, PRECISIONS, keep_attention_fused
 from .knapsack import loss_allocation
 from .plan_file import PLAN_FORMAT, PLAN_VERSION, read_plan_file
 from .scores import ScoreSettings, measure_joint
@@ -52,15 +52,18 @@ class PlanSettings:
     # param_ratio with candidate scores (the scores stage, run with calibration): "loss" picks
     # ranks by measured end-to-end loss (lowrank.stages.knapsack); "energy" by spectral energy.
     allocation: str = "loss"
-    # For an export that onnxruntime's optimizer fuses (--optimize sets it): keep each
-    # attention's Q/K/V/output projections dense, so it fuses into one op, when the whole model
-    # runs faster that way on this CPU at latency_tokens (16 and 2048 when empty), measured
-    # (lowrank.stages.fusion).
-    attention_fusion: bool = False
+    # "float32" | "int8": the precision of an export onnxruntime's optimizer fuses (--optimize
+    # sets it): keep each attention's Q/K/V/output projections dense, so it fuses into one op,
+    # when the whole model runs faster that way on this CPU at latency_tokens (16 and 2048 when
+    # empty), measured (lowrank.stages.fusion). None: no check.
+    attention_fusion: str | None = None
 
     def __post_init__(self):
         if self.allocation not in ALLOCATIONS:
             raise InputError(f"allocation must be loss or energy, got {self.allocation!r}")
+        if self.attention_fusion not in (None, *PRECISIONS):
+            raise InputError(f"attention_fusion must be float32 or int8, got "
+                             f"{self.attention_fusion!r}")
         chosen = [p for p in POLICIES if getattr(self, p) is not None]
         if len(chosen) != 1:
             raise InputError(
@@ -362,7 +365,8 @@ def _run(ctx: Context, settings: PlanStageSettings, spectra: Spectra,
     if settings.attention_fusion and ctx.models.runnable:
         with ctx.track("attention fusion", 1) as advance:  # export, optimize and time twice
             plan = keep_attention_fused(plan, plan_for, ctx.models, settings.latency_tokens
-                                        or FUSION_TOKENS, settings.latency_threads)
+                                        or FUSION_TOKENS, settings.latency_threads,
+                                        settings.attention_fusion)
             advance("timed")
     for name, why in ctx.models.kept_dense().items():  # after the policy: budgets count them
         if name in plan.layers:
