@@ -15,6 +15,7 @@ LLaMA attention, so decoders have nothing to keep.
 from __future__ import annotations
 
 import math
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -24,12 +25,14 @@ from torch import nn
 from ..naming import module_name, weight_name
 from ..nn.layers import Factored
 from ..nn.swap import swap_lowrank_
-from ..timing import BenchSettings, bench
+from ..timing import cpu_session, feeds, time_runs
 
 # Token counts (batch × sequence) timed when the plan has no latency_tokens: one short query
 # and a batch of 16 × 128.
 FUSION_TOKENS = (16, 2048)
-# Per token count: 3 processes × 10 runs per model, alternating (timing.bench).
+# Per token count: 3 rounds × 10 runs per model, the models alternating, in this process (a
+# process per measurement, as timing.bench does, took 12 process starts: 40 s on MiniLM). One
+# session at a time: an idle session's spinning threads slowed the other's runs at 1×16.
 TIMING = {"runs": 10, "warmup": 3, "rounds": 3}
 # The fused plan's time over the factored one's, geometric mean over the token counts, must
 # be below this: it cuts the other matrices deeper for the same budget (MiniLM at 50%: cosine
@@ -90,13 +93,16 @@ def time_plans(architecture, plans: dict[str, dict[str, int]], tokens: tuple[int
                 quantize_int8(fused, fused.with_suffix(".int8.onnx"))
                 fused = fused.with_suffix(".int8.onnx")
             paths[name] = fused
-        times = {}
-        for count in tokens:
-            batch, sequence = _shape(count)
-            settings = BenchSettings((batch,), (sequence,), intra_threads=threads, **TIMING)
-            result = bench(paths, settings)["results"]
-            times[count] = {r["model"]: r["p50_ms"] for r in result}
-    return times
+        runs = {(name, count): [] for name in paths for count in tokens}
+        for _ in range(TIMING["rounds"]):
+            for name, path in paths.items():
+                session = cpu_session(str(path), threads)
+                for count in tokens:
+                    runs[name, count] += time_runs(session, feeds(session, *_shape(count), 0),
+                                                   TIMING["runs"], TIMING["warmup"])
+                del session
+    return {count: {name: statistics.median(runs[name, count]) for name in paths}
+            for count in tokens}
 
 
 def keep_attention_fused(plan, replan, models, tokens: tuple[int, ...], threads: int,
