@@ -8,6 +8,7 @@ import pytest
 import lowrank
 from lowrank.models import Models, load_dense
 from lowrank.stages import fusion
+from lowrank.stages.plan import PlanStageSettings
 
 GROUP = ("attention.self.query", "attention.self.key", "attention.self.value",
          "attention.output.dense")
@@ -72,4 +73,4 @@ def test_the_check_times_the_precision_deployed_and_a_plan_file_is_applied_as_wr
     spec = lowrank.compress_spec(plan={}, export="onnx", optimize=True, fusion_check=False)
     assert "attention_fusion" not in spec.settings["plan"]
     with pytest.raises(lowrank.errors.InputError, match="attention_fusion"):
-        lowrank.PlanSettings(param_ratio=0.5, attention_fusion="fp16")
+        PlanStageSettings(param_ratio=0.5, attention_fusion="fp16")

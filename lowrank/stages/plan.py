@@ -52,18 +52,10 @@ class PlanSettings:
     # param_ratio with candidate scores (the scores stage, run with calibration): "loss" picks
     # ranks by measured end-to-end loss (lowrank.stages.knapsack); "energy" by spectral energy.
     allocation: str = "loss"
-    # "float32" | "int8": the precision of an export onnxruntime's optimizer fuses (--optimize
-    # sets it): keep each attention's Q/K/V/output projections dense, so it fuses into one op,
-    # when the whole model runs faster that way on this CPU at latency_tokens (16 and 2048 when
-    # empty), measured (lowrank.stages.fusion). None: no check.
-    attention_fusion: str | None = None
 
     def __post_init__(self):
         if self.allocation not in ALLOCATIONS:
             raise InputError(f"allocation must be loss or energy, got {self.allocation!r}")
-        if self.attention_fusion not in (None, *PRECISIONS):
-            raise InputError(f"attention_fusion must be float32 or int8, got "
-                             f"{self.attention_fusion!r}")
         chosen = [p for p in POLICIES if getattr(self, p) is not None]
         if len(chosen) != 1:
             raise InputError(
@@ -333,8 +325,16 @@ def apply_plan(data: dict, spectra: Spectra, source: str = "plan") -> RankPlan:
 @dataclass(frozen=True)
 class PlanStageSettings(PlanSettings):
     plan_file: str | None = None  # re-apply this (edited) plan instead of a policy
+    # "float32" | "int8": the precision of an export onnxruntime's optimizer fuses (--optimize
+    # sets it): keep each attention's Q/K/V/output projections dense, so it fuses into one op,
+    # when the whole model runs faster that way on this CPU at latency_tokens (16 and 2048 when
+    # empty), measured (lowrank.stages.fusion). None: no check.
+    attention_fusion: str | None = None
 
     def __post_init__(self):
+        if self.attention_fusion not in (None, *PRECISIONS):
+            raise InputError(f"attention_fusion must be float32 or int8, got "
+                             f"{self.attention_fusion!r}")
         if self.plan_file is None:
             super().__post_init__()
         elif any(getattr(self, p) is not None for p in POLICIES):
