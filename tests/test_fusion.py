@@ -74,3 +74,9 @@ def test_the_check_times_the_precision_deployed_and_a_plan_file_is_applied_as_wr
     assert "attention_fusion" not in spec.settings["plan"]
     with pytest.raises(lowrank.errors.InputError, match="attention_fusion"):
         PlanStageSettings(param_ratio=0.5, attention_fusion="fp16")
+
+
+def test_token_counts_become_batches_of_sequences_the_model_can_take():
+    assert fusion._shape(16, 512) == (1, 16)
+    assert fusion._shape(2048, 512) == (16, 128)
+    assert fusion._shape(2048, 64) == (32, 64)

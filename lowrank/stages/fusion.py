@@ -54,9 +54,10 @@ def attention_groups(model: nn.Module) -> list[list[str]]:
     return groups
 
 
-def _shape(tokens: int) -> tuple[int, int]:
-    """(batch, sequence) for a token count: sequences of up to 128 tokens."""
-    sequence = min(tokens, 128)
+def _shape(tokens: int, positions: int) -> tuple[int, int]:
+    """(batch, sequence) for a token count: sequences of up to 128 tokens (and ``positions``,
+    the model's longest)."""
+    sequence = min(tokens, 128, positions)
     return max(1, math.ceil(tokens / sequence)), sequence
 
 
@@ -86,6 +87,7 @@ def time_plans(architecture, plans: dict[str, dict[str, int]], tokens: tuple[int
         paths = {}
         for name, ranks in plans.items():
             model = _random_factored(architecture, ranks)
+            positions = getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 128
             raw, fused = Path(tmp) / f"{name}.onnx", Path(tmp) / f"{name}-opt.onnx"
             export_onnx(model, raw)
             optimize_onnx(raw, fused, *fusion_shape(model))
@@ -98,8 +100,9 @@ def time_plans(architecture, plans: dict[str, dict[str, int]], tokens: tuple[int
             for name, path in paths.items():
                 session = cpu_session(str(path), threads)
                 for count in tokens:
-                    runs[name, count] += time_runs(session, feeds(session, *_shape(count), 0),
-                                                   TIMING["runs"], TIMING["warmup"])
+                    feed = feeds(session, *_shape(count, positions), 0)
+                    runs[name, count] += time_runs(session, feed, TIMING["runs"],
+                                                   TIMING["warmup"])
                 del session
     return {count: {name: statistics.median(runs[name, count]) for name in paths}
             for count in tokens}
