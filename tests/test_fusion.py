@@ -43,6 +43,10 @@ def test_optimize_keeps_attention_dense_only_when_the_fused_model_is_faster(
     assert plan["policy"]["fusion_check"]["kept_dense"] is fused_faster
     assert plan["policy"]["fusion_check"]["fused_over_factored"] == (0.5 if fused_faster else 1.5)
     fused_ops = report["optimize"]["fused"]
+    assert report["optimize"]["fusion_check"] == plan["policy"]["fusion_check"]
+    summary = (tmp_path / "out" / "report.md").read_text()
+    assert ("attention kept dense and fused" if fused_faster else "attention kept factored") \
+        in summary
     if fused_faster:
         assert all(plan["layers"][n]["rank"] is None for n in group)
         assert "fuses the attention" in plan["layers"][group[0]]["reason"]

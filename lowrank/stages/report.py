@@ -68,6 +68,9 @@ def build_report(ckpt: Checkpoint, artifacts: dict, manifest: dict, written: Pat
     if "optimize" in artifacts:
         report["optimize"] = {"path": str(output / "onnx-optimized" / "model.onnx"),
                               **artifacts["optimize"].result}
+        check = getattr(artifacts.get("plan"), "policy", {}).get("fusion_check")
+        if check:  # why attention is (not) fused: lowrank.stages.fusion
+            report["optimize"]["fusion_check"] = check
     if "int8" in artifacts:
         report["int8"] = {"path": str(output / "onnx-int8" / "model.onnx"), **artifacts["int8"].result}
     if "bench" in artifacts:
@@ -149,8 +152,12 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                      f"({worst['rel_error']:.1e} × RMS){lm}{cache}"))
     if "optimize" in report:
         o = report["optimize"]
-        rows.append(("ONNX optimized", ", ".join(f"{n} {op}" for op, n in o["fused"].items())
-                     or "nothing fused"))
+        check = o.get("fusion_check")
+        why = (f" (fusion check, {check['precision']}: attention kept "
+               f"{'dense and fused' if check['kept_dense'] else 'factored'}; fused/factored "
+               f"time {check['fused_over_factored']:.3f})" if check else "")
+        rows.append(("ONNX optimized", (", ".join(f"{n} {op}" for op, n in o["fused"].items())
+                                        or "nothing fused") + why))
     for pair in report.get("latency", {}).get("pairs", []):
         if pair["baseline"] != "dense":  # plain speedups are in the latency table
             rows.append((f"{pair['model']} vs {pair['baseline']}",
