@@ -84,3 +84,12 @@ def test_token_counts_become_batches_of_sequences_the_model_can_take():
     assert fusion._shape(16, 512) == (1, 16)
     assert fusion._shape(2048, 512) == (16, 128)
     assert fusion._shape(2048, 64) == (32, 64)
+
+
+def test_the_check_reports_the_probe_loss_the_allocation_measured():
+    from types import SimpleNamespace
+
+    found = {"first": {"measured_joint": 0.2}, "refined": {"measured_joint": 0.1},
+             "chosen": "refined"}
+    assert fusion._probe_loss(SimpleNamespace(policy={"loss_allocation": found})) == 0.1
+    assert fusion._probe_loss(SimpleNamespace(policy={})) is None  # no calibration, no probe

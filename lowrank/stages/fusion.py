@@ -133,4 +133,15 @@ def keep_attention_fused(plan, replan, models, tokens: tuple[int, ...], threads:
         "attentions": len(groups), "precision": precision, "fused_over_factored": round(ratio, 4),
         "kept_dense": kept,
         "p50_ms": {str(count): {k: round(v, 3) for k, v in t.items()} for count, t in times.items()}}
+    losses = {name: _probe_loss(candidate) for name, candidate in (("factored", plan),
+                                                                    ("fused", fused))}
+    if None not in losses.values():  # the quality side: the loss allocation's joint probe
+        chosen.policy["fusion_check"]["probe_loss"] = losses
     return chosen
+
+
+def _probe_loss(plan) -> float | None:
+    """The end-to-end loss the loss allocation measured for ``plan`` on its probe batch."""
+    found = plan.policy.get("loss_allocation") or {}
+    measured = (found.get(found.get("chosen")) or {}).get("measured_joint")
+    return None if measured is None else round(measured, 5)

@@ -153,9 +153,12 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     if "optimize" in report:
         o = report["optimize"]
         check = o.get("fusion_check")
+        loss = (check or {}).get("probe_loss")
         why = (f" (fusion check, {check['precision']}: attention kept "
                f"{'dense and fused' if check['kept_dense'] else 'factored'}; fused/factored "
-               f"time {check['fused_over_factored']:.3f})" if check else "")
+               f"time {check['fused_over_factored']:.3f}"
+               + (f", probe loss {loss['fused']:.4f}/{loss['factored']:.4f}" if loss else "")
+               + ")" if check else "")
         rows.append(("ONNX optimized", (", ".join(f"{n} {op}" for op, n in o["fused"].items())
                                         or "nothing fused") + why))
     for pair in report.get("latency", {}).get("pairs", []):
