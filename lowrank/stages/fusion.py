@@ -123,8 +123,9 @@ def keep_attention_fused(plan, replan, models, tokens: tuple[int, ...], threads:
     fused = replan({n: "kept dense with its attention's Q/K/V/output projections, so "
                        "onnxruntime fuses the attention (faster on this CPU; policy."
                        "fusion_check)" for g in groups for n in g})
+    candidates = {"factored": plan, "fused": fused}
     ranks = {name: {n: p.rank for n, p in candidate.layers.items() if p.rank is not None}
-             for name, candidate in (("factored", plan), ("fused", fused))}
+             for name, candidate in candidates.items()}
     times = time_plans(models.architecture, ranks, tokens, threads, precision)
     ratio = math.prod(t["fused"] / t["factored"] for t in times.values()) ** (1 / len(times))
     kept = ratio < MARGIN
@@ -133,8 +134,7 @@ def keep_attention_fused(plan, replan, models, tokens: tuple[int, ...], threads:
         "attentions": len(groups), "precision": precision, "fused_over_factored": round(ratio, 4),
         "kept_dense": kept,
         "p50_ms": {str(count): {k: round(v, 3) for k, v in t.items()} for count, t in times.items()}}
-    losses = {name: _probe_loss(candidate) for name, candidate in (("factored", plan),
-                                                                    ("fused", fused))}
+    losses = {name: _probe_loss(candidate) for name, candidate in candidates.items()}
     if None not in losses.values():  # the quality side: the loss allocation's joint probe
         chosen.policy["fusion_check"]["probe_loss"] = losses
     return chosen
