@@ -81,6 +81,11 @@ def cpu_autocast(dtype: torch.dtype):
     return torch.autocast("cpu", dtype, enabled=dtype != torch.float32)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` → ``"bfloat16"``: a pass dtype as settings spell it."""
+    return str(dtype).removeprefix("torch.")
+
+
 def pass_dtype(name: str) -> torch.dtype:
     """The dtype CPU forward passes autocast to, for a setting of :data:`PASS_DTYPES`
     (``auto``: bfloat16 where :func:`native_bf16`, else float32)."""

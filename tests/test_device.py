@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import lowrank
-from lowrank.device import autocast_dtype, float64_device, pass_dtype, resolve_device
+from lowrank.device import autocast_dtype, dtype_name, float64_device, pass_dtype, resolve_device
 from lowrank.errors import InputError
 from lowrank.pipeline.runner import _device_key
 from lowrank.pipeline.spec import read_pipeline
@@ -87,6 +87,43 @@ def test_device_reaches_every_computing_stage(tiny_bert_dir, tmp_path, monkeypat
     assert seen == {"collect_stats": {"cpu:0"}, "analyze_task": {"cpu:0"},
                     "factor_task": {"cpu:0"}, "distill": {"cpu:0"}}
     assert run.manifest["device"] == "cpu:0"
+    resolved = {r["stage"]: r.get("resolved") for r in run.manifest["stages"]}
+    auto = dtype_name(pass_dtype("auto"))  # what "auto" is on this CPU
+    assert resolved["calibrate"] == {"forward_dtype": auto}
+    assert resolved["factorize"] == {"compensate_dtype": auto}
+    assert resolved["recover"] == {"dtype": auto}
+
+
+def test_auto_pass_dtypes_are_resolved_for_the_manifest_and_cache_keys(tiny_bert_dir, tmp_path,
+                                                                       monkeypatch):
+    calibrate, factorize, recover = (STAGES[s].resolved for s in ("calibrate", "factorize",
+                                                                  "recover"))
+    for caps, name in (({"avx512_bf16": True}, "bfloat16"), ({}, "float32")):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
+        assert calibrate(CalibrateSettings(), "cpu", []) == {"forward_dtype": name}
+        assert factorize(factorize_mod.FactorizeSettings(), "cpu", ["calibrate"]) == {
+            "compensate_dtype": name}
+        assert recover(recover_mod.RecoverSettings(), "cpu", []) == {"dtype": name}
+        # no autocast on an accelerator; kfac differentiates its passes: float32
+        assert calibrate(CalibrateSettings(), "cuda", []) == {"forward_dtype": "float32"}
+        assert calibrate(CalibrateSettings(method="kfac"), "cpu", []) == {
+            "forward_dtype": "float32"}
+        # data-free or sequential: compensation runs no passes
+        assert factorize(factorize_mod.FactorizeSettings(), "cpu", []) == {}
+        assert factorize(factorize_mod.FactorizeSettings(sequential=True), "cpu",
+                         ["calibrate"]) == {}
+    # A cached calibration made in bf16 is not reused where "auto" means float32.
+    spec = lowrank.compress_spec(calibration_file="", calibration={"samples": 8})
+    runs = []
+    for caps in ({"avx512_bf16": True}, {}):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
+        run = lowrank.run_pipeline(spec, tiny_bert_dir, tmp_path / f"out{len(runs)}",
+                                   cache_dir=tmp_path / "cache")
+        run.release()
+        runs.append(next(r for r in run.manifest["stages"] if r["stage"] == "calibrate"))
+    assert [r["resolved"] for r in runs] == [{"forward_dtype": "bfloat16"},
+                                             {"forward_dtype": "float32"}]
+    assert runs[0]["key"] != runs[1]["key"] and not runs[1]["cached"]
 
 
 def test_whitening_factor_is_computed_once_per_gram(monkeypatch):

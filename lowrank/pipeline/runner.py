@@ -162,11 +162,13 @@ def _run_stages(spec: PipelineSpec, ctx: Context, settings: dict, cache: Cache,
         used = [n for n in stage.uses if n in artifacts]
         file_digests = {k: setting_file_sha256(name, k, v)
                         for k, v in asdict(stage_settings).items() if k.endswith("_file") and v}
+        resolved = stage.resolved(stage_settings, ctx.device, used)
+        resolved = {"resolved": resolved} if resolved else {}
         keys[name] = digest({"stage": name, "lowrank": __version__, "model": model_digest,
                              "settings": asdict(stage_settings), "files": file_digests,
                              "machine": stage.machine(stage_settings),
                              "upstream": [keys[n] for n in (*stage.needs, *used)],
-                             **_device_key(stage, ctx.device)})
+                             **_device_key(stage, ctx.device), **resolved})
         start = time.perf_counter()
         artifact = cache.get(stage, keys[name])
         cached = artifact is not None
@@ -177,7 +179,7 @@ def _run_stages(spec: PipelineSpec, ctx: Context, settings: dict, cache: Cache,
         artifacts[name] = artifact
         records.append({"stage": name, "key": keys[name], "cached": cached,
                         "seconds": round(time.perf_counter() - start, 3),
-                        "settings": asdict(stage_settings)})
+                        "settings": asdict(stage_settings), **resolved})
 
 
 def _device_key(stage, device: str) -> dict:

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..device import autocast_dtype, check_pass_dtype, cpu_autocast, float64_device
+from ..device import autocast_dtype, check_pass_dtype, cpu_autocast, dtype_name, float64_device
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from ..io.files import check_format, write_json
@@ -116,6 +116,9 @@ class CalibrateSettings:
         if not all(isinstance(n, int) and n >= 1 for n in counts):
             raise InputError("calibration samples, tokens, max_length, batch_size and "
                              "kfac_samples must be whole numbers >= 1")
+
+    def pass_dtype(self, device: str | None = None) -> torch.dtype:  # forward_dtype resolved
+        return torch.float32 if self.method == "kfac" else autocast_dtype(self.forward_dtype, device)
 
 
 @dataclass
@@ -236,8 +239,7 @@ class ActivationStats:
 
 
 def _nbytes(value: torch.Tensor | tuple) -> int:
-    tensors = value if isinstance(value, tuple) else (value,)
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.nbytes for t in (value if isinstance(value, tuple) else (value,)))
 
 
 def _digest(t: torch.Tensor) -> tuple:
@@ -281,7 +283,7 @@ def collect_stats(model: nn.Module, tokenizer, data: Samples, settings: Calibrat
     # seq2seq model's loss (seq2seq_inputs' labels) reads them.
     skip_head = not kfac and not getattr(getattr(model, "config", None), "is_encoder_decoder",
                                          False)
-    dtype = torch.float32 if kfac else autocast_dtype(settings.forward_dtype, device)
+    dtype = settings.pass_dtype(device)
     try:
         for p in trainable:  # gradients of the outputs only, not of the weights
             p.requires_grad_(False)
@@ -394,4 +396,5 @@ def _run(ctx: Context, settings: CalibrateSettings) -> ActivationStats:
 
 
 register_stage(Stage("calibrate", (), CalibrateSettings, _run, save_stats, load_stats,
-                     on_device=True))
+                     on_device=True, resolved=lambda settings, device, used: {
+                         "forward_dtype": dtype_name(settings.pass_dtype(device))}))

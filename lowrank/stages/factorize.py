@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..device import check_pass_dtype, on_device, pass_dtype
+from ..device import check_pass_dtype, dtype_name, on_device, pass_dtype
 from ..errors import InputError, LowrankError
 from ..io.checkpoint import Checkpoint, LazyTensors
 from ..io.safetensors import ShardWriter
@@ -388,4 +388,8 @@ register_stage(Stage(
     save=save_lowrank, load=load_lowrank,
     emit=lambda artifact, out, ctx: save_lowrank(artifact, out, ctx.max_shard_bytes),
     uses=("calibrate",), provides="checkpoint", on_device=True,
+    # compensation's block passes (with calibration) run on CPU whatever the device
+    resolved=lambda settings, device, used: {
+        "compensate_dtype": dtype_name(pass_dtype(settings.compensate_dtype))}
+    if "calibrate" in used and settings.compensate and not settings.sequential else {},
 ))

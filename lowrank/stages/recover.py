@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..device import autocast_dtype, check_pass_dtype, cpu_autocast
+from ..device import autocast_dtype, check_pass_dtype, cpu_autocast, dtype_name
 from ..errors import InputError
 from ..io.samples import model_batches, num_samples, read_calibration
 from ..models import Models, output_tensor
@@ -260,7 +260,7 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
         teacher.to(device)
         student.to(device)
     log = RecoveryLog(settings, mode, trainable_params=sum(p.numel() for p in trainable),
-                      pass_dtype=str(dtype).removeprefix("torch."))
+                      pass_dtype=dtype_name(dtype))
     measured = clock()
     log.heldout_before = heldout_loss()
     eval_s = clock() - measured
@@ -371,4 +371,6 @@ register_stage(Stage(
     save=save_lowrank, load=load_lowrank,
     emit=lambda artifact, out, ctx: save_lowrank(artifact, out, ctx.max_shard_bytes),
     provides="checkpoint", on_device=True,
+    resolved=lambda settings, device, used: {
+        "dtype": dtype_name(autocast_dtype(settings.dtype, device))},
 ))
