@@ -23,7 +23,8 @@ right after (so both see the same machine load), the limits:
   (float32: compensation's passes run in bf16 where the CPU has it, so this stage can come
   in under its limit);
 - scores: forward + backward passes (weight gradients included) over the probe batches with the
-  stage's sampled objective, no hooks.
+  stage's sampled objective, no hooks; plus the forward passes that measure the input
+  embedding's candidates (a reference pass and one per measured candidate).
 
 Limits use torch's default thread count here; stages run per-matrix work one thread per
 matrix (lowrank.parallel.fixed_threads), as many matrices at a time as compress's --workers
@@ -172,10 +173,18 @@ def scores_limit(ckpt) -> float:
     model, batches, kind = probe_data(ckpt, s, stats)
     gen = torch.Generator().manual_seed(s.seed)
 
+    # the input embedding's measured candidates: the reference pass, then one per candidate
+    n = len(s.fractions)
+    measured = len({*range(0, n, 2), n - 1}) + 1
+
     def run():
         for inputs, mask in batches:
             out = model(**inputs, output_hidden_states=kind == "hidden")
             _objective(out, mask, kind, gen)[0].backward()
+        with torch.inference_mode():
+            for _ in range(measured if s.measure_embedding else 0):
+                for inputs, _ in batches:
+                    model(**inputs, output_hidden_states=kind == "hidden")
     return _timed(run, PASS_REPEATS)
 
 

@@ -88,7 +88,7 @@ def shrink(g: torch.Tensor, amount: float) -> torch.Tensor:
 
 
 def make_weighting(name: str, stats, method: str = "whiten", alpha: float = 0.5,
-                   smoothing: float = 1.0, cols: int | None = None,
+                   smoothing: float = 0.1, cols: int | None = None,
                    root=psd_root, shrinkage: float = 0.05) -> Weighting | None:
     """The weighting for tensor ``name`` from :class:`~lowrank.stages.calibrate.ActivationStats`, or
     None when the calibration saw no data for it (plain SVD then). ``root`` computes a root of G

@@ -54,7 +54,9 @@ def test_default_pipeline_with_calibration_allocates_by_loss(tiny_llama_dir, tmp
     result = _compress(tiny_llama_dir, tmp_path, "loss")
     plan = json.loads((tmp_path / "loss" / "plan.json").read_text())
     assert plan["params"]["ratio"] <= 0.8  # the budget is met ...
-    assert plan["params"]["ratio"] > 0.79  # ... and spent
+    # ... and spent, up to the steps of the candidates: here the embedding's and the head's
+    # largest candidates (rank 47 of 64) save ~0.26M parameters each, 6% of the model
+    assert plan["params"]["ratio"] > 0.7
     info = plan["policy"]["loss_allocation"]
     assert info["chosen"] in ("first", "refined")
     assert info[info["chosen"]]["measured_joint"] >= 0
@@ -102,3 +104,39 @@ def test_tied_embedding_and_head_are_one_decision(tiny_llama_dir, tmp_path):
     plan = result.artifacts["plan"]  # ... counted once in the budget
     assert "lm_head.weight" not in plan.layers
     assert plan.params_after <= 0.8 * plan.total_params
+
+
+def test_input_embedding_candidates_are_measured(tiny_llama_dir, tmp_path):
+    """The second-order estimate is far off for deep cuts of an embedding (MiniLM: 0.12
+    estimated, 0.45 measured): its candidates are measured, every other one, the rest
+    interpolated; the samples behind the knapsack's cross terms take the measured size."""
+    import numpy as np
+
+    from lowrank.stages.scores import ScoreSettings, measure_joint
+
+    result = _compress(tiny_llama_dir, tmp_path, "s")
+    scores, stats = result.artifacts["scores"], result.artifacts["calibrate"]
+    name = "model.embed_tokens.weight"
+    entry, directions = scores["matrices"][name], np.asarray(scores["directions"][name])
+    ranks = entry["ranks"]
+    assert entry["measured"] == [r for i, r in enumerate(ranks)
+                                 if i % 2 == 0 or i == len(ranks) - 1]
+    probe = ScoreSettings(samples=16, batch_size=8)
+    measured = measure_joint(lowrank.open_checkpoint(tiny_llama_dir), probe, stats,
+                             [{name: r} for r in entry["measured"]])
+    by_rank = dict(zip(ranks, entry["scores"]))
+    assert [by_rank[r] for r in entry["measured"]] == pytest.approx(measured, rel=1e-4)
+    for i in range(1, len(ranks) - 1, 2):  # between its measured neighbours
+        low, high = sorted((entry["scores"][i - 1], entry["scores"][i + 1]))
+        assert low <= entry["scores"][i] <= high
+    assert len(entry["second_order"]) == len(ranks) and entry["second_order"] != entry["scores"]
+    sized = [s for s, e in zip(entry["scores"], entry["second_order"]) if e > 0]
+    assert (directions ** 2).sum(0)[[e > 0 for e in entry["second_order"]]] == pytest.approx(sized)
+    # Linears keep the estimate; measure_embedding=False keeps it for the embedding too.
+    assert "measured" not in scores["matrices"]["model.layers.1.mlp.up_proj.weight"]
+    spec = compress_spec(calibration_file="", calibration={"samples": 32},
+                         plan={"param_ratio": 0.8})
+    spec.settings["scores"] = {"samples": 16, "batch_size": 8, "measure_embedding": False}
+    off = lowrank.run_pipeline(spec, tiny_llama_dir, tmp_path / "off", cache_dir=tmp_path / "cache")
+    assert "measured" not in off.artifacts["scores"]["matrices"][name]
+    assert off.artifacts["scores"]["matrices"][name]["scores"] == entry["second_order"]

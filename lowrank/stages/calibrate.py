@@ -82,7 +82,9 @@ class CalibrateSettings:
     # (ASVD-style, input channels scaled by mean|x|^scale_alpha).
     method: str = "whiten"
     scale_alpha: float = 0.5
-    token_smoothing: float = 1.0  # added to every embedding row's count: unseen rows still count
+    # Added to every embedding row's count (rows weighted by √(count + s)): unseen rows still
+    # count. 0.1, not 1: MiniLM at 50%, cosine on python_docs 0.764 -> 0.779 (README).
+    token_smoothing: float = 0.1
     # kfac: G_g <- (1 - s)·G_g + s·(tr G_g / n)·I; labels "sampled" from the model (the true
     # Fisher) or the "real" next tokens (the empirical Fisher; causal LMs only).
     kfac_shrinkage: float = 0.05
@@ -244,8 +246,7 @@ def _nbytes(value: torch.Tensor | tuple) -> int:
 
 def _digest(t: torch.Tensor) -> tuple:
     """A content key for a tensor: its bytes' hash, shape and dtype. SHA-256: twice BLAKE2b's
-    speed where the CPU has SHA instructions (1.8 vs 0.9 GB/s here), and every weighted matrix
-    of a run is hashed."""
+    speed with SHA instructions (1.8 vs 0.9 GB/s), and every weighted matrix is hashed."""
     data = t.detach().cpu().contiguous().view(torch.uint8).numpy()
     return hashlib.sha256(data.data).digest(), tuple(t.shape), str(t.dtype)
 
@@ -324,8 +325,7 @@ def collect_stats(model: nn.Module, tokenizer, data: Samples, settings: Calibrat
 
 def _statistics_mask(mask: torch.Tensor | None, outliers: str) -> torch.Tensor | None:
     """The tokens the statistics use: the real ones, less each sequence's first with
-    ``skip-first`` (the attention-sink position where LLaMA-family LMs put massive
-    activations)."""
+    ``skip-first`` (the attention sink, where LLaMA-family LMs put massive activations)."""
     if mask is None or outliers != "skip-first":
         return mask
     out = mask.clone()
