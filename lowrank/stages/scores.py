@@ -24,9 +24,10 @@ of seconds each), so the loss is estimated to second order from the same data, e
 - A weight used twice (a tied embedding and LM head) sums the contributions of both uses: one
   decision, scored with both uses factored.
 
-The input embedding is the exception: its candidates are measured, one forward pass over the
-probe batch each (:func:`plan_losses`), because the estimate is far off there (``ScoreSettings.
-measure_embedding``); its samples are rescaled to the measured losses.
+The input embedding is the exception: the estimate is far off there, so its candidates are
+measured (``ScoreSettings.measure_embedding``): every other one by a forward pass over the probe
+batch (:func:`plan_losses`), those between interpolated; its samples are rescaled to the
+measured losses.
 
 The artifact keeps each sequence's a_{s,c} per matrix and candidate, so the planner can add the
 cross terms between matrices (compounding, to second order) and compare with a measured joint
