@@ -166,7 +166,7 @@ def calibrate_limit(ckpt, head: bool = False) -> float:
 
 
 def scores_limit(ckpt) -> float:
-    from lowrank.stages.scores import ScoreSettings, _objective, probe_data
+    from lowrank.stages.scores import ScoreSettings, _objective, probe_data, probed_candidates
 
     s = ScoreSettings()
     stats = SimpleNamespace(settings=SimpleNamespace(calibration_file=CALIB))
@@ -174,8 +174,7 @@ def scores_limit(ckpt) -> float:
     gen = torch.Generator().manual_seed(s.seed)
 
     # the input embedding's measured candidates: the reference pass, then one per candidate
-    n = len(s.fractions)
-    measured = len({*range(0, n, 2), n - 1}) + 1
+    measured = len(probed_candidates(len(s.fractions))) + 1
 
     def run():
         for inputs, mask in batches:

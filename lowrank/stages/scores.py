@@ -246,7 +246,7 @@ def score_candidates(ckpt: Checkpoint, spectra: Spectra,
     for name in _measured(model, params, settings, matrices):
         entry = matrices[name]
         ranks_at = entry["ranks"]
-        probed = [ranks_at[i] for i in sorted({*range(0, len(ranks_at), 2), len(ranks_at) - 1})]
+        probed = [ranks_at[i] for i in probed_candidates(len(ranks_at))]
         measured = plan_losses(model, batches, kind, [{name: r} for r in probed],
                                factors.__getitem__, on_step)
         # the candidates between two measured ones interpolated: the loss falls smoothly with rank
@@ -258,6 +258,11 @@ def score_candidates(ckpt: Checkpoint, spectra: Spectra,
     return {"format": SCORES_FORMAT, "version": SCORES_VERSION, "kind": kind,
             "tokens": tokens, "settings": asdict(settings), "matrices": matrices,
             "directions": directions}
+
+
+def probed_candidates(count: int) -> list[int]:
+    """Which of ``count`` candidates a measured matrix measures: every other one and the last."""
+    return sorted({*range(0, count, 2), count - 1})
 
 
 def _measured(model: nn.Module, params: dict[int, str], settings: ScoreSettings,
@@ -318,7 +323,7 @@ def plan_losses(model: nn.Module, batches: list, kind: str, plans: list[dict[str
 def _run(ctx: Context, settings: ScoreSettings, spectra: Spectra, calibrate=None) -> dict:
     total = sum(1 for s in spectra.matrices.values() if s.rows * s.cols >= settings.min_numel)
     steps = total + -(-settings.samples // settings.batch_size) + (
-        len(settings.fractions) // 2 + 1 if settings.measure_embedding else 0)
+        len(probed_candidates(len(settings.fractions))) if settings.measure_embedding else 0)
     with ctx.track("scores", steps) as advance:
         return score_candidates(ctx.checkpoint, spectra, settings, calibrate,
                                 ctx.models.factory, advance,
