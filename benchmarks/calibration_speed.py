@@ -26,12 +26,13 @@ import torch
 from lowrank.cli.console import resolve_model
 from lowrank.io.checkpoint import open_checkpoint
 from lowrank.io.samples import model_batches, read_calibration
-from lowrank.linalg import factorize_matrix, make_weighting, matrix_view
+from lowrank.linalg import factorize_matrix, matrix_view
 from lowrank.models import Models
 from lowrank.stages.analyze import analyze
 from lowrank.stages.calibrate import ActivationStats, CalibrateSettings, collect_stats
 from lowrank.stages.factorize import factorize
 from lowrank.stages.plan import PlanSettings, make_plan
+from lowrank.weighting import make_weighting
 
 
 def emit(report: dict) -> None:

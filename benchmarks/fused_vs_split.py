@@ -17,8 +17,8 @@ import torch
 import transformers as T
 
 from lowrank.io.samples import read_calibration
-from lowrank.linalg import psd_sqrt
 from lowrank.stages.calibrate import CalibrateSettings, collect_stats
+from lowrank.weighting import psd_sqrt
 
 torch.set_num_threads(1)
 tok = T.AutoTokenizer.from_pretrained(gt.get_model_path())

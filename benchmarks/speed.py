@@ -7,7 +7,8 @@ right after (so both see the same machine load), the limits:
 - analyze: the Gram matrix (float64, the smaller side) plus float64 `eigvalsh` of every matrix
   the stage analyzes (`lowrank.linalg.gram_svdvals` on the plain matrix). With calibration the
   stage's work is the weighted one: each input Gram's root (Cholesky), each weighted matrix
-  W·L, its Gram and its `eigh` (eigenvalues for the spectrum, eigenvectors that the scores
+  W·L (for a Linear with fewer outputs than inputs, the root of its output Gram), its Gram
+  and its `eigh` (eigenvalues for the spectrum, eigenvectors that the scores
   stage and factorization then reuse instead of solving again), timed the same way;
 - calibrate: plain `torch.inference_mode` forward passes of the dense model over the same
   batches (calibration lines, max_length, batch size as the stage's defaults, lines batched
@@ -112,9 +113,10 @@ def analyze_limit(ckpt) -> float:
 
 
 def weighted_analyze_limit(ckpt) -> float:
-    from lowrank.linalg import gram_eigh, matrix_view, psd_root, weighted
+    from lowrank.linalg import gram_eigh, matrix_view
     from lowrank.stages.analyze import matrix_infos
     from lowrank.stages.calibrate import CalibrateSettings, _digest, calibrate
+    from lowrank.weighting import psd_root, weighted
 
     stats = calibrate(ckpt, CalibrateSettings(calibration_file=CALIB))  # not timed
     # Layers fed the same input (query, key, value) share one root: found untimed, by content
@@ -128,6 +130,8 @@ def weighted_analyze_limit(ckpt) -> float:
             if same_input[name] not in roots:
                 roots[same_input[name]] = psd_root(gram)
             w = w @ roots[same_input[name]]
+        elif name in stats.output_grams:  # the weighted matrix: a root of W·G·Wᵀ
+            w = psd_root(stats.output_grams[name])
         elif name in stats.token_counts:
             w = weighted(w, stats.weighting(name, w.shape[1]))
         gram_eigh(w.T if w.shape[0] > w.shape[1] else w)

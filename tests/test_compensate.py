@@ -8,7 +8,7 @@ import torch
 
 import lowrank
 from lowrank.io.samples import read_calibration_text
-from lowrank.linalg import Weighting, factorize_matrix, psd_root
+from lowrank.linalg import factorize_matrix
 from lowrank.models import load_dense
 from lowrank.stages.compensate import (
     _PairedInputs,
@@ -17,6 +17,7 @@ from lowrank.stages.compensate import (
     compensated_targets,
     writes_block_output,
 )
+from lowrank.weighting import Weighting, psd_root
 
 
 def _objective(w, m, x, x_student):

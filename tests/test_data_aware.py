@@ -6,8 +6,9 @@ from lowrank.cli import main
 from lowrank.errors import InputError
 from lowrank.io.checkpoint import open_checkpoint
 from lowrank.io.samples import read_calibration_text
-from lowrank.linalg import factorize_matrix, make_weighting, psd_root, psd_sqrt
+from lowrank.linalg import factorize_matrix
 from lowrank.stages.calibrate import ActivationStats, CalibrateSettings
+from lowrank.weighting import make_weighting, psd_root, psd_sqrt
 
 
 def correlated_inputs(n_in=64, tokens=4000, seed=0):
@@ -128,7 +129,8 @@ def test_batches_by_length_pad_less_and_give_the_same_statistics(tiny_llama_dir)
     assert sorted_rows == file_rows  # every line once, whatever the order
     assert sorted_padded < 0.8 * file_padded
 
-    fp32 = CalibrateSettings(batch_size=4, forward_dtype="float32")  # kfac's passes are float32
+    # kfac's passes are float32, and it records every Linear's input Gram
+    fp32 = CalibrateSettings(batch_size=4, forward_dtype="float32", output_grams=False)
     by_length = collect_stats(model, tokenizer, lines, fp32)
     in_order = collect_stats(model, tokenizer, lines,  # kfac batches in file order
                              CalibrateSettings(batch_size=4, method="kfac"))
@@ -231,10 +233,11 @@ def test_bfloat16_forward_passes_give_grams_close_to_float32(tiny_llama_dir):
     full, half = (collect_stats(model, tokenizer, lines,
                                 CalibrateSettings(batch_size=4, forward_dtype=dtype))
                   for dtype in ("float32", "bfloat16"))
-    assert full.grams.keys() == half.grams.keys() and full.tokens == half.tokens
-    errors = {name: float((half.grams[name] - gram).norm() / gram.norm())
-              for name, gram in full.grams.items()}
-    assert all(g.dtype == torch.float64 for g in half.grams.values())
+    full_grams, half_grams = ({**s.grams, **s.output_grams} for s in (full, half))
+    assert full_grams.keys() == half_grams.keys() and full.tokens == half.tokens
+    errors = {name: float((half_grams[name] - gram).norm() / gram.norm())
+              for name, gram in full_grams.items()}
+    assert all(g.dtype == torch.float64 for g in half_grams.values())
     assert max(errors.values()) < 2e-2, errors
     # the first block's query input (RMSNorm, float32 under autocast) is the same; after a
     # bf16 GEMM they differ: the bf16 path really ran
@@ -242,3 +245,63 @@ def test_bfloat16_forward_passes_give_grams_close_to_float32(tiny_llama_dir):
     assert errors["model.layers.0.mlp.down_proj.weight"] > 0
     with pytest.raises(InputError, match="forward_dtype must be one of"):
         CalibrateSettings(forward_dtype="float16")
+
+
+@pytest.mark.parametrize("model_dir", ["tiny_llama_dir", "tiny_bert_dir"])  # BERT's have a bias
+def test_wide_linears_record_output_grams_with_the_same_factors(model_dir, request):
+    """A Linear with fewer outputs than inputs (an FFN's down projection) records
+    Σ (Wx)(Wx)ᵀ = W·G·Wᵀ instead of G, and its whitened spectrum and factors, whole or by row
+    blocks, are the input Gram's."""
+    import transformers
+
+    from lowrank.linalg import factorize_split, gram_svdvals, matrix_view
+    from lowrank.stages.calibrate import collect_stats
+    from lowrank.weighting import weighted
+
+    model_dir = request.getfixturevalue(model_dir)
+    model = transformers.AutoModel.from_pretrained(model_dir).eval()
+    with torch.no_grad():  # biases initialized to zero: make them count
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.normal_(generator=torch.Generator().manual_seed(0))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    lines = read_calibration_text(None, 64)  # varied text: a G with no near-equal eigenvalues
+    outputs, inputs = (collect_stats(model, tokenizer, lines, CalibrateSettings(
+        batch_size=4, forward_dtype="float32", output_grams=on)) for on in (True, False))
+    wide = {f"{fqn}.weight" for fqn, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m.out_features < m.in_features}
+    assert wide and set(outputs.output_grams) == wide and not inputs.output_grams
+    assert set(outputs.grams) == set(inputs.grams) - wide
+    params = dict(model.named_parameters())
+    for name in wide:
+        w = matrix_view(params[name].detach()).double()
+        expected = w @ inputs.grams[name] @ w.T
+        assert (outputs.output_grams[name] - expected).norm() <= 1e-5 * expected.norm()
+        by_output = outputs.weighting(name, w.shape[1])
+        by_input = inputs.weighting(name, w.shape[1])
+        assert by_output.kind == "whiten-output" and by_input.kind == "whiten"
+        # the output energy of each direction, to the Grams' float32 products' rounding
+        energy = gram_svdvals(weighted(w, by_input)) ** 2
+        torch.testing.assert_close(gram_svdvals(weighted(w, by_output)) ** 2, energy,
+                                   rtol=0, atol=1e-6 * float(energy[0]))
+        gram = inputs.grams[name]
+
+        def output_error(A, B, blocks=None, w=w, gram=gram):  # Σ‖(W − AB)x‖² / Σ‖Wx‖²
+            if blocks:  # factorize_split's: row block i of W is A_i·B_i
+                A = torch.block_diag(*A.split(blocks))
+            d = w - A.double() @ B.double()
+            return float(torch.trace(d @ gram @ d.T) / torch.trace(w @ gram @ w.T))
+
+        half = w.shape[0] // 2
+        for rank in (2, half // 2):  # the same least output error, whole and by row blocks
+            A1, B1, energy1, _ = factorize_matrix(w, rank, "gram", weighting=by_output)
+            A0, B0, energy0, _ = factorize_matrix(w, rank, "gram", weighting=by_input)
+            assert output_error(A1, B1) == pytest.approx(output_error(A0, B0), rel=1e-5)
+            assert energy1 == pytest.approx(energy0, rel=1e-6)
+            sizes = [half, w.shape[0] - half]
+            split = [factorize_split(w, sizes, rank, "gram", weighting=wt)[:2]
+                     for wt in (by_output, by_input)]
+            errors = [output_error(A, B, sizes) for A, B in split]
+            assert errors[0] == pytest.approx(errors[1], rel=1e-5)
+            plain = factorize_split(w, sizes, rank, "gram")[:2]
+            assert errors[0] < output_error(*plain, sizes)  # and the weighting is used

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from lowrank.errors import InputError
-from lowrank.linalg import factorize_matrix, gram_svd, gram_svdvals, make_weighting
+from lowrank.linalg import factorize_matrix, gram_svd, gram_svdvals
 from lowrank.stages.analyze import AnalyzeSettings, analyze_matrix
 from lowrank.stages.factorize import FactorizeSettings, choose_method
+from lowrank.weighting import make_weighting
 
 from .conftest import low_rank_matrix
 from .test_data_aware import correlated_inputs, stats_for

@@ -8,8 +8,9 @@ from click.testing import CliRunner
 
 from lowrank.cli import main
 from lowrank.io.samples import read_calibration
-from lowrank.linalg import Weighting, factorize_matrix, make_weighting, shrink
+from lowrank.linalg import factorize_matrix
 from lowrank.stages.calibrate import ActivationStats, CalibrateSettings, collect_stats
+from lowrank.weighting import Weighting, make_weighting, shrink
 
 UP = "model.layers.0.mlp.up_proj.weight"
 DOWN = "model.layers.0.mlp.down_proj.weight"
@@ -105,9 +106,10 @@ def test_outlier_handling_on_a_model_with_a_massive_activation(tiny_llama_dir, o
     handle = _massive_first_token(model)
     lines = read_calibration(None, 64)
     calib, held_out = lines[:32], lines[32:]
-    kept = _stats(model, tokenizer, calib)
+    inputs = {"output_grams": False}  # down_proj's input Gram, whose trace is read below
+    kept = _stats(model, tokenizer, calib, **inputs)
     # Clip at 2x the median norm: here one token in ~20 is an outlier (sequences are short).
-    handled = _stats(model, tokenizer, calib, outliers=outliers, outlier_factor=2.0)
+    handled = _stats(model, tokenizer, calib, outliers=outliers, outlier_factor=2.0, **inputs)
     # Held-out inputs of down_proj at every position but the first (the normal tokens).
     rows = []
     hook = model.get_submodule(DOWN[:-len(".weight")]).register_forward_pre_hook(
@@ -120,7 +122,8 @@ def test_outlier_handling_on_a_model_with_a_massive_activation(tiny_llama_dir, o
     x = torch.cat(rows)[mask].double()
     # The statistics: the first tokens (one in ~20) held nearly all of the Gram's trace; handled,
     # a small part (skip-first: the Gram of the other tokens, the reference, by construction).
-    normal = float(_stats(model, tokenizer, calib, outliers="skip-first").grams[DOWN].trace())
+    normal = float(_stats(model, tokenizer, calib, outliers="skip-first",
+                          **inputs).grams[DOWN].trace())
     handle.remove()
     share = {label: 1 - normal / float(stats.grams[DOWN].trace())
              for label, stats in (("keep", kept), (outliers, handled))}

@@ -176,7 +176,7 @@ def matrix_infos(ckpt: Checkpoint) -> list:
 def analyze_matrix(name: str, tensor: torch.Tensor, settings: AnalyzeSettings,
                    weighting=None, transposed: bool = False, eigh=None) -> Spectrum:
     """Spectrum of one tensor; of its data-aware weighted matrix when ``weighting`` is given
-    (see :mod:`lowrank.linalg`), so energies are output energies on calibration data.
+    (see :mod:`lowrank.weighting`), so energies are output energies on calibration data.
     ``transposed``: an (in, out) Conv1D weight, weighted as its (out, in) transpose.
     ``eigh``: see :func:`lowrank.linalg.gram_svdvals`."""
     w = matrix_view(tensor, transposed)

@@ -1,12 +1,13 @@
 """Calibration: activation statistics of a model on sample text, through forward hooks.
 
 For every Linear the input Gram matrix G = Σ x xᵀ over real (non-padding) tokens, in float64,
-streamed over batches, plus Σ|x| for activation-scaling (method "scale"); for every Embedding
+streamed over batches (for one with fewer outputs than inputs, the output Gram W·G·Wᵀ instead:
+``output_grams``), plus Σ|x| for activation-scaling (method "scale"); for every Embedding
 the count of each row looked up. A Conv1d/Conv2d's rows are its input patches (unfolded to
 in·kernel columns, the layout of its factored matrix); an LSTM/GRU/RNN's weight_ih_l{k} sees
 its layer's inputs and weight_hh_l{k} the previous hidden states, traced by re-running the
 recurrence on the dense weights (:func:`lowrank.nn.recurrent.dense_rnn_forward`; padding is not
-masked there). These drive data-aware factorization (:mod:`lowrank.linalg`): truncating W G^½
+masked there). These drive data-aware factorization (:mod:`lowrank.weighting`): truncating W G^½
 instead of W keeps the layer's *outputs* on this data as well as rank r allows.
 
 With ``method="kfac"`` each batch also runs one backward pass of a sampled objective
@@ -42,10 +43,11 @@ from ..io.samples import (
     read_calibration_tensors,
     read_calibration_text,
 )
-from ..linalg import METHODS, gram_eigh, make_weighting, psd_root
+from ..linalg import gram_eigh
 from ..models import Models, skip_output_head
 from ..parallel import fixed_threads
 from ..pipeline.stage import Context, Stage, register_stage
+from ..weighting import METHODS, make_weighting, psd_root
 from .fisher import OutputGradients, sampled_objective
 from .recorder import Recorder
 from .recover import RecoverSettings, loss_kind
@@ -77,7 +79,7 @@ class CalibrateSettings:
     # Lines per pass, batched by length (compensation's too): 16 took SmolLM2's calibration
     # 54-61 s instead of 41-42 s (64 Debian lines are ~770 tokens, GEMMs big enough for speed).
     batch_size: int = 64
-    # How the statistics weight the SVD (lowrank.linalg): "whiten" (optimal output error),
+    # How the statistics weight the SVD (lowrank.weighting): "whiten" (optimal output error),
     # "kfac" (also the output-gradient Gram: optimal Fisher-weighted error) or "scale"
     # (ASVD-style, input channels scaled by mean|x|^scale_alpha).
     method: str = "whiten"
@@ -96,6 +98,10 @@ class CalibrateSettings:
     # token, or "clip" each token's input norm at outlier_factor × the batch's median norm.
     outliers: str = "keep"
     outlier_factor: float = 5.0
+    # "whiten" without "clip": a Linear with fewer outputs than inputs (an FFN's down projection)
+    # records the Gram of its outputs W·x, not of its inputs: the same factors from out² numbers
+    # instead of in² (lowrank.weighting, "whiten-output"): SmolLM2 calibrate 44 -> 35 s.
+    output_grams: bool = True
     # CPU forward passes autocast to this (lowrank.device.PASS_DTYPES; "auto": bf16 where the
     # CPU has it; kfac's stay float32); Grams stay float64 sums of float32 products. SmolLM2 at
     # 85%: perplexity / dense 1.466x -> 1.468x, calibrate 69 -> 56 s (reports/speed.md).
@@ -128,6 +134,8 @@ class ActivationStats:
     """The calibrate stage's artifact, keyed by weight name (``<module>.weight``)."""
 
     grams: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ x xᵀ, float64 (in × in)
+    # Σ (Wx)(Wx)ᵀ, float64 (out × out), instead of Σ x xᵀ (see CalibrateSettings.output_grams)
+    output_grams: dict[str, torch.Tensor] = field(default_factory=dict)
     # Σ |x|, float64 (in,); collected for method "scale" only, the one weighting that reads it
     abs_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     token_counts: dict[str, torch.Tensor] = field(default_factory=dict)  # rows looked up (num,)
@@ -153,7 +161,7 @@ class ActivationStats:
                               shrinkage=s.kfac_shrinkage)
 
     def whitening_factor(self, gram: torch.Tensor, device: str | None = None) -> torch.Tensor:
-        """A root of ``gram`` (:func:`lowrank.linalg.psd_root`), memoized by content: analysis
+        """A root of ``gram`` (:func:`lowrank.weighting.psd_root`), memoized by content: analysis
         and factorization of one run, and layers fed the same input (query, key and value),
         share one. Hashing G reads n² numbers; the factorization it saves costs ~n³/3. One
         torch thread, like the per-matrix tasks beside it (:func:`lowrank.parallel.fixed_threads`):
@@ -223,8 +231,7 @@ class ActivationStats:
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
-        for kind, d in (("gram", self.grams), ("abs", self.abs_sums), ("count", self.token_counts),
-                        ("ograd", self.out_grams)):
+        for kind, d in self._kinds().items():
             out.update({f"{kind}:{name}": t.contiguous() for name, t in d.items()})
         return out
 
@@ -232,12 +239,15 @@ class ActivationStats:
     def from_tensors(cls, tensors: dict[str, torch.Tensor], tokens: int, samples: int,
                      settings: CalibrateSettings):
         stats = cls(tokens=tokens, samples=samples, settings=settings)
-        target = {"gram": stats.grams, "abs": stats.abs_sums, "count": stats.token_counts,
-                  "ograd": stats.out_grams}
+        target = stats._kinds()
         for key, t in tensors.items():
             kind, name = key.split(":", 1)
             target[kind][name] = t
         return stats
+
+    def _kinds(self) -> dict[str, dict[str, torch.Tensor]]:  # the stats file's key prefixes
+        return {"gram": self.grams, "ygram": self.output_grams, "abs": self.abs_sums,
+                "count": self.token_counts, "ograd": self.out_grams}
 
 
 def _nbytes(value: torch.Tensor | tuple) -> int:
@@ -293,7 +303,7 @@ def collect_stats(model: nn.Module, tokenizer, data: Samples, settings: Calibrat
             # kfac's backward passes take the first samples: keep them in file order
             for inputs, mask in model_batches(data, tokenizer, settings.batch_size,
                                               settings.max_length, device, by_length=not kfac):
-                recorder.mask = _statistics_mask(mask, settings.outliers)
+                recorder.mask = mask
                 first = next(iter(inputs.values()))
                 stats.tokens += int(mask.sum()) if mask is not None else first.shape[0]
                 backward = gradients is not None and done < settings.kfac_samples
@@ -318,20 +328,9 @@ def collect_stats(model: nn.Module, tokenizer, data: Samples, settings: Calibrat
             gradients.remove()
         for p in trainable:
             p.requires_grad_(True)
-    for d in (stats.grams, stats.abs_sums, stats.token_counts, stats.out_grams):
+    for d in stats._kinds().values():
         d.update({k: v.cpu() for k, v in d.items()})
     return stats
-
-
-def _statistics_mask(mask: torch.Tensor | None, outliers: str) -> torch.Tensor | None:
-    """The tokens the statistics use: the real ones, less each sequence's first with
-    ``skip-first`` (the attention sink, where LLaMA-family LMs put massive activations)."""
-    if mask is None or outliers != "skip-first":
-        return mask
-    out = mask.clone()
-    first = mask.int().argmax(1)  # the first real token (left padding too)
-    out[torch.arange(mask.shape[0]), first] = False
-    return out
 
 
 def calibrate(ckpt: Checkpoint, settings: CalibrateSettings = CalibrateSettings(),

@@ -14,11 +14,12 @@ from torch import nn
 
 from ..device import cpu_autocast
 from ..io.samples import model_batches
-from ..linalg import Weighting, lower_gram, matrix_view, symmetric
+from ..linalg import lower_gram, matrix_view, symmetric
 from ..models import Models, checkpoint_renamer
 from ..naming import IN_PROJ, RECURRENT, module_name, split_owner
 from ..nn.layers import is_transposed
 from ..nn.swap import blocks_prefix, swap_lowrank_
+from ..weighting import Weighting
 from .calibrate import ActivationStats, calibration_data
 from .recorder import token_rows
 from .sequential import input_features
@@ -36,7 +37,7 @@ def compensated_targets(weights: list[torch.Tensor], gram: torch.Tensor,
     G' = G̃ + λI, M* = (Σ (W x) x̃ᵀ + λW)·G'⁻¹ and G̃ = Σ x̃ x̃ᵀ; so the best rank-r M is
     M* truncated in G'^½'s metric: data-aware factorization of M* with whitening G'^½. When
     x̃ = x, M* = W and this is plain whitening. Returns ([M*] in the weights' dtype, a root of G');
-    float64 maths. Whitening needs any root of G' (:func:`lowrank.linalg.psd_root`): its
+    float64 maths. Whitening needs any root of G' (:func:`lowrank.weighting.psd_root`): its
     Cholesky factor, already at hand.
     """
     g_reg = gram.double().clone()
@@ -308,7 +309,8 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
     for name in ranks:
         owner, param = split_owner(name)
         module = model.get_submodule(owner) if name in known else None
-        if name.startswith(prefix + ".") and param == "weight" and name in stats.grams \
+        if name.startswith(prefix + ".") and param == "weight" \
+                and (name in stats.grams or name in stats.output_grams) \
                 and (isinstance(module, nn.Linear) or is_transposed(module)):
             inside.setdefault(int(name[len(prefix) + 1:].split(".")[0]), []).append(name)
         else:  # outside the blocks, or not a Linear: from the dense statistics, first

@@ -1,6 +1,6 @@
 """Factorization: W ≈ A·B by truncated SVD (float64 Gram eigensolver, exact, or seeded
 randomized) for every planned matrix, data-aware when calibration statistics are given
-(:mod:`lowrank.linalg`).
+(:mod:`lowrank.weighting`).
 
 :func:`factorize` streams a checkpoint to a factored one (the pipeline's stage);
 :func:`factorize_` factors a model a user already holds, in place.
@@ -24,7 +24,6 @@ from ..io.checkpoint import Checkpoint, LazyTensors
 from ..io.safetensors import ShardWriter
 from ..linalg import (
     SVD_METHODS,
-    Weighting,
     choose_svd_method,
     factorize_matrix,
     factorize_split,
@@ -47,6 +46,7 @@ from ..parallel import (
 )
 from ..pipeline.stage import Context, Stage, register_stage
 from ..version import __version__
+from ..weighting import Weighting
 from .compensate import compensated_factors
 from .factored import LayerResult, LowRankCheckpoint, load_lowrank, save_lowrank
 from .plan import RankPlan
@@ -201,7 +201,7 @@ def factorize(
     """Replace each planned matrix of ``ckpt`` by its factors; copy every other tensor.
 
     With calibration ``stats`` (:class:`~lowrank.stages.calibrate.ActivationStats`), layers that
-    saw data are factored data-aware (:mod:`lowrank.linalg`). ``ties`` ({alias: primary}, see
+    saw data are factored data-aware (:mod:`lowrank.weighting`). ``ties`` ({alias: primary}, see
     :func:`find_ties`; shared storage is always detected) keeps tied weights tied: the alias
     is not written and follows its primary (factored once, whatever the plan says of it).
 

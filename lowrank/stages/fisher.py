@@ -1,7 +1,7 @@
 """Fisher statistics from one backward pass per batch: the sampled objective whose gradients
 estimate the distillation loss to second order (used by :mod:`lowrank.stages.scores`), and the
 output-gradient Grams G_g = Σ g gᵀ of every Linear for two-sided (KFAC) whitening
-(:mod:`lowrank.linalg`, ``kfac``; collected by :mod:`lowrank.stages.calibrate`).
+(:mod:`lowrank.weighting`, ``kfac``; collected by :mod:`lowrank.stages.calibrate`).
 
 The distillation loss to the dense model is zero with zero gradient at the dense weights, so
 the gradients of that loss say nothing; the gradients of a *sampled* objective do: for causal

@@ -1,6 +1,7 @@
 """Forward hooks that accumulate calibration statistics (:mod:`lowrank.stages.calibrate`): the
 input Gram Σ x xᵀ and Σ|x| of every Linear, Conv1d/2d (input patches), LSTM/GRU/RNN and
-MultiheadAttention in-projection, and the row counts of every Embedding."""
+MultiheadAttention in-projection, and the row counts of every Embedding; with output Grams,
+Σ (Wx)(Wx)ᵀ instead of Σ x xᵀ for a Linear with fewer outputs than inputs."""
 
 from __future__ import annotations
 
@@ -71,7 +72,12 @@ class Recorder:
                  device: str | None = None):
         self.stats, self.mask, self.handles = stats, None, []
         self.collect_abs = stats.settings.method == "scale"  # the one weighting reading Σ|x|
-        self.clip = stats.settings.outlier_factor if stats.settings.outliers == "clip" else None
+        settings = stats.settings
+        self.clip = settings.outlier_factor if settings.outliers == "clip" else None
+        # Linears whose output Gram is recorded (lowrank.weighting's "whiten-output"): clipping
+        # scales inputs, and only whitening needs nothing but the Gram
+        outputs = settings.output_grams and settings.method == "whiten" and self.clip is None
+        self.output_names: set[str] = set()
         self.device = float64_device(device)  # where the float64 Grams accumulate
         # The last Linear input and its Gram/abs-sum terms: a layer fed the same input next
         # (query, key, value; gate, up) adds these instead of another GEMM.
@@ -91,7 +97,11 @@ class Recorder:
             name = weight_name(fqn)
             if only is not None and name not in only:
                 continue
-            if isinstance(module, nn.Linear) or is_transposed(module):
+            if outputs and type(module) is nn.Linear \
+                    and module.out_features < module.in_features:
+                self.output_names.add(name)
+                self.handles.append(module.register_forward_hook(self._linear_output(name)))
+            elif isinstance(module, nn.Linear) or is_transposed(module):
                 if is_transposed(module):
                     stats.transposed.add(name)
                 self.handles.append(module.register_forward_pre_hook(self._linear(name)))
@@ -109,6 +119,12 @@ class Recorder:
 
     @mask.setter
     def mask(self, mask: torch.Tensor | None) -> None:
+        """The batch's real tokens, less each sequence's first with ``skip-first`` outliers
+        (the attention sink, where LLaMA-family LMs put massive activations)."""
+        if mask is not None and self.stats.settings.outliers == "skip-first":
+            mask = mask.clone()
+            first = mask.int().argmax(1)  # the first real token (left padding too)
+            mask[torch.arange(mask.shape[0]), first] = False
         self._mask = mask
         self._index = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
 
@@ -149,7 +165,7 @@ class Recorder:
 
     def _flush(self, name: str) -> None:
         gram = symmetric(self.pending.pop(name)[0]).double()
-        grams = self.stats.grams
+        grams = self.stats.output_grams if name in self.output_names else self.stats.grams
         # out of place: a Gram first flushed in a hook is an inference tensor, and the last
         # flush runs after torch.inference_mode has ended, where it cannot be updated in place
         grams[name] = grams[name] + gram if name in grams else gram
@@ -213,6 +229,16 @@ class Recorder:
     def _linear(self, name):
         def hook(module, args):
             self._accumulate(name, self._rows(args[0].detach()), share=True)
+        return hook
+
+    def _linear_output(self, name):
+        def hook(module, args, output):
+            # W·x, the product whitening weights (the output's own precision: a bf16 pass's
+            # output gives the same held-out error at SmolLM2's down_proj ranks, to 1e-5)
+            rows = self._rows(output.detach()).float()
+            if module.bias is not None:
+                rows = rows - module.bias.detach().float()
+            self._accumulate(name, rows)
         return hook
 
     def _embedding(self, name, module):

@@ -157,7 +157,8 @@ def _weighting(ckpt: Checkpoint, name: str, stats):
 def _factors_task(ckpt: Checkpoint, name: str, weighting, stats,
                   rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     w = matrix_view(ckpt.get(name))
-    if weighting is not None and weighting.kind == "whiten" and name not in stats.transposed:
+    if weighting is not None and weighting.kind in ("whiten", "whiten-output") \
+            and name not in stats.transposed:
         # The analysis's eigendecomposition of this matrix: no W·L to form and hash again
         analyzed = stats.analyzed_eigh(name)
         if analyzed is not None and analyzed[1].shape[0] == min(w.shape):
