@@ -10,6 +10,7 @@ import lowrank
 from lowrank.io.samples import read_calibration_text
 from lowrank.linalg import factorize_matrix
 from lowrank.models import load_dense
+from lowrank.stages.blockwise import output_module
 from lowrank.stages.compensate import (
     _PairedInputs,
     _Reached,
@@ -97,6 +98,52 @@ def test_only_a_layer_added_to_the_block_output_as_is_writes_it():
     assert not writes_block_output(block, block.up, state)  # another width, through relu
     post_norm = _Block(post_norm=True)
     assert not writes_block_output(post_norm, post_norm.down, state)
+
+
+class _PostNormBlock(torch.nn.Module):
+    """BERT's layout: the last Linear inside a module that adds the residual and normalizes."""
+
+    class Output(torch.nn.Module):
+        def __init__(self, hidden, width):
+            super().__init__()
+            self.dense, self.norm = torch.nn.Linear(hidden, width), torch.nn.LayerNorm(width)
+
+        def forward(self, x, residual):
+            return self.norm(residual + self.dense(x))
+
+    def __init__(self, width=8, hidden=24):
+        super().__init__()
+        self.up, self.output = torch.nn.Linear(width, hidden), self.Output(hidden, width)
+
+    def forward(self, h):
+        return self.output(torch.relu(self.up(h)), h)
+
+
+def test_the_module_whose_output_is_the_blocks_is_found():
+    torch.manual_seed(0)
+    state = (torch.randn(3, 5, 8), (), {})
+    block = _PostNormBlock()
+    assert output_module(block, block.output.dense, state) is block.output
+    assert output_module(block, block.up, state) is None  # nothing around up but the block
+    pre_norm = _Block()
+    assert output_module(pre_norm, pre_norm.down, state) is None
+
+
+def test_a_post_norm_blocks_new_outputs_come_from_that_module(tiny_bert_dir, tmp_path,
+                                                                monkeypatch):
+    """After BERT's output.dense is fitted, the block's new outputs are BertOutput's on the
+    inputs kept from that layer's pass, not a rerun of the block: the same factors."""
+    from lowrank.stages import blockwise
+
+    found = []
+    real = blockwise.output_module
+    monkeypatch.setattr(blockwise, "output_module", lambda *a: found.append(real(*a)) or found[-1])
+    kept = _compress(tiny_bert_dir, tmp_path / "kept" / "out", True)
+    assert len(found) == 2 and all(type(m).__name__ == "BertOutput" for m in found)
+    monkeypatch.setattr(blockwise, "output_module", lambda *a: None)
+    rerun = _compress(tiny_bert_dir, tmp_path / "rerun" / "out", True)
+    a, b = kept.artifacts["factorize"].tensors, rerun.artifacts["factorize"].tensors
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_block_output_sums_fit_the_weighted_block_output():

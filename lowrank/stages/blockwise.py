@@ -9,7 +9,9 @@ already-trained compressed blocks before it (errors propagate and get corrected 
 in sequential calibration); the targets are the dense blocks' outputs on the dense inputs.
 The blocks' extra arguments (attention mask, rotary position embeddings) are captured with a
 forward pre-hook on the first block, so any architecture whose blocks take the hidden states
-first works: LLaMA-style decoders and BERT-style encoders alike.
+first works: LLaMA-style decoders and BERT-style encoders alike. The block helpers here (the
+first block's inputs, a block's run, the module whose output is a block's) serve compensation
+too.
 """
 
 from __future__ import annotations
@@ -74,6 +76,31 @@ def run_block(block: nn.Module, state: State) -> torch.Tensor:
     hidden, args, kwargs = state
     out = block(hidden, *args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def output_module(block: nn.Module, module: nn.Module, state) -> nn.Module | None:
+    """The innermost module around ``module`` whose output is ``block``'s output, or None (BERT's
+    BertOutput: the last dense layer, the residual, the LayerNorm): once ``module`` is factored,
+    that module on its kept inputs is the block's new output, without running the block again.
+    One block pass on ``state`` tells (each candidate called once, its output equal to the
+    block's)."""
+    around = [m for m in block.modules()
+              if m is not block and m is not module and any(c is module for c in m.modules())]
+    seen: dict[int, list] = {i: [] for i in range(len(around))}
+    handles = [m.register_forward_hook(lambda m, args, out, i=i: seen[i].append(out))
+               for i, m in enumerate(around)]
+    try:
+        with torch.no_grad():
+            out = run_block(block, state)
+    finally:
+        for h in handles:
+            h.remove()
+    for i in reversed(range(len(around))):  # innermost first (modules() lists outer first)
+        got = seen[i]
+        if len(got) == 1 and isinstance(got[0], torch.Tensor) and got[0].shape == out.shape \
+                and torch.equal(got[0], out):
+            return around[i]
+    return None
 
 
 def block_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None):

@@ -262,14 +262,16 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
     share an input runs the dense block on the dense inputs and the partly factored block on
     the compressed ones. A block's last layer, when its output goes to the block's output as
     is, is fitted to the block's output instead (:func:`block_output_sums`, ``residual_share``;
-    None: like the others). The block passes autocast to ``dtype`` (CPU). Other weights
+    None: like the others); when a module around it outputs the block's output (BERT's
+    BertOutput), the block's new outputs are that module's, on its inputs kept from the last
+    group's pass. The block passes autocast to ``dtype`` (CPU). Other weights
     (embeddings, an LM head, anything not a Linear) are factored first, from the dense
     statistics. A model without blocks, an encoder-decoder, one with recurrent or attention
     ``in_proj`` weights, or statistics for another data method than ``whiten`` get {} (plain
     factors).
     ``factor(name, weighting, matrix)`` factors one weight (``matrix``: the target in (out,
     in) form); returns {name: (A, B, result)}."""
-    from .blockwise import block_inputs, run_block
+    from .blockwise import block_inputs, output_module, run_block
 
     if stats.settings.method != "whiten":  # kfac/scale weightings are not least squares
         return {}
@@ -327,6 +329,9 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
             and len(groups[-1]) == 1 \
             and writes_block_output(block, sub(block, groups[-1][0]), student_states[0]) \
             else None
+        # Else the module whose output is the block's, fed the last group's kept inputs
+        tail = output_module(block, sub(block, groups[-1][0]), student_states[0]) \
+            if groups and last_layer is None else None
         weights = {n: matrix_view(models.checkpoint.get(n), n in stats.transposed)
                    for g in groups for n in g}
         paired = _PairedInputs({g[0]: [(sub(dense_block, n), weights[n]) for n in g]
@@ -348,15 +353,23 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
                         factored, dense = sub(block, group[0]), sub(dense_block, group[0])
                         outputs = [y - dense(x) + factored(x) for y, x in kept]
                         continue
-                    handle = paired.student(group[0], sub(block, group[0]))
+                    handles = [paired.student(group[0], sub(block, group[0]))]
+                    tail_inputs = []
+                    if tail is not None and group is groups[-1]:
+                        handles.append(tail.register_forward_pre_hook(
+                            lambda m, args, kwargs, kept=tail_inputs: kept.append((args, kwargs)),
+                            with_kwargs=True))
                     for paired.batch, (state, paired.mask) in enumerate(zip(student_states,
                                                                                masks)):
                         try:
                             run_block(block, state)
                         except _Reached:
                             pass
-                    handle.remove()
+                    for handle in handles:
+                        handle.remove()
                     factor_group(group, [weights[n] for n in group], *paired.sums(group[0]))
+                    if tail_inputs:  # the factored layer is in place: the block's outputs
+                        outputs = [tail(*args, **kwargs) for args, kwargs in tail_inputs]
             finally:
                 paired.remove()
             if outputs is None:
