@@ -57,35 +57,40 @@ class _Reached(Exception):
 
 
 class _ChunkedSums:
-    """Σ x xᵀ and Σ t xᵀ over paired rows (x, t), float64 sums of float32 products, one
-    product per chunk of at least ``CHUNK_ROWS`` rows (per-batch products made the float64
-    additions cost more than the GEMMs: on MiniLM, and on SmolLM2's 1536-wide block-output fit,
-    18 s of its factorize)."""
+    """Σ x xᵀ and Σ t xᵀ over paired rows (x, t): each batch's float32 products (the Gram's lower
+    block triangle, :func:`lowrank.linalg.lower_gram`) summed in float32 and moved into float64
+    sums every ``CHUNK_ROWS`` rows, like calibration's Grams (float64 additions per batch cost
+    more than the GEMMs, 18 s of SmolLM2's factorize; joining batches into chunks first cost
+    copies, MiniLM's torch.cat 0.6 s)."""
 
     CHUNK_ROWS = 8192
 
     def __init__(self):
-        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.rows = 0
+        self.lower: torch.Tensor | None = None  # float32 running sums since the last flush
+        self.cross32: torch.Tensor | None = None
         self.gram: torch.Tensor | None = None
         self.cross: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        self.pending.append((x, t))
-        if sum(len(rows) for rows, _ in self.pending) >= self.CHUNK_ROWS:
+        if self.lower is None:
+            self.lower = x.new_zeros(x.shape[1], x.shape[1])
+            self.cross32 = x.new_zeros(t.shape[1], x.shape[1])
+        lower_gram(x, self.lower, accumulate=True)
+        self.cross32.addmm_(t.T, x)
+        self.rows += len(x)
+        if self.rows >= self.CHUNK_ROWS:
             self._flush()
 
     def _flush(self) -> None:
-        if not self.pending:
+        if not self.rows:
             return
-        x = torch.cat([x for x, _ in self.pending])
-        t = torch.cat([t for _, t in self.pending])
-        self.pending = []
-        gram, cross = symmetric(lower_gram(x)), t.T @ x
-        if self.gram is None:
-            self.gram, self.cross = gram.double(), cross.double()
-        else:
-            self.gram += gram
-            self.cross += cross
+        gram, cross = symmetric(self.lower).double(), self.cross32.double()
+        self.gram = gram if self.gram is None else self.gram + gram
+        self.cross = cross if self.cross is None else self.cross + cross
+        self.lower.zero_()
+        self.cross32.zero_()
+        self.rows = 0
 
     def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ x xᵀ, Σ t xᵀ) over every row added."""
