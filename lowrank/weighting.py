@@ -37,7 +37,7 @@ METHODS = ("whiten", "kfac", "scale")
 class Weighting:
     kind: str  # "whiten" | "whiten-output" | "kfac" | "scale" | "rows"
     # whiten/kfac: a root L of G (L·Lᵀ = G, see psd_root) | whiten-output: a root R of W·G·Wᵀ
-    # (out × out) | scale: s (in,) | rows: d (rows,)
+    # (out × out; it stands for W·L of this W only) | scale: s (in,) | rows: d (rows,)
     factor: torch.Tensor
     left: torch.Tensor | None = None  # kfac: Lᵀ for a root L of G_g (out × out)
 

@@ -87,7 +87,7 @@ def output_module(block: nn.Module, module: nn.Module, state) -> nn.Module | Non
     around = [m for m in block.modules()
               if m is not block and m is not module and any(c is module for c in m.modules())]
     seen: dict[int, list] = {i: [] for i in range(len(around))}
-    handles = [m.register_forward_hook(lambda m, args, out, i=i: seen[i].append(out))
+    handles = [m.register_forward_hook(lambda _m, _args, out, i=i: seen[i].append(out))
                for i, m in enumerate(around)]
     try:
         with torch.no_grad():

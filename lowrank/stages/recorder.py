@@ -71,8 +71,8 @@ class Recorder:
     def __init__(self, model: nn.Module, stats, only: set[str] | None = None,
                  device: str | None = None):
         self.stats, self.mask, self.handles = stats, None, []
-        self.collect_abs = stats.settings.method == "scale"  # the one weighting reading Σ|x|
         settings = stats.settings
+        self.collect_abs = settings.method == "scale"  # the one weighting reading Σ|x|
         self.clip = settings.outlier_factor if settings.outliers == "clip" else None
         # Linears whose output Gram is recorded (lowrank.weighting's "whiten-output"): clipping
         # scales inputs, and only whitening needs nothing but the Gram
