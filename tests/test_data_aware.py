@@ -247,34 +247,44 @@ def test_bfloat16_forward_passes_give_grams_close_to_float32(tiny_llama_dir):
         CalibrateSettings(forward_dtype="float16")
 
 
-@pytest.mark.parametrize("model_dir", ["tiny_llama_dir", "tiny_bert_dir"])  # BERT's have a bias
-def test_wide_linears_record_output_grams_with_the_same_factors(model_dir, request):
+# BERT's Linears and GPT-2's Conv1Ds (weights stored (in, out)) have a bias
+@pytest.mark.parametrize("model_dir", ["tiny_llama_dir", "tiny_bert_dir", "gpt2"])
+def test_wide_linears_record_output_grams_with_the_same_factors(model_dir, request, minilm_path):
     """A Linear with fewer outputs than inputs (an FFN's down projection) records
     Σ (Wx)(Wx)ᵀ = W·G·Wᵀ instead of G, and its whitened spectrum and factors, whole or by row
     blocks, are the input Gram's."""
     import transformers
 
     from lowrank.linalg import factorize_split, gram_svdvals, matrix_view
+    from lowrank.nn.layers import is_transposed
     from lowrank.stages.calibrate import collect_stats
     from lowrank.weighting import weighted
 
-    model_dir = request.getfixturevalue(model_dir)
-    model = transformers.AutoModel.from_pretrained(model_dir).eval()
+    if model_dir == "gpt2":
+        torch.manual_seed(0)
+        model = transformers.GPT2Model(transformers.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=30522)).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
+    else:
+        model = transformers.AutoModel.from_pretrained(request.getfixturevalue(model_dir)).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(request.getfixturevalue(model_dir))
     with torch.no_grad():  # biases initialized to zero: make them count
         for m in model.modules():
-            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            if (isinstance(m, torch.nn.Linear) or is_transposed(m)) and m.bias is not None:
                 m.bias.normal_(generator=torch.Generator().manual_seed(0))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     lines = read_calibration_text(None, 64)  # varied text: a G with no near-equal eigenvalues
     outputs, inputs = (collect_stats(model, tokenizer, lines, CalibrateSettings(
         batch_size=4, forward_dtype="float32", output_grams=on)) for on in (True, False))
+
+    def out_in(m):  # a Conv1D's weight is stored (in, out)
+        return m.weight.shape[::-1] if is_transposed(m) else m.weight.shape
     wide = {f"{fqn}.weight" for fqn, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and m.out_features < m.in_features}
+            if (isinstance(m, torch.nn.Linear) or is_transposed(m)) and out_in(m)[0] < out_in(m)[1]}
     assert wide and set(outputs.output_grams) == wide and not inputs.output_grams
     assert set(outputs.grams) == set(inputs.grams) - wide
     params = dict(model.named_parameters())
     for name in wide:
-        w = matrix_view(params[name].detach()).double()
+        w = matrix_view(params[name].detach(), name in inputs.transposed).double()
         expected = w @ inputs.grams[name] @ w.T
         assert (outputs.output_grams[name] - expected).norm() <= 1e-5 * expected.norm()
         by_output = outputs.weighting(name, w.shape[1])
@@ -296,12 +306,13 @@ def test_wide_linears_record_output_grams_with_the_same_factors(model_dir, reque
         for rank in (2, half // 2):  # the same least output error, whole and by row blocks
             A1, B1, energy1, _ = factorize_matrix(w, rank, "gram", weighting=by_output)
             A0, B0, energy0, _ = factorize_matrix(w, rank, "gram", weighting=by_input)
-            assert output_error(A1, B1) == pytest.approx(output_error(A0, B0), rel=1e-5)
+            # (errors are relative to Σ‖Wx‖²: equal up to the float32 Grams' rounding)
+            assert output_error(A1, B1) == pytest.approx(output_error(A0, B0), rel=1e-5, abs=1e-7)
             assert energy1 == pytest.approx(energy0, rel=1e-6)
             sizes = [half, w.shape[0] - half]
             split = [factorize_split(w, sizes, rank, "gram", weighting=wt)[:2]
                      for wt in (by_output, by_input)]
             errors = [output_error(A, B, sizes) for A, B in split]
-            assert errors[0] == pytest.approx(errors[1], rel=1e-5)
+            assert errors[0] == pytest.approx(errors[1], rel=1e-5, abs=1e-7)
             plain = factorize_split(w, sizes, rank, "gram")[:2]
             assert errors[0] < output_error(*plain, sizes)  # and the weighting is used

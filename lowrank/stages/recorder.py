@@ -97,14 +97,16 @@ class Recorder:
             name = weight_name(fqn)
             if only is not None and name not in only:
                 continue
-            if outputs and type(module) is nn.Linear \
-                    and module.out_features < module.in_features:
-                self.output_names.add(name)
-                self.handles.append(module.register_forward_hook(self._linear_output(name)))
-            elif isinstance(module, nn.Linear) or is_transposed(module):
-                if is_transposed(module):
+            if isinstance(module, nn.Linear) or is_transposed(module):
+                transposed = is_transposed(module)  # GPT-2's Conv1D: weight stored (in, out)
+                if transposed:
                     stats.transposed.add(name)
-                self.handles.append(module.register_forward_pre_hook(self._linear(name)))
+                out, in_ = module.weight.shape[::-1] if transposed else module.weight.shape
+                if outputs and out < in_:
+                    self.output_names.add(name)
+                    self.handles.append(module.register_forward_hook(self._linear_output(name)))
+                else:
+                    self.handles.append(module.register_forward_pre_hook(self._linear(name)))
             elif isinstance(module, nn.Embedding) and plain_lookup(module):
                 self.handles.append(module.register_forward_pre_hook(
                     self._embedding(primary.get(name, name), module)))
