@@ -235,6 +235,8 @@ class Recorder:
 
     def _linear_output(self, name):
         def hook(module, args, output):
+            if not isinstance(output, torch.Tensor):  # a subclass of its own: no statistics
+                return
             # W·x, the product whitening weights (the output's own precision: a bf16 pass's
             # output gives the same held-out error at SmolLM2's down_proj ranks, to 1e-5)
             rows = self._rows(output.detach()).float()
