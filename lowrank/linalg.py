@@ -1,5 +1,5 @@
 """The numerical core shared by analysis, sensitivity probing and factorization: matrix views,
-norms, seeded SVDs and rank-r factors, data-aware ones with a :mod:`lowrank.weighting`.
+norms, seeded SVDs and rank-r factors, data-aware ones through :mod:`lowrank.weighting`.
 
 Solvers (``SVD_METHODS``): ``exact`` is LAPACK's SVD of the matrix itself; ``gram`` is a
 symmetric eigensolver on the smaller Gram matrix (W·Wᵀ or Wᵀ·W) in float64, GEMM-speed
