@@ -21,7 +21,7 @@ from ..nn.layers import is_transposed
 from ..nn.swap import blocks_prefix, swap_lowrank_
 from ..weighting import Weighting
 from .calibrate import ActivationStats, calibration_data
-from .recorder import token_rows
+from .recorder import FLUSH_ROWS, token_rows
 from .sequential import input_features
 
 
@@ -59,11 +59,9 @@ class _Reached(Exception):
 class _ChunkedSums:
     """Σ x xᵀ and Σ t xᵀ over paired rows (x, t): each batch's float32 products (the Gram's lower
     block triangle, :func:`lowrank.linalg.lower_gram`) summed in float32 and moved into float64
-    sums every ``CHUNK_ROWS`` rows, like calibration's Grams (float64 additions per batch cost
+    sums every ``FLUSH_ROWS`` rows, as calibration's Grams are (float64 additions per batch cost
     more than the GEMMs, 18 s of SmolLM2's factorize; joining batches into chunks first cost
     copies, MiniLM's torch.cat 0.6 s)."""
-
-    CHUNK_ROWS = 8192
 
     def __init__(self):
         self.rows = 0
@@ -79,7 +77,7 @@ class _ChunkedSums:
         lower_gram(x, self.lower, accumulate=True)
         self.cross32.addmm_(t.T, x)
         self.rows += len(x)
-        if self.rows >= self.CHUNK_ROWS:
+        if self.rows >= FLUSH_ROWS:
             self._flush()
 
     def _flush(self) -> None:
