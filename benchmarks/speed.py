@@ -156,7 +156,8 @@ def factorize_limit(ckpt, ranks: dict[str, int]) -> float:
 def calibrate_limit(ckpt, head: bool = False) -> float:
     from lowrank.io.samples import model_batches
     from lowrank.models import Models, skip_output_head
-    from lowrank.stages.calibrate import CalibrateSettings, calibration_data
+    from lowrank.stages.calibrate import CalibrateSettings
+    from lowrank.stages.calibration_text import calibration_data
 
     s = CalibrateSettings(calibration_file=CALIB)
     model, tokenizer, data = calibration_data(Models(ckpt), s, warn=False)

@@ -256,6 +256,20 @@ class Models:
         return self.dense(), tokenizer
 
 
+# GPT-2's causal LM class predates the ForCausalLM naming: GPT2LMHeadModel.
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    archs = getattr(config, "architectures", None) or []
+    return any(a.endswith(_CAUSAL_SUFFIXES) for a in [*archs, type(model).__name__])
+
+
+def is_seq2seq(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def load_dense(model_dir: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     """The dense HF model of a checkpoint directory, for comparisons (offline, no download)."""
     model = Models(open_checkpoint(model_dir)).dense()

@@ -146,7 +146,8 @@ def test_calibration_takes_lines_up_to_a_token_budget(tiny_llama_dir, tmp_path):
 
     from lowrank.io.samples import lines_within_tokens
     from lowrank.models import Models
-    from lowrank.stages.calibrate import calibrate, calibration_data
+    from lowrank.stages.calibrate import calibrate
+    from lowrank.stages.calibration_text import calibration_data
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
     lines = [" ".join(["word"] * (1 + i % 9)) for i in range(60)]

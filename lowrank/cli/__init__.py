@@ -27,6 +27,7 @@ from .gate import gate_command
 from .generate import generate_command
 from .options import flag
 from .plan import plan_command
+from .sample import sample_command
 
 
 class LowrankGroup(click.Group):
@@ -86,5 +87,5 @@ def main():
 
 
 for command in (analyze_command, plan_command, compress_command, run_command, export_command,
-                bench_command, gate_command, generate_command):
+                bench_command, gate_command, generate_command, sample_command):
     main.add_command(command)

@@ -13,7 +13,7 @@ from ..errors import InputError
 from ..generate import engine, generate_tokens, is_decoder_session, onnx_session
 from ..generate_seq2seq import OnnxSeq2Seq, TorchSeq2Seq, seq2seq_files
 from ..load import load_any
-from ..stages.evaluate import is_causal_lm, is_seq2seq
+from ..models import is_causal_lm, is_seq2seq
 from .console import emit_json, json_option, out, resolve_model
 
 

@@ -83,6 +83,18 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary sibling, then rename it to ``path``: a failed write leaves
+    no half-written file (and an existing one as it was)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def copy_model_files(model_dir: Path | None, dest: Path) -> list[str]:
     """Copy config, tokenizer and other non-weight files of an HF directory into ``dest``."""
     if model_dir is None:

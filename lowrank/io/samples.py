@@ -58,6 +58,12 @@ def lines_within_tokens(lines: list[str], tokenizer, tokens: int, max_length: in
     return kept
 
 
+def token_count(lines: list[str], tokenizer, max_length: int) -> int:
+    """Tokens in ``lines``, each at most ``max_length`` as batches truncate them."""
+    ids = tokenizer(lines, truncation=True, max_length=max_length)["input_ids"]
+    return sum(map(len, ids))
+
+
 TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 

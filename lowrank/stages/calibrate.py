@@ -34,20 +34,13 @@ from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from ..io.files import check_format, write_json
 from ..io.safetensors import save_tensors
-from ..io.samples import (
-    Samples,
-    is_tensor_file,
-    lines_within_tokens,
-    model_batches,
-    num_samples,
-    read_calibration_tensors,
-    read_calibration_text,
-)
+from ..io.samples import Samples, model_batches, num_samples
 from ..linalg import gram_eigh
 from ..models import Models, skip_output_head
 from ..parallel import fixed_threads
-from ..pipeline.stage import Context, Stage, register_stage
+from ..pipeline.stage import Context, Stage, Track, no_progress, register_stage
 from ..weighting import METHODS, make_weighting, psd_root
+from .calibration_text import calibration_data, top_up
 from .fisher import OutputGradients, sampled_objective
 from .recorder import Recorder
 from .recover import RecoverSettings, loss_kind
@@ -70,11 +63,17 @@ class CalibrateSettings:
     # Text, one sample per line; None = the small text shipped with lowrank.
     calibration_file: str | None = None
     # Lines used: the first `samples` when set, else the first lines holding `tokens` tokens
-    # (a tensor file: its first `samples` rows, TENSOR_SAMPLES when unset). A token budget, not
-    # a line count: 256 Debian lines are 3,610 MiniLM tokens, too few for 1536-wide Grams; with
-    # 2,000 lines (28,879 tokens) MiniLM at 50% scores 0.785 cosine on python_docs, not 0.693.
+    # (a tensor file: its first `samples` rows, calibration_text.TENSOR_SAMPLES when unset). A
+    # token budget, not a line count: 256 Debian lines are 3,610 MiniLM tokens, too few for
+    # 1536-wide Grams; with 2,000 lines (28,879 tokens) MiniLM at 50% scores 0.785 cosine on
+    # python_docs, not 0.693.
     samples: int | None = None
     tokens: int = 32768  # 256 lines of max_length tokens, what the old line default allowed
+    # A causal LM's text with fewer than `tokens` tokens is topped up with text sampled from the
+    # dense model (lowrank.sample_text), after its lines. SmolLM2 at 85%, 2,000 Debian lines
+    # (24,163 tokens): perplexity / dense on python_docs 1.468x -> 1.385x, greedy repeated
+    # 4-grams 0.37 -> 0.24, held-out Debian KL 0.162 -> 0.173 (reports/sampled-calibration.md).
+    sampled_text: bool = True
     max_length: int = 128  # tokens per sample; longer samples are truncated
     # Lines per pass, batched by length (compensation's too): 16 took SmolLM2's calibration
     # 54-61 s instead of 41-42 s (64 Debian lines are ~770 tokens, GEMMs big enough for speed).
@@ -142,6 +141,7 @@ class ActivationStats:
     out_grams: dict[str, torch.Tensor] = field(default_factory=dict)  # kfac: Σ g gᵀ (out × out)
     tokens: int = 0  # real tokens seen
     samples: int = 0
+    sampled_lines: list[str] = field(default_factory=list)  # the text's top-up, in samples
     settings: CalibrateSettings = CalibrateSettings()
     # {(kind, content key, device): a root of G, or a Gram's eigenvalues and eigenvectors}:
     # each is computed once per run (see whitening_factor, gram_eigh).
@@ -334,39 +334,32 @@ def collect_stats(model: nn.Module, tokenizer, data: Samples, settings: Calibrat
 
 
 def calibrate(ckpt: Checkpoint, settings: CalibrateSettings = CalibrateSettings(),
-              on_batch=None, factory=None, device: str | None = None) -> ActivationStats:
-    """Activation statistics of ``ckpt``'s dense model on the calibration text (or tensors);
-    ``factory`` builds the model of a non-HF checkpoint (:data:`lowrank.models.ModelFactory`);
-    the forward passes run on ``device`` (:mod:`lowrank.device`; CPU when None).
+              factory=None, device: str | None = None,
+              track: Track = no_progress) -> ActivationStats:
+    """Activation statistics of ``ckpt``'s dense model on the calibration text (or tensors),
+    a causal LM's topped up with sampled text (:func:`.calibration_text.top_up`); ``factory``
+    builds the model of a non-HF checkpoint (:data:`lowrank.models.ModelFactory`); the forward
+    passes run on ``device`` (:mod:`lowrank.device`; CPU when None); ``track`` shows progress.
 
     Example:
         >>> stats = calibrate(open_checkpoint("all-MiniLM-L6-v2/"))  # doctest: +SKIP
         >>> stats.grams["encoder.layer.0.attention.self.query.weight"].shape  # doctest: +SKIP
         torch.Size([384, 384])
     """
-    model, tokenizer, data = calibration_data(Models(ckpt, factory), settings)
-    return collect_stats(model.to(device or "cpu"), tokenizer, data, settings, on_batch,
-                         device=device)
+    return calibrate_models(Models(ckpt, factory), settings, device, track)
 
 
-TENSOR_SAMPLES = 256  # rows of a tensor calibration file used when `samples` is unset
-
-
-def calibration_data(models: Models, settings: CalibrateSettings, warn: bool = True):
-    """(dense model, tokenizer or None, samples): the model and the calibration lines (or input
-    tensors) its statistics come from, chosen as :class:`CalibrateSettings` says. Every stage
-    that reruns the calibration text (compensation, sequential statistics) takes it from here,
-    so all see the same lines."""
-    path = settings.calibration_file
-    if is_tensor_file(path):
-        model, _ = models.runnable_model(need_tokenizer=False)
-        return model, None, read_calibration_tensors(path, settings.samples or TENSOR_SAMPLES,
-                                                     warn)
-    model, tokenizer = models.runnable_model()
-    lines = read_calibration_text(path, settings.samples, warn)
-    if settings.samples is None:
-        lines = lines_within_tokens(lines, tokenizer, settings.tokens, settings.max_length)
-    return model, tokenizer, lines
+def calibrate_models(models: Models, settings: CalibrateSettings, device: str | None = None,
+                     track: Track = no_progress) -> ActivationStats:
+    """:func:`calibrate` of the model that ``models`` builds."""
+    model, tokenizer, data = calibration_data(models, settings)
+    model = model.to(device or "cpu")
+    sampled = top_up(model, tokenizer, data, settings, track)
+    data = data + sampled if sampled else data
+    with track("calibrate", -(-num_samples(data) // settings.batch_size)) as advance:
+        stats = collect_stats(model, tokenizer, data, settings, advance, device=device)
+    stats.sampled_lines = sampled
+    return stats
 
 
 def save_stats(stats: ActivationStats, directory: Path) -> None:
@@ -374,6 +367,7 @@ def save_stats(stats: ActivationStats, directory: Path) -> None:
     write_json(directory / "stats.json", {"format": STATS_FORMAT, "version": STATS_VERSION,
                                           "tokens": stats.tokens, "samples": stats.samples,
                                           "transposed": sorted(stats.transposed),
+                                          "sampled_lines": stats.sampled_lines,
                                           "settings": asdict(stats.settings)})
 
 
@@ -384,14 +378,12 @@ def load_stats(directory: Path) -> ActivationStats:
                                          meta["tokens"], meta["samples"],
                                          CalibrateSettings(**meta["settings"]))
     stats.transposed = set(meta.get("transposed", []))
+    stats.sampled_lines = meta.get("sampled_lines", [])
     return stats
 
 
 def _run(ctx: Context, settings: CalibrateSettings) -> ActivationStats:
-    model, tokenizer, data = calibration_data(ctx.models, settings)
-    with ctx.track("calibrate", -(-num_samples(data) // settings.batch_size)) as advance:
-        return collect_stats(model.to(ctx.device or "cpu"), tokenizer, data, settings, advance,
-                             device=ctx.device)
+    return calibrate_models(ctx.models, settings, ctx.device, ctx.track)
 
 
 register_stage(Stage("calibrate", (), CalibrateSettings, _run, save_stats, load_stats,

@@ -20,7 +20,8 @@ from ..naming import IN_PROJ, RECURRENT, module_name, split_owner
 from ..nn.layers import is_transposed
 from ..nn.swap import blocks_prefix, swap_lowrank_
 from ..weighting import Weighting
-from .calibrate import ActivationStats, calibration_data
+from .calibrate import ActivationStats
+from .calibration_text import calibration_data
 from .recorder import FLUSH_ROWS, token_rows
 from .sequential import input_features
 
@@ -278,7 +279,8 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
 
     if stats.settings.method != "whiten":  # kfac/scale weightings are not least squares
         return {}
-    model, tokenizer, data = calibration_data(models, stats.settings, warn=False)
+    model, tokenizer, data = calibration_data(models, stats.settings, warn=False,
+                                              sampled=stats.sampled_lines)
     prefix = blocks_prefix(model)
     if prefix is None or getattr(getattr(model, "config", None), "is_encoder_decoder", False) \
             or any(RECURRENT.match(split_owner(n)[1]) or split_owner(n)[1] == IN_PROJ

@@ -33,7 +33,7 @@ from ..io.samples import (
     read_calibration_tensors,
     read_calibration_text,
 )
-from ..models import Models, output_tensor
+from ..models import Models, is_causal_lm, is_seq2seq, output_tensor
 from ..pipeline.stage import Context, Stage, json_loader, json_saver, register_stage
 from .calibrate import seq2seq_inputs
 from .factored import LowRankCheckpoint
@@ -95,20 +95,6 @@ class EvaluateSettings:
     def __post_init__(self):
         if min(self.samples, self.max_length, self.batch_size, self.k) < 1:
             raise InputError("evaluation samples, max_length, batch_size and k must be >= 1")
-
-
-# GPT-2's causal LM class predates the ForCausalLM naming: GPT2LMHeadModel.
-_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    archs = getattr(config, "architectures", None) or []
-    return any(a.endswith(_CAUSAL_SUFFIXES) for a in [*archs, type(model).__name__])
-
-
-def is_seq2seq(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def perplexity(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 32,

@@ -34,7 +34,7 @@ from ..generate import (
     onnx_session,
     returned_cache,
 )
-from .evaluate import is_causal_lm
+from ..models import is_causal_lm
 
 # Greedy check: prompts of these lengths (random token ids), this many new tokens each.
 PROMPT_LENGTHS = (5, 9, 16)

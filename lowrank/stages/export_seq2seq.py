@@ -49,7 +49,7 @@ from ..generate_seq2seq import (
     TorchSeq2Seq,
     decoder_start,
 )
-from .evaluate import is_seq2seq
+from ..models import is_seq2seq
 from .export_validate import compare
 
 KINDS = ("decoder", "encoder")  # self-attention cache, cross-attention cache

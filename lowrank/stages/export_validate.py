@@ -18,8 +18,7 @@ from torch import nn
 from ..backends import require
 from ..errors import ValidationError
 from ..io.samples import LABELS, num_samples
-from ..models import output_tensor
-from .evaluate import is_causal_lm
+from ..models import is_causal_lm, output_tensor
 from .export_decoder import no_past_feeds
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from ..backends import require
 from ..errors import InputError
+from ..models import is_causal_lm
 from ..pipeline.stage import Context, Stage, register_stage
-from .evaluate import is_causal_lm
 from .export import OnnxArtifact, load_onnx, onnx_scratch, save_onnx, validate_onnx, write_onnx
 from .factored import LowRankCheckpoint
 

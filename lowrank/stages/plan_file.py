@@ -7,16 +7,14 @@ import json
 from pathlib import Path
 
 from ..errors import InputError
-from ..io.files import check_format, read_json_file
+from ..io.files import atomic_write_text, check_format, read_json_file
 
 PLAN_FORMAT, PLAN_VERSION = "lowrank.plan", 1
 
 
 def save_plan(plan, path: Path) -> None:
     """Write a :class:`~lowrank.stages.plan.RankPlan` to ``path`` (through a temporary file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(plan.to_json(), indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(plan.to_json(), indent=2) + "\n")
 
 
 def read_plan_file(path: Path) -> dict:

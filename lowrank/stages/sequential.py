@@ -21,7 +21,8 @@ from ..io.samples import model_batches
 from ..models import Models
 from ..naming import module_name
 from ..nn.swap import blocks_prefix, swap_lowrank_
-from .calibrate import ActivationStats, calibration_data, collect_stats, seq2seq_inputs
+from .calibrate import ActivationStats, collect_stats, seq2seq_inputs
+from .calibration_text import calibration_data
 
 
 def execution_groups(model: nn.Module, inputs: dict, names: list[str]) -> list[list[str]]:
@@ -69,7 +70,8 @@ def sequential_factors(models: Models, ranks: dict[str, int], stats: ActivationS
     """Factor the weights in ``ranks`` group by group, recollecting statistics before each group
     on the partly factored model. ``factor(name, weighting) -> (A, B, result)`` does one layer;
     returns {name: (A, B, result)}."""
-    model, tokenizer, data = calibration_data(models, stats.settings, warn=False)
+    model, tokenizer, data = calibration_data(models, stats.settings, warn=False,
+                                              sampled=stats.sampled_lines)
     first_batch, mask = next(model_batches(data, tokenizer, 1, stats.settings.max_length))
     first_batch = seq2seq_inputs(model, first_batch, mask)
     results = {}

@@ -1,0 +1,112 @@
+"""Calibration text sampled from a causal LM itself ("self-calibration", Williams et al., NAACL
+2025): sequences drawn from the dense model's own distribution, starting from a document
+separator, one sequence a line. Text the model finds typical covers more of what it does than a
+narrow user file. Calibration tops up a causal LM's text with it (CalibrateSettings.sampled_text):
+SmolLM2-135M at 85%, 2,000 Debian package descriptions topped up to 32,768 tokens, keeps 1.39x
+dense perplexity on python_docs paragraphs, against 1.47x on the Debian lines alone; the
+sampled text alone gives 1.30x but is the worst on held-out Debian lines (README, "Text
+sampled from the model"). ``lowrank sample MODEL FILE`` writes such a file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .io.files import atomic_write_text
+from .models import is_causal_lm
+
+
+@dataclass(frozen=True)
+class SampleTextSettings:
+    tokens: int = 32768  # new tokens in all: calibration's default token budget
+    length: int = 128  # new tokens per line at most: calibration's max_length
+    # Sequences generated together: 128 rows amortize each step's Python overhead (SmolLM2:
+    # 32,768 tokens in 75 s; 118 s at 64 rows).
+    batch_size: int = 128
+    temperature: float = 1.0  # 1 and no top-k: the model's own distribution
+    seed: int = 0
+    start: str | None = None  # the first token; None: see start_token
+
+    def __post_init__(self):
+        if not all(isinstance(n, int) and n >= 1 for n in (self.tokens, self.length,
+                                                           self.batch_size)):
+            raise InputError("sampled text: tokens, length and batch size must be whole "
+                             "numbers >= 1")
+        if not self.temperature > 0:
+            raise InputError(f"sampled text: temperature must be > 0, got {self.temperature}")
+
+    @property
+    def rows(self) -> int:  # sequences sampled
+        return -(-self.tokens // self.length)
+
+    @property
+    def batches(self) -> int:
+        return -(-self.rows // self.batch_size)
+
+
+# The document separator between pretraining documents in the GPT-2, Qwen, StarCoder and SmolLM
+# vocabularies. An instruct model's BOS can be a chat-turn marker instead (SmolLM2-Instruct:
+# <|im_start|>), from which it samples chat transcripts: SmolLM2 at 85% calibrated on text
+# sampled after <|endoftext|> keeps 1.30x dense perplexity on python_docs, 1.42x after BOS.
+DOCUMENT_SEPARATOR = "<|endoftext|>"
+
+
+def start_token(tokenizer, config=None, start: str | None = None) -> int:
+    """The id every sampled sequence starts from: ``start`` (one token), else the vocabulary's
+    ``<|endoftext|>`` document separator, else the tokenizer's BOS token, else its EOS token,
+    else the model ``config``'s BOS token."""
+    if start is not None:
+        ids = tokenizer(start, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise InputError(f"sampled text: start {start!r} is {len(ids)} tokens, not one")
+        return ids[0]
+    for token in (tokenizer.get_vocab().get(DOCUMENT_SEPARATOR), tokenizer.bos_token_id,
+                  tokenizer.eos_token_id, getattr(config, "bos_token_id", None)):
+        if token is not None:
+            return token
+    raise InputError("sampled text: the tokenizer has no BOS or EOS token to start from; "
+                     "give a start token")
+
+
+def sample_text(model: nn.Module, tokenizer, settings: SampleTextSettings = SampleTextSettings(),
+                on_batch=None) -> list[str]:
+    """Lines of text sampled from causal LM ``model``: ⌈tokens / length⌉ sequences of at most
+    ``length`` new tokens (a row ends early at EOS), decoded without special tokens, whitespace
+    runs joined into single spaces (one sample per line). The same lines for the same model,
+    settings and machine: the draws come from a generator seeded with ``settings.seed``."""
+    if not is_causal_lm(model):
+        raise InputError("sampled text needs a causal LM (a model that generates); give a "
+                         "calibration file for this model")
+    first = start_token(tokenizer, getattr(model, "config", None), settings.start)
+    rows = settings.rows
+    device = next(model.parameters()).device
+    lines: list[str] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # The caller's CPU random stream is restored afterwards; an accelerator's is left reseeded.
+    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        torch.manual_seed(settings.seed)
+        for begin in range(0, rows, settings.batch_size):
+            n = min(settings.batch_size, rows - begin)
+            ids = torch.full((n, 1), first, dtype=torch.long, device=device)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=settings.temperature, top_k=0, top_p=1.0,
+                                 max_new_tokens=settings.length, min_new_tokens=1,
+                                 pad_token_id=pad)
+            for text in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True):
+                if line := " ".join(text.split()):
+                    lines.append(line)
+            if on_batch:
+                on_batch(f"{begin + n} sequences")
+    if not lines:
+        raise InputError("sampled text: every sampled sequence was empty")
+    return lines
+
+
+def write_sample_text(lines: list[str], path: str | Path) -> None:
+    """One line each, written to a temporary file and renamed: no half-written FILE."""
+    atomic_write_text(Path(path), "\n".join(lines) + "\n")

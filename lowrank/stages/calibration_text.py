@@ -1,0 +1,62 @@
+"""The samples calibration runs on: the first lines of the calibration text within the token
+budget (or the first rows of a tensor file), and, for a causal LM whose text falls short of the
+budget, lines sampled from the dense model to fill it (:mod:`lowrank.sample_text`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from ..io.samples import (
+    is_tensor_file,
+    lines_within_tokens,
+    read_calibration_tensors,
+    read_calibration_text,
+    token_count,
+)
+from ..models import Models, is_causal_lm
+from ..pipeline.stage import Track, no_progress
+from ..sample_text import SampleTextSettings, sample_text
+
+if TYPE_CHECKING:
+    from .calibrate import CalibrateSettings
+
+
+def top_up(model: nn.Module, tokenizer, data, settings: CalibrateSettings,
+           track: Track = no_progress) -> list[str]:
+    """Lines sampled from causal LM ``model`` (:mod:`lowrank.sample_text`) for the part of the
+    token budget that calibration lines ``data`` leave; [] for other models, for tensors, with
+    a fixed line count (``samples``), without ``sampled_text``, or with less than a line left."""
+    if (not settings.sampled_text or settings.samples is not None or tokenizer is None
+            or not is_causal_lm(model)):
+        return []
+    missing = settings.tokens - token_count(data, tokenizer, settings.max_length)
+    if missing < settings.max_length:
+        return []
+    sampling = SampleTextSettings(tokens=missing, length=settings.max_length)
+    with track("sample text", sampling.batches) as advance:
+        lines = sample_text(model, tokenizer, sampling, advance)
+    return lines_within_tokens(lines, tokenizer, missing, settings.max_length)
+
+
+TENSOR_SAMPLES = 256  # rows of a tensor calibration file used when `samples` is unset
+
+
+def calibration_data(models: Models, settings: CalibrateSettings, warn: bool = True,
+                     sampled: list[str] = ()):
+    """(dense model, tokenizer or None, samples): the model and the calibration lines (or input
+    tensors) its statistics come from, chosen as :class:`CalibrateSettings` says, then the
+    ``sampled`` lines (the statistics' ``sampled_lines``). Every stage that reruns the
+    calibration text (compensation, sequential statistics) takes it from here, so all see the
+    same lines."""
+    path = settings.calibration_file
+    if is_tensor_file(path):
+        model, _ = models.runnable_model(need_tokenizer=False)
+        return model, None, read_calibration_tensors(path, settings.samples or TENSOR_SAMPLES,
+                                                     warn)
+    model, tokenizer = models.runnable_model()
+    lines = read_calibration_text(path, settings.samples, warn)
+    if settings.samples is None:
+        lines = lines_within_tokens(lines, tokenizer, settings.tokens, settings.max_length)
+    return model, tokenizer, lines + list(sampled)

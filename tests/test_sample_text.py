@@ -1,0 +1,112 @@
+"""Calibration text sampled from a causal LM itself (lowrank.sample_text, `lowrank sample`)."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lowrank.cli import main
+from lowrank.errors import InputError
+from lowrank.models import load_dense
+from lowrank.sample_text import SampleTextSettings, sample_text, start_token
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    return load_dense(tiny_llama_dir).eval(), AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+def test_sampled_lines_are_seeded_one_sequence_a_line(tiny_lm):
+    model, tokenizer = tiny_lm
+    settings = SampleTextSettings(tokens=40, length=8, batch_size=2)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    lines = sample_text(model, tokenizer, settings)
+    assert torch.equal(torch.rand(1), before)  # the caller's random stream is left alone
+    assert len(lines) == 5  # ⌈40 / 8⌉ sequences, over three batches
+    assert all(line == " ".join(line.split()) for line in lines)
+    assert sample_text(model, tokenizer, settings) == lines
+    other = sample_text(model, tokenizer, SampleTextSettings(tokens=40, length=8, seed=1))
+    assert other != lines
+
+
+def test_start_token_prefers_the_document_separator(tiny_lm, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    model, _ = tiny_lm
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)  # BERT's: no BOS, no EOS
+    with pytest.raises(InputError, match="no BOS or EOS"):
+        start_token(tokenizer)
+    assert start_token(tokenizer, model.config) == model.config.bos_token_id
+    tokenizer.bos_token = "[CLS]"
+    assert start_token(tokenizer, model.config) == tokenizer.cls_token_id
+    assert start_token(tokenizer, start="[SEP]") == tokenizer.sep_token_id
+    with pytest.raises(InputError, match="not one"):
+        start_token(tokenizer, start="two words")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})
+    assert start_token(tokenizer, model.config) == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+
+def test_sample_command_writes_the_file_and_refuses_bad_input(tiny_llama_dir, tiny_bert_dir,
+                                                              tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "sampled.txt"
+    result = runner.invoke(main, ["sample", str(tiny_llama_dir), str(out), "--tokens", "48",
+                                  "--length", "16", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["lines"] == 3 == len(out.read_text().splitlines())
+    assert not list(tmp_path.glob(".*tmp*"))  # written through a temporary file, then renamed
+
+    config = tiny_llama_dir / "config.json"
+    before = config.read_bytes()
+    refused = runner.invoke(main, ["sample", str(tiny_llama_dir), str(config)])
+    assert refused.exit_code == 3 and "would write into the input" in refused.output
+    assert config.read_bytes() == before
+
+    encoder = runner.invoke(main, ["sample", str(tiny_bert_dir), str(tmp_path / "e.txt")])
+    assert encoder.exit_code == 3 and "needs a causal LM" in encoder.output
+    assert "Traceback" not in encoder.output and not (tmp_path / "e.txt").exists()
+
+
+def test_calibration_text_short_of_the_budget_is_topped_up_with_sampled_lines(
+        tiny_llama_dir, tiny_bert_dir, tmp_path):
+    """A causal LM's calibration text with fewer tokens than the budget gets lines sampled from
+    the model after its own; the statistics keep them (compensation reruns the same lines)."""
+    from lowrank.io.checkpoint import open_checkpoint
+    from lowrank.stages.calibrate import CalibrateSettings, calibrate, load_stats, save_stats
+
+    text = tmp_path / "calib.txt"
+    text.write_text("a short line\nanother short line\n")
+    settings = CalibrateSettings(calibration_file=str(text), tokens=100, max_length=16,
+                                 batch_size=4)
+    stats = calibrate(open_checkpoint(tiny_llama_dir), settings)
+    assert len(stats.sampled_lines) >= 5  # ~90 tokens missing, at most 16 a line
+    assert stats.samples == 2 + len(stats.sampled_lines)
+    assert 100 - 16 < stats.tokens <= 100
+    save_stats(stats, tmp_path)
+    assert load_stats(tmp_path).sampled_lines == stats.sampled_lines
+
+    for other in (CalibrateSettings(calibration_file=str(text), tokens=100, sampled_text=False),
+                  CalibrateSettings(calibration_file=str(text), tokens=100, samples=2)):
+        assert calibrate(open_checkpoint(tiny_llama_dir), other).samples == 2
+    encoder = calibrate(open_checkpoint(tiny_bert_dir),
+                        CalibrateSettings(calibration_file=str(text), tokens=100))
+    assert encoder.samples == 2 and encoder.sampled_lines == []
+
+
+@pytest.mark.parametrize("flags,sampled", [([], True), (["--no-sampled-text"], False)])
+def test_compress_tops_up_a_causal_lms_calibration_text(flags, sampled, tiny_llama_dir, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("a short line\nanother short line\n")
+    result = CliRunner().invoke(main, [
+        "compress", str(tiny_llama_dir), str(tmp_path / "out"), "--rank-fraction", "0.25",
+        "--calibration", str(text), "--calibration-tokens", "64", "--max-length", "16",
+        "--cache-dir", str(tmp_path / "cache"), *flags])
+    assert result.exit_code == 0, result.output
+    [meta] = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("stats.json")]
+    assert bool(meta["sampled_lines"]) is sampled and (meta["samples"] > 2) is sampled
