@@ -68,6 +68,9 @@ def test_sample_command_writes_the_file_and_refuses_bad_input(tiny_llama_dir, ti
     assert refused.exit_code == 3 and "would write into the input" in refused.output
     assert config.read_bytes() == before
 
+    nowhere = runner.invoke(main, ["sample", str(tiny_llama_dir), str(tmp_path / "no" / "s.txt")])
+    assert nowhere.exit_code == 3 and "does not exist" in nowhere.output
+
     encoder = runner.invoke(main, ["sample", str(tiny_bert_dir), str(tmp_path / "e.txt")])
     assert encoder.exit_code == 3 and "needs a causal LM" in encoder.output
     assert "Traceback" not in encoder.output and not (tmp_path / "e.txt").exists()

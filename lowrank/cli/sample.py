@@ -38,6 +38,8 @@ def sample_command(model, file, tokens, length, temperature, seed, start, json_o
     if any(target == p or target.is_relative_to(p) and p.is_dir()
            for p in (ckpt.path.resolve(), *(f.resolve() for f in ckpt.files))):
         raise InputError(f"{file}: would write into the input; choose another path")
+    if not target.parent.is_dir():  # found out before sampling, not after
+        raise InputError(f"{file}: folder {target.parent} does not exist")
     dense, tokenizer = Models(ckpt).runnable_model()
     began = time.perf_counter()
     with rich_track("sample", settings.batches) as advance:
