@@ -161,3 +161,12 @@ def test_recovery_trains_on_the_calibration_text_unless_told_otherwise():
     assert spec.settings["recover"]["calibration_file"] == "other.txt"
     bundled = lowrank.compress_spec(calibration_file="", recover_method="lora")
     assert "calibration_file" not in bundled.settings["recover"]  # the bundled text
+
+
+def test_the_seed_also_seeds_the_measured_loss_scores():
+    seeded = lowrank.compress_spec(calibration_file="mine.txt", plan={"param_ratio": 0.8},
+                                   factorize={"seed": 3})
+    assert "scores" in seeded.stages and seeded.settings["scores"]["seed"] == 3
+    assert seeded.settings["factorize"]["seed"] == 3
+    default = lowrank.compress_spec(calibration_file="mine.txt", plan={"param_ratio": 0.8})
+    assert "seed" not in default.settings.get("scores", {})

@@ -133,7 +133,8 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
               help="SVD: gram (float64 Gram eigensolver), exact (LAPACK), randomized "
               f"(seeded range finder), or auto by size (default: gram, randomized when min(m, n) > "
               f"{FactorizeSettings.exact_max_dim}).")
-@click.option("--seed", type=int, help="Randomized SVD seed.")
+@click.option("--seed", type=int, help="Seed of the run's random draws: randomized SVD and the "
+              "measured-loss scores' noise (default 0).")
 @click.option("--oversample", type=int, help="Randomized SVD oversampling (default 10).")
 @click.option("--niter", type=int, help="Randomized SVD power iterations (default 4).")
 @click.option("--max-shard-size", metavar="SIZE",

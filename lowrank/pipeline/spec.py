@@ -156,7 +156,8 @@ def compress_spec(
         sensitivity, sequential: the sensitivity probe; sequential statistics (need calibration).
             With calibration and a ``param_ratio`` policy the scores stage runs too: the plan
             allocates by measured loss unless ``plan={"allocation": "energy"}``.
-        factorize: [factorize] settings (method, seed, oversample, niter).
+        factorize: [factorize] settings (method, seed, oversample, niter); its seed also
+            seeds the scores stage's noise.
         recover_method, recover: the recover stage and its settings (steps, lr, ...).
         eval_file: the evaluate stage on this file; ``""`` for the bundled evaluation text.
         export: ``"onnx"``; ``optimize`` (fusions by onnxruntime's transformer optimizer; with
@@ -189,6 +190,8 @@ def compress_spec(
             and not plan_settings.get("plan_file")):
         # With data to measure on, the budget goes by measured end-to-end loss (stages.scores).
         spec.stages.insert(spec.stages.index("plan"), "scores")
+        if (factorize or {}).get("seed") is not None:  # one seed for every random draw
+            spec.settings.setdefault("scores", {})["seed"] = factorize["seed"]
     if sequential:
         if calibration_file is None:
             raise OptionError("sequential", "calibration_file")
