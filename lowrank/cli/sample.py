@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import InputError
 from ..io.checkpoint import open_checkpoint
+from ..io.files import check_output_file
 from ..models import Models
 from ..sample_text import SampleTextSettings, sample_text, write_sample_text
 from .console import emit_json, json_option, out, resolve_model, rich_track
@@ -34,12 +34,7 @@ def sample_command(model, file, tokens, length, temperature, seed, start, json_o
     settings = SampleTextSettings(tokens=tokens, length=length, temperature=temperature,
                                   seed=seed, start=start)
     ckpt = open_checkpoint(resolve_model(model))
-    target = Path(file).resolve()
-    if any(target == p or target.is_relative_to(p) and p.is_dir()
-           for p in (ckpt.path.resolve(), *(f.resolve() for f in ckpt.files))):
-        raise InputError(f"{file}: would write into the input; choose another path")
-    if not target.parent.is_dir():  # found out before sampling, not after
-        raise InputError(f"{file}: folder {target.parent} does not exist")
+    check_output_file(Path(file), [ckpt.path, *ckpt.files])
     dense, tokenizer = Models(ckpt).runnable_model()
     began = time.perf_counter()
     with rich_track("sample", settings.batches) as advance:

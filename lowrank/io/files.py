@@ -43,6 +43,18 @@ def check_output_path(output: Path, inputs: list[Path], overwrite: bool = False)
         raise InputError(f"{output}: cannot write in {parent} (permission denied)")
 
 
+def check_output_file(path: Path, inputs: list[Path]) -> None:
+    """Refuse a FILE that is an input or lies inside an input directory, or whose folder does
+    not exist (:func:`atomic_write_text` makes none): found out before the work, not after."""
+    target = Path(path).resolve()
+    for inp in inputs:
+        src = inp.resolve()
+        if target == src or target.is_relative_to(src) and src.is_dir():
+            raise InputError(f"{path}: would write into the input; choose another path")
+    if not target.parent.is_dir():
+        raise InputError(f"{path}: folder {target.parent} does not exist")
+
+
 @contextlib.contextmanager
 def atomic_directory(output: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``output`` in one rename.
