@@ -96,10 +96,13 @@ def same_prefix(a: list[int], b: list[int], n: int = 32) -> int:
     return k
 
 
-def compress(model: str, out: Path, ratio: float, calibration: Path, flags: str) -> dict:
+def compress(model: str, out: Path, ratio: float, calibration: Path, flags: str,
+             cache: str | None = None) -> dict:
+    """Run the compress command; ``cache``: lowrank's stage cache to share between rows (their
+    stage times then say "cached"), else none."""
     cmd = [sys.executable, "-c", "from lowrank.cli import main; main()", "compress", model,
-           str(out), "--param-ratio", str(ratio), "--calibration", str(calibration), "--no-cache",
-           *shlex.split(flags)]
+           str(out), "--param-ratio", str(ratio), "--calibration", str(calibration),
+           *(["--cache-dir", cache] if cache else ["--no-cache"]), *shlex.split(flags)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
@@ -110,6 +113,7 @@ def compress(model: str, out: Path, ratio: float, calibration: Path, flags: str)
     plan = json.loads((out / "plan.json").read_text())
     return {"compress_s": round(wall, 1), "param_ratio": plan["params"]["ratio"],
             "stages_s": {s["stage"]: s.get("seconds") for s in manifest.get("stages", [])},
+            "cached": [s["stage"] for s in manifest.get("stages", []) if s.get("cached")],
             "dense_layers": sum(1 for e in plan["layers"].values() if e["rank"] is None)}
 
 

@@ -6,7 +6,10 @@ the dense model on text of another source (python_docs paragraphs) and on held-o
 (the calibration text's own source, lines never calibrated on).
 
     python benchmarks/sampled_calibration.py [--model DIR] [--ratio 0.85] [--paragraphs 100]
-        [--texts debian sampled both] [--flags "--recover lora"]
+        [--texts debian sampled both] [--flags "--recover lora" ...] [--cache-dir DIR]
+
+Each text is compressed once per --flags string (one row each); --cache-dir lets rows share the
+stages their flags do not change (a seed study of recovery trains only recovery again).
 
 Writes --out.json and --out.md (default reports/sampled-calibration).
 """
@@ -51,8 +54,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Calibration text sampled from {Path(result['model']).name} itself", "",
         (f"Measured {result['date']} with `{result['command']}` at {result['ratio']:.0%} of "
-        f"the parameters, flags `{result['flags'] or '(none)'}` (the default command "
-        "otherwise)."), "",
+        f"the parameters, the default command plus each row's flags."), "",
         (f"- Sampled text: `lowrank sample MODEL FILE` (defaults): {result['sampled']['lines']} "
          f"lines, {result['sampled']['tokens']:,} tokens, {result['sampled']['seconds']} s."
          if result["sampled"] else "- No `lowrank sample` file (not asked for)."),
@@ -62,16 +64,17 @@ def markdown(result: dict) -> str:
         f"({result['held_out']}; dense perplexity {result['dense_ppl']['debian']:.1f})."),
         (f"- Greedy check: repeated 4-grams in 64 greedy tokens on 5 chat prompts (dense: "
         f"{result['dense_repeated_4grams']:.3f})."), "",
-        ("| calibration text | python_docs: ppl / dense | top-1 | KL | held-out Debian: ppl / "
-        "dense | top-1 | KL | repeated 4-grams | compress s | stages s |"),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        ("| calibration text | flags | python_docs: ppl / dense | top-1 | KL | held-out Debian: "
+        "ppl / dense | top-1 | KL | repeated 4-grams | compress s | stages s |"),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         p, d = r["python_docs"], r["debian"]
-        stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stages_s"].items() if v)
-        lines.append(f"| {r['text']} | {p['ppl_ratio']:.3f}× | {p['top1_agreement']:.3f} "
-                     f"| {p['kl']:.3f} | {d['ppl_ratio']:.3f}× | {d['top1_agreement']:.3f} "
-                     f"| {d['kl']:.3f} | {r['repeated_4grams']:.3f} | {r['compress_s']:.0f} "
-                     f"| {stages} |")
+        stages = ", ".join(f"{k} {v:.0f}" + (" (cached)" if k in r.get("cached", ()) else "")
+                           for k, v in r["stages_s"].items() if v)
+        lines.append(f"| {r['text']} | `{r['flags'] or '(none)'}` | {p['ppl_ratio']:.3f}× "
+                     f"| {p['top1_agreement']:.3f} | {p['kl']:.3f} | {d['ppl_ratio']:.3f}× "
+                     f"| {d['top1_agreement']:.3f} | {d['kl']:.3f} | {r['repeated_4grams']:.3f} "
+                     f"| {r['compress_s']:.0f} | {stages} |")
     lines += ["", ("Quality numbers are deterministic for a given sampled file; wall times depend on "
               "what else the machine ran (2 cores).")]
     return "\n".join(lines) + "\n"
@@ -83,7 +86,9 @@ def main():
     ap.add_argument("--ratio", type=float, default=0.85)
     ap.add_argument("--paragraphs", type=int, default=100)
     ap.add_argument("--texts", nargs="+", choices=TEXTS, default=list(TEXTS))
-    ap.add_argument("--flags", default="", help="more compress flags, for every row")
+    ap.add_argument("--flags", nargs="+", default=[""],
+                    help="more compress flags: one row per string and text")
+    ap.add_argument("--cache-dir", help="lowrank's stage cache, shared by the rows")
     ap.add_argument("--out", default=str(ROOT / "reports" / "sampled-calibration"))
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -106,10 +111,10 @@ def main():
             sampled_info = sample(args.model, sampled)
             both.write_text(debian.read_text() + sampled.read_text())
         paths = {"debian": debian, "sampled": sampled, "both": both}
-        for text in args.texts:
-            out = Path(tmp) / text
-            row = {"text": TEXTS[text], **compress(args.model, out, args.ratio, paths[text],
-                                                   args.flags)}
+        for text, flags in [(t, f) for t in args.texts for f in args.flags]:
+            out = Path(tmp) / f"{text}-{len(rows)}"
+            row = {"text": TEXTS[text], "flags": flags,
+                   **compress(args.model, out, args.ratio, paths[text], flags, args.cache_dir)}
             model = lowrank.load(out).eval()
             for name, texts in evaluation.items():
                 s = score(model, dense, tokenizer, texts)
@@ -123,7 +128,6 @@ def main():
             del model
     result = {
         "model": args.model, "date": datetime.date.today().isoformat(), "ratio": args.ratio,
-        "flags": args.flags,
         "command": "python benchmarks/sampled_calibration.py " + shlex.join(sys.argv[1:]),
         "sampled": sampled_info,
         "calibration": f"{CALIBRATION[0]} lines {CALIBRATION[1]}-{CALIBRATION[2]}",

@@ -113,3 +113,28 @@ def test_compress_tops_up_a_causal_lms_calibration_text(flags, sampled, tiny_lla
     assert result.exit_code == 0, result.output
     [meta] = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("stats.json")]
     assert bool(meta["sampled_lines"]) is sampled and (meta["samples"] > 2) is sampled
+
+
+@pytest.mark.parametrize("flags,trains_on_sampled", [
+    ([], False), (["--recover-sampled-text"], True),
+    (["--recover-sampled-text", "--recover-text", "OTHER"], False)])
+def test_recovery_on_the_calibration_file_also_trains_on_its_top_up(
+        flags, trains_on_sampled, tiny_llama_dir, tmp_path):
+    """Asked to, recovery trains on what calibration read: the user's lines and the sampled
+    top-up; by default, or on another text, on the file's lines only."""
+    text, other = tmp_path / "calib.txt", tmp_path / "other.txt"
+    text.write_text("a short line\nanother short line\n")
+    other.write_text("a third line\n")
+    flags = [str(other) if f == "OTHER" else f for f in flags]
+    result = CliRunner().invoke(main, [
+        "compress", str(tiny_llama_dir), str(tmp_path / "out"), "--rank-fraction", "0.25",
+        "--calibration", str(text), "--calibration-tokens", "64", "--max-length", "16",
+        "--recover", "lora", "--recover-steps", "1", "--recover-batch-size", "4",
+        "--cache-dir", str(tmp_path / "cache"), "--json", "-", *flags])
+    assert result.exit_code == 0, result.output
+    [meta] = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("stats.json")]
+    recovery = json.loads((tmp_path / "out" / "report.json").read_text())["recovery"]
+    sampled = len(meta["sampled_lines"]) if trains_on_sampled else 0
+    assert meta["sampled_lines"] and recovery["sampled_samples"] == sampled
+    own_lines = 1 if "--recover-text" in flags else 2
+    assert recovery["samples"] == own_lines + sampled

@@ -109,6 +109,10 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
 @click.option("--recover-text", type=click.Path(dir_okay=False),
               help="Training text, one sample per line (default: the --calibration file, else the "
               "bundled calibration text).")
+@click.option("--recover-sampled-text/--no-recover-sampled-text", default=None,
+              help="Also train on the text sampled from a causal LM to top up its calibration "
+              "text, when training on the --calibration file (default off: better on other "
+              "text, worse on the calibration text's own; README, Recovery).")
 @click.option("--evaluate", "eval_file", is_flag=False, flag_value="", default=None,
               metavar="[FILE]", help="Compare with the dense model on held-out text (without "
               "FILE, the evaluation text shipped with lowrank); written to report.json.")
@@ -159,7 +163,7 @@ def compress_command(model, output, cache_dir, no_cache, overwrite, json_out, wo
                      mode="recover_mode", lr="recover_lr", rank="recover_rank",
                      alpha="recover_alpha", batch_size="recover_batch_size",
                      samples="recover_samples", seed="recover_seed",
-                     calibration_file="recover_text"),
+                     calibration_file="recover_text", sampled_text="recover_sampled_text"),
         int8={"per_channel": per_channel or None, "reduce_range": reduce_range} if int8 else None,
         **flags)
     run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out, workers,
