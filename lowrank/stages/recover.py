@@ -126,10 +126,6 @@ class RecoverSettings:
 
 
 # --------------------------------------------------------------------------------------------
-# Adapters as parametrizations of the factors: merging = removing the parametrization.
-
-
-# --------------------------------------------------------------------------------------------
 # Distillation
 
 
