@@ -346,12 +346,12 @@ def recover(factored: LowRankCheckpoint, models: Models,
     asked = settings.samples is not None
     data = read_calibration(settings.calibration_file, settings.samples if asked else MAX_SAMPLES,
                             warn=asked, purpose="recovery")
-    if isinstance(data, list):
-        data = data + list(sampled)
+    sampled = list(sampled) if isinstance(data, list) else []  # tensor samples take no text
+    data = data + sampled if sampled else data
     teacher, tokenizer = models.runnable_model(need_tokenizer=isinstance(data, list))
     student = models.compressed(factored.tensors, factored.layers)
     log = distill(student, teacher, tokenizer, data, settings, on_step, device)
-    log.sampled_samples = len(sampled) if isinstance(data, list) else 0
+    log.sampled_samples = len(sampled)
     student.to("cpu")
     adapters = adapter_state(student)
     # The adapters apply to the factored model before recovery, which has no path of its own.
