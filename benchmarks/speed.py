@@ -12,7 +12,9 @@ right after (so both see the same machine load), the limits:
   stage and factorization then reuse instead of solving again), timed the same way;
 - calibrate: plain `torch.inference_mode` forward passes of the dense model over the same
   batches (calibration lines, max_length, batch size as the stage's defaults, lines batched
-  by token count as the stage does), without the LM head's logits, which no statistic needs
+  by token count as the stage does; a causal LM's lines sampled to top them up included),
+  plus, for that top-up, transformers' `generate` of the same sequences (`sampling_limit`),
+  without the LM head's logits, which no statistic needs
   and the stage skips too (`lowrank.models.skip_output_head`); the same passes with the head
   are in the JSON as "forward passes with the LM head". The limit's passes are float32;
   the stage's autocast to bf16 where the CPU has it (`calibrate.forward_dtype`), so it can
@@ -25,7 +27,9 @@ right after (so both see the same machine load), the limits:
   in under its limit);
 - scores: forward + backward passes (weight gradients included) over the probe batches with the
   stage's sampled objective, no hooks; plus the forward passes that measure the input
-  embedding's candidates (a reference pass and one per measured candidate).
+  embedding's candidates (a reference pass and one per measured candidate, over the probe lines
+  batched by length as the stage does; float32, where the stage autocasts to bf16 where the
+  CPU has it, `scores.measure_dtype`).
 
 Limits use torch's default thread count here; stages run per-matrix work one thread per
 matrix (lowrank.parallel.fixed_threads), as many matrices at a time as compress's --workers
@@ -112,13 +116,12 @@ def analyze_limit(ckpt) -> float:
                for i in matrix_infos(ckpt))
 
 
-def weighted_analyze_limit(ckpt) -> float:
+def weighted_analyze_limit(ckpt, stats) -> float:
     from lowrank.linalg import gram_eigh, matrix_view
     from lowrank.stages.analyze import matrix_infos
-    from lowrank.stages.calibrate import CalibrateSettings, _digest, calibrate
+    from lowrank.stages.calibrate import _digest
     from lowrank.weighting import psd_root, weighted
 
-    stats = calibrate(ckpt, CalibrateSettings(calibration_file=CALIB))  # not timed
     # Layers fed the same input (query, key, value) share one root: found untimed, by content
     same_input = {name: _digest(gram) for name, gram in stats.grams.items()}
     roots = {}
@@ -153,14 +156,14 @@ def factorize_limit(ckpt, ranks: dict[str, int]) -> float:
     return total
 
 
-def calibrate_limit(ckpt, head: bool = False) -> float:
+def calibrate_limit(ckpt, sampled: list[str], head: bool = False) -> float:
     from lowrank.io.samples import model_batches
     from lowrank.models import Models, skip_output_head
     from lowrank.stages.calibrate import CalibrateSettings
     from lowrank.stages.calibration_text import calibration_data
 
     s = CalibrateSettings(calibration_file=CALIB)
-    model, tokenizer, data = calibration_data(Models(ckpt), s, warn=False)
+    model, tokenizer, data = calibration_data(Models(ckpt), s, warn=False, sampled=sampled)
     batches = list(model_batches(data, tokenizer, s.batch_size, s.max_length, by_length=True))
 
     def run():
@@ -170,12 +173,37 @@ def calibrate_limit(ckpt, head: bool = False) -> float:
     return _timed(run, PASS_REPEATS)
 
 
+def sampling_limit(ckpt) -> float:
+    """transformers' `generate` (float32, its own sampler) of the sequences the calibration's
+    top-up samples (as many, as long, from the same start token): what sampling them costs
+    without lowrank."""
+    from lowrank.io.samples import token_count
+    from lowrank.models import Models
+    from lowrank.sample_text import SampleTextSettings, start_token
+    from lowrank.stages.calibrate import CalibrateSettings
+    from lowrank.stages.calibration_text import calibration_data
+
+    s = CalibrateSettings(calibration_file=CALIB)
+    model, tokenizer, data = calibration_data(Models(ckpt), s, warn=False)
+    missing = s.tokens - token_count(data, tokenizer, s.max_length)
+    rows = SampleTextSettings(tokens=missing, length=s.max_length).rows
+    ids = torch.full((rows, 1), start_token(tokenizer, model.config))
+    torch.manual_seed(0)
+
+    def run():
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                           temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=s.max_length,
+                           min_new_tokens=1, pad_token_id=tokenizer.eos_token_id)
+    return _timed(run)
+
+
 def scores_limit(ckpt) -> float:
     from lowrank.stages.scores import ScoreSettings, _objective, probe_data, probed_candidates
 
     s = ScoreSettings()
     stats = SimpleNamespace(settings=SimpleNamespace(calibration_file=CALIB))
-    model, batches, kind = probe_data(ckpt, s, stats)
+    model, batches, length_batches, kind = probe_data(ckpt, s, stats)
     gen = torch.Generator().manual_seed(s.seed)
 
     # the input embedding's measured candidates: the reference pass, then one per candidate
@@ -187,7 +215,7 @@ def scores_limit(ckpt) -> float:
             _objective(out, mask, kind, gen)[0].backward()
         with torch.inference_mode():
             for _ in range(measured if s.measure_embedding else 0):
-                for inputs, _ in batches:
+                for inputs, _ in length_batches:
                     model(**inputs, output_hidden_states=kind == "hidden")
     return _timed(run, PASS_REPEATS)
 
@@ -214,12 +242,18 @@ def measure(name: str, repeats: int, workers: list[int], keep: Path | None) -> d
     ckpt = open_checkpoint(resolve_model(model))
     limits = {"analyze": analyze_limit(ckpt), "factorize": factorize_limit(ckpt, ranks)}
     if "--calibration" in flags:
-        limits["analyze"] = weighted_analyze_limit(ckpt)
-        limits["calibrate"] = calibrate_limit(ckpt)
-        limits["forward passes with the LM head"] = calibrate_limit(ckpt, head=True)
+        from lowrank.stages.calibrate import CalibrateSettings, calibrate
+
+        stats = calibrate(ckpt, CalibrateSettings(calibration_file=CALIB))  # not timed
+        sampled = stats.sampled_lines  # a causal LM's top-up: the stage samples it again
+        limits["analyze"] = weighted_analyze_limit(ckpt, stats)
+        passes = calibrate_limit(ckpt, sampled)
+        limits["top-up sampling"] = sampling_limit(ckpt) if sampled else 0.0
+        limits["calibrate"] = passes + limits["top-up sampling"]
+        limits["forward passes with the LM head"] = calibrate_limit(ckpt, sampled, head=True)
         limits["scores"] = scores_limit(ckpt)
-        if "--no-compensate" not in flags:
-            limits["factorize"] += 2 * limits["calibrate"]
+        if "--no-compensate" not in flags:  # compensation reruns the lines, sampled ones too
+            limits["factorize"] += 2 * passes
     result["limits"] = limits
     print(name, "limits", {k: round(v, 1) for k, v in limits.items()}, flush=True)
     return result

@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+import torch
 
 import lowrank
 from lowrank.pipeline.spec import compress_spec
@@ -140,3 +141,30 @@ def test_input_embedding_candidates_are_measured(tiny_llama_dir, tmp_path):
     off = lowrank.run_pipeline(spec, tiny_llama_dir, tmp_path / "off", cache_dir=tmp_path / "cache")
     assert "measured" not in off.artifacts["scores"]["matrices"][name]
     assert off.artifacts["scores"]["matrices"][name]["scores"] == entry["second_order"]
+
+
+def test_measured_losses_do_not_depend_on_batching_and_hold_in_bf16(tiny_llama_dir, tmp_path):
+    """The passes that measure a loss run over the probe lines batched by length (less padding)
+    and autocast to ``measure_dtype``: the same losses as in file order, and bf16's close to
+    float32's."""
+    from lowrank.errors import InputError
+    from lowrank.stages.scores import ScoreSettings, leading_factors, plan_losses, probe_data
+
+    result = _compress(tiny_llama_dir, tmp_path, "s")
+    stats, ckpt = result.artifacts["calibrate"], lowrank.open_checkpoint(tiny_llama_dir)
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"]
+    factors = {n: leading_factors(ckpt, n, stats, 16) for n in names}
+    plans = [{names[0]: 8}, {names[1]: 4}, {n: 16 for n in names}]
+    probe = probe_data(ckpt, ScoreSettings(samples=16, batch_size=4), stats)
+    assert sum(int(m.numel()) for _, m in probe.by_length) \
+        < sum(int(m.numel()) for _, m in probe.batches)  # the lines differ in length
+
+    def losses(batches, dtype=torch.float32):
+        with torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
+            return plan_losses(probe.model, batches, probe.kind, plans, factors.__getitem__)
+    in_order = losses(probe.batches)
+    assert min(in_order) > 0
+    assert losses(probe.by_length) == pytest.approx(in_order, rel=1e-3)
+    assert losses(probe.by_length, torch.bfloat16) == pytest.approx(in_order, rel=0.01)
+    with pytest.raises(InputError, match="measure_dtype"):
+        ScoreSettings(measure_dtype="float16")

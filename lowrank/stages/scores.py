@@ -39,11 +39,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..device import autocast_dtype, check_pass_dtype, cpu_autocast
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from ..io.samples import model_batches, read_calibration
@@ -75,10 +77,17 @@ class ScoreSettings:
     # 37 / 132: estimated 0.137 / 0.122 / 0.067, measured 0.695 / 0.447 / 0.095; SmolLM2's at
     # 28 / 426: 8.29 / 3.50 against 3.93 / 1.87 (their Linears' estimates: within ~20%).
     measure_embedding: bool = True
+    # What the passes that measure a loss (the embedding's candidates, the plan's joint check)
+    # autocast to on CPU (lowrank.device.PASS_DTYPES). bf16 where the CPU multiplies it natively:
+    # SmolLM2's 8 measured embedding candidates in 12.8 s instead of 20.2, each loss within
+    # 0.5% of float32's (benchmarks/measured_passes.py). The second-order scores' backward
+    # passes stay float32.
+    measure_dtype: str = "auto"
 
     def __post_init__(self):
         if not self.fractions or not all(0 < f < 1 for f in self.fractions):
             raise InputError("score fractions must be in (0, 1)")
+        check_pass_dtype(self.measure_dtype, "scores measure_dtype")
         if min(self.samples, self.max_length, self.batch_size) < 1:
             raise InputError("score samples, max_length and batch_size must be >= 1")
 
@@ -171,17 +180,24 @@ def _factors_task(ckpt: Checkpoint, name: str, weighting, stats,
     return A.float(), B.float()
 
 
-def probe_data(ckpt: Checkpoint, settings: ScoreSettings, stats, factory=None,
-               by_length: bool = False):
-    """(dense model, list of (inputs, mask) probe batches, loss kind). ``by_length``: batched
-    by token count (:func:`~lowrank.io.samples.model_batches`), for a loss summed over tokens;
-    the scores' sampled labels follow the batch order, so they keep the file's."""
+class Probe(NamedTuple):
+    """The dense model and the probe lines (the calibration text's first ``samples``) batched
+    twice: in file order (``batches``: the scores' sampled labels follow it) and by token count
+    (``by_length``: for a loss averaged over tokens, which pads less; SmolLM2's probe batch:
+    848 positions instead of 1,120, the same losses)."""
+    model: nn.Module
+    batches: list
+    by_length: list
+    kind: str  # the distillation loss (lowrank.stages.recover.loss_kind)
+
+
+def probe_data(ckpt: Checkpoint, settings: ScoreSettings, stats, factory=None) -> Probe:
     source = stats.settings.calibration_file if stats is not None else None
     data = read_calibration(source, settings.samples, warn=False)
     model, tokenizer = Models(ckpt, factory).runnable_model(need_tokenizer=isinstance(data, list))
-    batches = list(model_batches(data, tokenizer, settings.batch_size, settings.max_length,
-                                 by_length=by_length))
-    return model, batches, loss_kind(RecoverSettings(), model)
+    batches = [list(model_batches(data, tokenizer, settings.batch_size, settings.max_length,
+                                  by_length=by_length)) for by_length in (False, True)]
+    return Probe(model, *batches, loss_kind(RecoverSettings(), model))
 
 
 def score_candidates(ckpt: Checkpoint, spectra: Spectra,
@@ -196,7 +212,7 @@ def score_candidates(ckpt: Checkpoint, spectra: Spectra,
     candidates stop at 0.75 × break-even), are computed ``workers`` matrices at a time
     (default: one per CPU core) in threads of this process, whatever the run's executor: the
     Gram eigenvectors they memoize in ``stats`` are the ones factorization reuses."""
-    model, batches, kind = probe_data(ckpt, settings, stats, factory)
+    model, batches, length_batches, kind = probe_data(ckpt, settings, stats, factory)
     for p in model.parameters():
         p.requires_grad_(False)
     params = {}
@@ -248,8 +264,9 @@ def score_candidates(ckpt: Checkpoint, spectra: Spectra,
         entry = matrices[name]
         ranks_at = entry["ranks"]
         probed = [ranks_at[i] for i in probed_candidates(len(ranks_at))]
-        measured = plan_losses(model, batches, kind, [{name: r} for r in probed],
-                               factors.__getitem__, on_step)
+        with cpu_autocast(autocast_dtype(settings.measure_dtype)):
+            measured = plan_losses(model, length_batches, kind, [{name: r} for r in probed],
+                                   factors.__getitem__, on_step)
         # the candidates between two measured ones interpolated: the loss falls smoothly with rank
         losses = [float(v) for v in np.interp(ranks_at, probed, measured)]
         # the samples keep their directions, at the measured size (the knapsack's cross terms)
@@ -282,7 +299,7 @@ def measure_joint(ckpt: Checkpoint, settings: ScoreSettings, stats, plans: list[
                   factory=None) -> list[float]:
     """The measured distillation loss on the probe batch of each plan ({tensor name: rank}),
     all its matrices factored at once as the scores assumed (:func:`leading_factors`)."""
-    model, batches, kind = probe_data(ckpt, settings, stats, factory, by_length=True)
+    model, _, batches, kind = probe_data(ckpt, settings, stats, factory)
     # Factors per matrix up to the largest rank any plan gives it, sliced to each plan's rank
     largest = {n: max(p[n] for p in plans if n in p) for n in set().union(*plans)}
     factors: dict[str, tuple] = {}
@@ -291,7 +308,8 @@ def measure_joint(ckpt: Checkpoint, settings: ScoreSettings, stats, plans: list[
         if name not in factors:
             factors[name] = leading_factors(ckpt, name, stats, largest[name])
         return factors[name]
-    return plan_losses(model, batches, kind, plans, factors_of)
+    with cpu_autocast(autocast_dtype(settings.measure_dtype)):
+        return plan_losses(model, batches, kind, plans, factors_of)
 
 
 def plan_losses(model: nn.Module, batches: list, kind: str, plans: list[dict[str, int]],
