@@ -13,10 +13,10 @@ right after (so both see the same machine load), the limits:
 - calibrate: plain `torch.inference_mode` forward passes of the dense model over the same
   batches (calibration lines, max_length, batch size as the stage's defaults, lines batched
   by token count as the stage does; a causal LM's lines sampled to top them up included),
-  plus, for that top-up, transformers' `generate` of the same sequences (`sampling_limit`),
-  without the LM head's logits, which no statistic needs
-  and the stage skips too (`lowrank.models.skip_output_head`); the same passes with the head
-  are in the JSON as "forward passes with the LM head". The limit's passes are float32;
+  without the LM head's logits, which no statistic needs and the stage skips too
+  (`lowrank.models.skip_output_head`; the same passes with the head are in the JSON as
+  "forward passes with the LM head"); plus, for that top-up, transformers' `generate` of the
+  same sequences (`sampling_limit`, "top-up sampling" in the JSON). The limit's passes are float32;
   the stage's autocast to bf16 where the CPU has it (`calibrate.forward_dtype`), so it can
   come in under its limit;
 - factorize: the truncated SVDs the plan needs, each matrix at its planned rank with the solver
