@@ -1,0 +1,70 @@
+"""Compensation's damping and residual share (FactorizeSettings.compensate_damping,
+compensate_residual_share) on SmolLM2: the default command otherwise, scored like
+sampled_calibration.py (python_docs, another source; held-out Debian lines, the calibration
+text's source). Stages the settings do not change come from a stage cache (--cache-dir).
+
+    python benchmarks/compensation_sweep.py SHARE,DAMPING [SHARE,DAMPING ...]
+        [--ratio 0.85] [--seed 0] [--no-sampled-text] [--model DIR] [--cache-dir DIR]
+
+One JSON line per setting: perplexity / dense, top-1 agreement, KL on each text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+from quality_lm import CALIBRATION, score
+from sampled_calibration import HELD_OUT, lines_of
+
+
+def main():
+    from transformers import AutoTokenizer
+
+    import lowrank
+    from lowrank.models import load_dense
+    from lowrank.pipeline.runner import run_pipeline
+    from lowrank.pipeline.spec import compress_spec
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("settings", nargs="+", help="SHARE,DAMPING")
+    ap.add_argument("--ratio", type=float, default=0.85)
+    ap.add_argument("--seed", type=int, default=0, help="compress --seed")
+    ap.add_argument("--no-sampled-text", action="store_true", help="compress --no-sampled-text")
+    ap.add_argument("--model", default="/root/.cache/smollm2-135m")
+    ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "lowrank-sweep")
+    args = ap.parse_args()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    dense = load_dense(args.model).eval()
+    evaluation = {"python_docs": lines_of("python_docs.txt", 0, 10**9)[:100],
+                  "debian": lines_of(*HELD_OUT)}
+    with tempfile.TemporaryDirectory() as tmp:
+        calibration = Path(tmp) / "debian.txt"
+        calibration.write_text("\n".join(lines_of(*CALIBRATION)) + "\n")
+        for setting in args.settings:
+            share, damping = map(float, setting.split(","))
+            spec = compress_spec(plan={"param_ratio": args.ratio},
+                                 calibration_file=str(calibration),
+                                 calibration={"sampled_text": not args.no_sampled_text},
+                                 factorize={"compensate_residual_share": share,
+                                            "compensate_damping": damping, "seed": args.seed})
+            out = Path(tmp) / f"out-{setting}"
+            run_pipeline(spec, args.model, out, cache_dir=args.cache_dir)
+            model = lowrank.load(out).eval()
+            row = {"ratio": args.ratio, "seed": args.seed, "sampled_text": not args.no_sampled_text,
+                   "share": share, "damping": damping}
+            for name, texts in evaluation.items():
+                s = score(model, dense, tokenizer, texts)
+                row[name] = {"ppl_ratio": round(math.exp(s["nll"] - s["dense_nll"]), 3),
+                             "top1_agreement": round(s["top1_agreement"], 3),
+                             "kl": round(s["kl"], 3)}
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    main()
