@@ -54,8 +54,8 @@ def main():
         positions = sum(int(mask.numel()) for _, mask in batches)
         for dtype in (torch.float32, torch.bfloat16):
             start = time.perf_counter()
-            with torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
-                losses = plan_losses(probe.model, batches, probe.kind, plans, factors.__getitem__)
+            losses = plan_losses(probe.model, batches, probe.kind, plans, factors.__getitem__,
+                                 dtype)
             seconds = time.perf_counter() - start
             print(f"| {label} | {str(dtype).removeprefix('torch.')} | {positions:,} | "
                   f"{seconds:.1f} | {' '.join(f'{v:.4f}' for v in losses)} |", flush=True)

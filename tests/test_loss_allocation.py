@@ -160,8 +160,7 @@ def test_measured_losses_do_not_depend_on_batching_and_hold_in_bf16(tiny_llama_d
         < sum(int(m.numel()) for _, m in probe.batches)  # the lines differ in length
 
     def losses(batches, dtype=torch.float32):
-        with torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
-            return plan_losses(probe.model, batches, probe.kind, plans, factors.__getitem__)
+        return plan_losses(probe.model, batches, probe.kind, plans, factors.__getitem__, dtype)
     in_order = losses(probe.batches)
     assert min(in_order) > 0
     assert losses(probe.by_length) == pytest.approx(in_order, rel=1e-3)

@@ -264,9 +264,9 @@ def score_candidates(ckpt: Checkpoint, spectra: Spectra,
         entry = matrices[name]
         ranks_at = entry["ranks"]
         probed = [ranks_at[i] for i in probed_candidates(len(ranks_at))]
-        with cpu_autocast(autocast_dtype(settings.measure_dtype)):
-            measured = plan_losses(model, length_batches, kind, [{name: r} for r in probed],
-                                   factors.__getitem__, on_step)
+        measured = plan_losses(model, length_batches, kind, [{name: r} for r in probed],
+                               factors.__getitem__, autocast_dtype(settings.measure_dtype),
+                               on_step)
         # the candidates between two measured ones interpolated: the loss falls smoothly with rank
         losses = [float(v) for v in np.interp(ranks_at, probed, measured)]
         # the samples keep their directions, at the measured size (the knapsack's cross terms)
@@ -308,16 +308,18 @@ def measure_joint(ckpt: Checkpoint, settings: ScoreSettings, stats, plans: list[
         if name not in factors:
             factors[name] = leading_factors(ckpt, name, stats, largest[name])
         return factors[name]
-    with cpu_autocast(autocast_dtype(settings.measure_dtype)):
-        return plan_losses(model, batches, kind, plans, factors_of)
+    return plan_losses(model, batches, kind, plans, factors_of,
+                       autocast_dtype(settings.measure_dtype))
 
 
 def plan_losses(model: nn.Module, batches: list, kind: str, plans: list[dict[str, int]],
-                factors_of: Callable[[str], tuple], on_plan=None) -> list[float]:
+                factors_of: Callable[[str], tuple], dtype: torch.dtype = torch.float32,
+                on_plan=None) -> list[float]:
     """The distillation loss to ``model`` itself on ``batches`` of each plan, its matrices set
-    to A[:, :r]·B[:r] for (A, B) = ``factors_of(name)`` while the plan runs."""
+    to A[:, :r]·B[:r] for (A, B) = ``factors_of(name)`` while the plan runs; the passes
+    autocast to ``dtype`` (CPU)."""
     params = dict(model.named_parameters())
-    with torch.inference_mode():
+    with torch.inference_mode(), cpu_autocast(dtype):
         refs = [model(**inputs, output_hidden_states=kind == "hidden") for inputs, _ in batches]
         losses = []
         for plan in plans:
