@@ -90,7 +90,8 @@ def test_device_reaches_every_computing_stage(tiny_bert_dir, tmp_path, monkeypat
     resolved = {r["stage"]: r.get("resolved") for r in run.manifest["stages"]}
     auto = dtype_name(pass_dtype("auto"))  # what "auto" is on this CPU
     assert resolved["calibrate"] == {"forward_dtype": auto}
-    assert resolved["factorize"] == {"compensate_dtype": auto}
+    assert resolved["factorize"] == {"compensate_damping": 0.3, "compensate_residual_share": 0.3,
+                                     "compensate_dtype": auto}  # an encoder's text: its own
     assert resolved["recover"] == {"dtype": auto}
 
 
@@ -98,20 +99,21 @@ def test_auto_pass_dtypes_are_resolved_for_the_manifest_and_cache_keys(tiny_bert
                                                                        monkeypatch):
     calibrate, factorize, recover = (STAGES[s].resolved for s in ("calibrate", "factorize",
                                                                   "recover"))
+    calibrated = {"calibrate": ActivationStats()}
     for caps, name in (({"avx512_bf16": True}, "bfloat16"), ({}, "float32")):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
         assert calibrate(CalibrateSettings(), "cpu", []) == {"forward_dtype": name}
-        assert factorize(factorize_mod.FactorizeSettings(), "cpu", ["calibrate"]) == {
-            "compensate_dtype": name}
-        assert recover(recover_mod.RecoverSettings(), "cpu", []) == {"dtype": name}
+        assert factorize(factorize_mod.FactorizeSettings(), "cpu", calibrated)[
+            "compensate_dtype"] == name
+        assert recover(recover_mod.RecoverSettings(), "cpu", {}) == {"dtype": name}
         # no autocast on an accelerator; kfac differentiates its passes: float32
-        assert calibrate(CalibrateSettings(), "cuda", []) == {"forward_dtype": "float32"}
-        assert calibrate(CalibrateSettings(method="kfac"), "cpu", []) == {
+        assert calibrate(CalibrateSettings(), "cuda", {}) == {"forward_dtype": "float32"}
+        assert calibrate(CalibrateSettings(method="kfac"), "cpu", {}) == {
             "forward_dtype": "float32"}
         # data-free or sequential: compensation runs no passes
-        assert factorize(factorize_mod.FactorizeSettings(), "cpu", []) == {}
+        assert factorize(factorize_mod.FactorizeSettings(), "cpu", {}) == {}
         assert factorize(factorize_mod.FactorizeSettings(sequential=True), "cpu",
-                         ["calibrate"]) == {}
+                         calibrated) == {}
     # A cached calibration made in bf16 is not reused where "auto" means float32.
     spec = lowrank.compress_spec(calibration_file="", calibration={"samples": 8})
     runs = []

@@ -145,8 +145,9 @@ def test_auto_picks_gram_up_to_the_cut_over_and_randomized_above():
     for bad in ("abc", -1.0, 1.5, True):
         with pytest.raises(InputError, match="compensate_residual_share"):
             FactorizeSettings(compensate_residual_share=bad)
-    with pytest.raises(InputError, match="compensate_damping"):
-        FactorizeSettings(compensate_damping=-0.1)
+    for bad in (-0.1, "high"):
+        with pytest.raises(InputError, match="compensate_damping"):
+            FactorizeSettings(compensate_damping=bad)
 
 
 @pytest.mark.parametrize("rows,cols", [(200, 1536 // 8), (5, 7), (3, 1), (0, 9)])

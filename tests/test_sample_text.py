@@ -1,6 +1,7 @@
 """Calibration text sampled from a causal LM itself (lowrank.sample_text, `lowrank sample`)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -32,6 +33,27 @@ def test_sampled_lines_are_seeded_one_sequence_a_line(tiny_lm):
     assert sample_text(model, tokenizer, settings) == lines
     other = sample_text(model, tokenizer, SampleTextSettings(tokens=40, length=8, seed=1))
     assert other != lines
+    # float32 weights (the model itself) or a bfloat16 copy: the model is left as it was
+    float32 = SampleTextSettings(tokens=40, length=8, batch_size=2, dtype="float32")
+    assert len(sample_text(model, tokenizer, float32)) == 5
+    bf16 = SampleTextSettings(tokens=40, length=8, batch_size=2, dtype="bfloat16")
+    assert len(sample_text(model, tokenizer, bf16)) == 5
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_inverse_cdf_draws_follow_the_softmax_and_never_a_masked_token():
+    from lowrank.sample_text import InverseCdfDraw
+
+    logits = torch.tensor([[2.0, 1.0, -math.inf, 0.0, 1.5]])
+    for temperature in (1.0, 0.5):
+        draw = InverseCdfDraw(temperature, torch.Generator().manual_seed(0))
+        picks = torch.cat([draw(None, logits.repeat(1000, 1)).argmax(-1) for _ in range(20)])
+        freq = torch.bincount(picks, minlength=5) / len(picks)
+        expected = torch.softmax(logits[0] / temperature, -1)
+        assert freq[2] == 0  # probability 0: never drawn
+        assert torch.allclose(freq, expected, atol=0.01), (freq, expected)  # 20,000 draws
+        kept = draw(None, logits)
+        assert (kept == 0).sum() == 1 and torch.isinf(kept).sum() == 4  # only the draw is left
 
 
 def test_start_token_prefers_the_document_separator(tiny_lm, tiny_llama_dir):
@@ -113,6 +135,23 @@ def test_compress_tops_up_a_causal_lms_calibration_text(flags, sampled, tiny_lla
     assert result.exit_code == 0, result.output
     [meta] = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("stats.json")]
     assert bool(meta["sampled_lines"]) is sampled and (meta["samples"] > 2) is sampled
+    # compensation's "auto" damping and residual share follow the top-up, and say so
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    [factorize] = [r for r in manifest["stages"] if r["stage"] == "factorize"]
+    assert (factorize["resolved"]["compensate_damping"],
+            factorize["resolved"]["compensate_residual_share"]) == ((0.1, 0.6) if sampled
+                                                                   else (0.3, 0.3))
+
+
+def test_compensation_auto_values_follow_the_top_up_and_explicit_values_win():
+    from lowrank.stages import factorize as factorize_mod
+    from lowrank.stages.calibrate import ActivationStats
+
+    own, topped_up = ActivationStats(), ActivationStats(sampled_lines=["a sampled line"])
+    auto = factorize_mod.FactorizeSettings()
+    assert auto.compensation(own) == (0.3, 0.3) and auto.compensation(topped_up) == (0.1, 0.6)
+    fixed = factorize_mod.FactorizeSettings(compensate_damping=0.2, compensate_residual_share=None)
+    assert fixed.compensation(topped_up) == fixed.compensation(own) == (0.2, None)
 
 
 @pytest.mark.parametrize("flags,trains_on_sampled", [

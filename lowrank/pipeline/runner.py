@@ -159,7 +159,7 @@ def _run_stages(spec: PipelineSpec, ctx: Context, settings: dict, cache: Cache,
     keys = {}
     for name in spec.stages:
         stage, stage_settings = STAGES[name], settings[name]
-        used = [n for n in stage.uses if n in artifacts]
+        used = {n: artifacts[n] for n in stage.uses if n in artifacts}
         file_digests = {k: setting_file_sha256(name, k, v)
                         for k, v in asdict(stage_settings).items() if k.endswith("_file") and v}
         resolved = stage.resolved(stage_settings, ctx.device, used)
@@ -174,7 +174,7 @@ def _run_stages(spec: PipelineSpec, ctx: Context, settings: dict, cache: Cache,
         cached = artifact is not None
         if not cached:
             artifact = stage.run(ctx, stage_settings, *[artifacts[n] for n in stage.needs],
-                                 **{n: artifacts[n] for n in used})
+                                 **used)
             cache.put(stage, keys[name], artifact)
         artifacts[name] = artifact
         records.append({"stage": name, "key": keys[name], "cached": cached,

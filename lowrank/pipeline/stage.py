@@ -76,10 +76,11 @@ class Stage:
     uses: tuple[str, ...] = ()  # optional stages: passed as keywords when in the pipeline
     # Extra cache-key input for results that depend on the machine (latency measurements).
     machine: Callable[[Any], str | None] = lambda settings: None
-    # (settings, device, optional stages in the run) -> the settings this machine resolves
-    # ("auto" pass dtypes), e.g. {"forward_dtype": "bfloat16"}: in the cache key, so machines
-    # that resolve them differently share no entries, and in the manifest: what "auto" meant.
-    resolved: Callable[[Any, str, list[str]], dict] = lambda settings, device, used: {}
+    # (settings, device, {optional stage in the run: its artifact}) -> what "auto" settings
+    # resolve to on this machine and these inputs, e.g. {"forward_dtype": "bfloat16"}: in the
+    # cache key, so machines that resolve them differently share no entries, and in the
+    # manifest: what "auto" meant.
+    resolved: Callable[[Any, str, dict], dict] = lambda settings, device, used: {}
     # What the artifact is, when later stages may refine it ("checkpoint": factorize, then
     # recover): only the last stage that provides it writes it into OUTPUT.
     provides: str | None = None

@@ -74,6 +74,7 @@ class CalibrateSettings:
     # (24,163 tokens): perplexity / dense on python_docs 1.468x -> 1.385x, greedy repeated
     # 4-grams 0.37 -> 0.24, held-out Debian KL 0.162 -> 0.173 (reports/sampled-calibration.md).
     sampled_text: bool = True
+    sampled_seed: int = 0  # the top-up's draws (lowrank.sample_text.SampleTextSettings.seed)
     max_length: int = 128  # tokens per sample; longer samples are truncated
     # Lines per pass, batched by length (compensation's too): 16 took SmolLM2's calibration
     # 54-61 s instead of 41-42 s (64 Debian lines are ~770 tokens, GEMMs big enough for speed).
@@ -103,7 +104,8 @@ class CalibrateSettings:
     output_grams: bool = True
     # CPU forward passes autocast to this (lowrank.device.PASS_DTYPES; "auto": bf16 where the
     # CPU has it; kfac's stay float32); Grams stay float64 sums of float32 products. SmolLM2 at
-    # 85%: perplexity / dense 1.466x -> 1.468x, calibrate 69 -> 56 s (reports/speed.md).
+    # 85%: perplexity / dense 1.466x -> 1.468x, calibrate 69 -> 56 s (reports/speed.md). The
+    # top-up samples with weights of this dtype (lowrank.sample_text.SampleTextSettings.dtype).
     forward_dtype: str = "auto"
 
     def __post_init__(self):
@@ -123,6 +125,9 @@ class CalibrateSettings:
         if not all(isinstance(n, int) and n >= 1 for n in counts):
             raise InputError("calibration samples, tokens, max_length, batch_size and "
                              "kfac_samples must be whole numbers >= 1")
+        if not (isinstance(self.sampled_seed, int) and self.sampled_seed >= 0):
+            raise InputError(f"calibration sampled_seed must be a whole number >= 0, "
+                             f"got {self.sampled_seed!r}")
 
     def pass_dtype(self, device: str | None = None) -> torch.dtype:  # forward_dtype resolved
         return torch.float32 if self.method == "kfac" else autocast_dtype(self.forward_dtype, device)

@@ -34,7 +34,8 @@ def top_up(model: nn.Module, tokenizer, data, settings: CalibrateSettings,
     missing = settings.tokens - token_count(data, tokenizer, settings.max_length)
     if missing < settings.max_length:
         return []
-    sampling = SampleTextSettings(tokens=missing, length=settings.max_length)
+    sampling = SampleTextSettings(tokens=missing, length=settings.max_length,
+                                  seed=settings.sampled_seed, dtype=settings.forward_dtype)
     with track("sample text", sampling.batches) as advance:
         lines = sample_text(model, tokenizer, sampling, advance)
     return lines_within_tokens(lines, tokenizer, missing, settings.max_length)

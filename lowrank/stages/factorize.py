@@ -47,7 +47,7 @@ from ..parallel import (
 from ..pipeline.stage import Context, Stage, register_stage
 from ..version import __version__
 from ..weighting import Weighting
-from .compensate import compensated_factors
+from .compensate import compensated_factors, resolve_compensation
 from .factored import LayerResult, LowRankCheckpoint, load_lowrank, save_lowrank
 from .plan import RankPlan
 from .sequential import sequential_factors
@@ -74,15 +74,16 @@ class FactorizeSettings:
     # inputs; `compensate_damping` × the mean input eigenvalue pulls toward the weight.
     # Measured (README, Data-aware compression): SmolLM2 at 85%, perplexity 1.67× -> 1.51×
     # dense (damping 0.1: 1.56×, 1: 1.59×, 3: 1.78×). `sequential`, when set, replaces it.
+    # "auto": by the calibration text (compensate.COMPENSATION_AUTO).
     compensate: bool = True
-    compensate_damping: float = 0.3
+    compensate_damping: float | str = "auto"
     # A block's last layer, when its output is added to the block's output as is (a pre-norm
     # residual branch: LLaMA's down_proj), is fitted instead to W·x̃ plus this share of the
     # block output's error, tokens weighted by 1/mean(y²) (the next RMSNorm divides by it);
     # None: fitted to W·x like the others. Measured (README, Data-aware compression): SmolLM2
     # perplexity / dense at 85% 1.512× -> 1.484×, at 70% 3.740× -> 3.479× (share 0: 1.487× at
-    # 85%, 1: 1.509×).
-    compensate_residual_share: float | None = 0.3
+    # 85%, 1: 1.509×). "auto": by the calibration text (compensate.COMPENSATION_AUTO).
+    compensate_residual_share: float | str | None = "auto"
     # What compensation's forward passes autocast to: "auto" is bfloat16 where the CPU
     # multiplies it natively (lowrank.device.native_bf16), else float32; the sums stay float64
     # of float32 products. Measured (reports/speed.md): SmolLM2 at 85% factorize 123 -> 78 s,
@@ -103,14 +104,17 @@ class FactorizeSettings:
         def number(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-        if not number(self.compensate_damping) or self.compensate_damping < 0:
-            raise InputError(f"factorize compensate_damping must be a number >= 0, "
-                             f"got {self.compensate_damping!r}")
+        damping, share = self.compensate_damping, self.compensate_residual_share
+        if damping != "auto" and not (number(damping) and damping >= 0):
+            raise InputError(f"factorize compensate_damping must be auto or a number >= 0, "
+                             f"got {damping!r}")
         check_pass_dtype(self.compensate_dtype, "factorize compensate_dtype")  # resolved later
-        share = self.compensate_residual_share
-        if share is not None and not (number(share) and 0 <= share <= 1):
-            raise InputError(f"factorize compensate_residual_share must be a number from 0 to 1, "
-                             f"got {share!r}")
+        if share not in (None, "auto") and not (number(share) and 0 <= share <= 1):
+            raise InputError(f"factorize compensate_residual_share must be auto, null or a "
+                             f"number from 0 to 1, got {share!r}")
+
+    def compensation(self, stats) -> tuple:  # (damping, residual share), "auto" resolved
+        return resolve_compensation(self.compensate_damping, self.compensate_residual_share, stats)
 
 
 def choose_method(rows: int, cols: int, settings: FactorizeSettings) -> str:
@@ -252,8 +256,7 @@ def factorize(
 
         done = (sequential_factors(Models(ckpt), planned, stats, factor) if settings.sequential
                 else compensated_factors(Models(ckpt), planned, stats, factor,
-                                         settings.compensate_damping,
-                                         settings.compensate_residual_share,
+                                         *settings.compensation(stats),
                                          pass_dtype(settings.compensate_dtype)))
     order = sorted(infos)
     jobs = [n for n in order if n in planned and n not in done]
@@ -389,7 +392,9 @@ register_stage(Stage(
     emit=lambda artifact, out, ctx: save_lowrank(artifact, out, ctx.max_shard_bytes),
     uses=("calibrate",), provides="checkpoint", on_device=True,
     # compensation's block passes (with calibration) run on CPU whatever the device
-    resolved=lambda settings, device, used: {
-        "compensate_dtype": dtype_name(pass_dtype(settings.compensate_dtype))}
+    resolved=lambda settings, device, used: dict(
+        zip(("compensate_damping", "compensate_residual_share"),
+            settings.compensation(used["calibrate"])),
+        compensate_dtype=dtype_name(pass_dtype(settings.compensate_dtype)))
     if "calibrate" in used and settings.compensate and not settings.sequential else {},
 ))
