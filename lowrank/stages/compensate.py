@@ -271,8 +271,8 @@ def _input_groups(block: nn.Module, modules: dict[str, nn.Module], state) -> lis
 
 
 def compensated_factors(models: Models, ranks: dict[str, int], stats: ActivationStats,
-                        factor: Callable, damping: float = 0.3,
-                        residual_share: float | None = 0.3,
+                        factor: Callable, damping: float | str = "auto",
+                        residual_share: float | str | None = "auto",
                         dtype: torch.dtype = torch.float32) -> dict:
     """Factor the weights in ``ranks`` in execution order, each fitted to the dense model's
     outputs from the inputs it gets in the model factored so far (:func:`compensated_targets`):
@@ -283,9 +283,9 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
     is, is fitted to the block's output instead (:func:`block_output_sums`, ``residual_share``;
     None: like the others); when a module around it outputs the block's output (BERT's
     BertOutput), the block's new outputs are that module's, on its inputs kept from the last
-    group's pass. The block passes autocast to ``dtype`` (CPU). Other weights
-    (embeddings, an LM head, anything not a Linear) are factored first, from the dense
-    statistics. A model without blocks, an encoder-decoder, one with recurrent or attention
+    group's pass. "auto" ``damping`` and ``residual_share``: :func:`resolve_compensation`. The
+    block passes autocast to ``dtype`` (CPU). Other weights (embeddings, an LM head, anything
+    not a Linear) are factored first, from the dense statistics. A model without blocks, an encoder-decoder, one with recurrent or attention
     ``in_proj`` weights, or statistics for another data method than ``whiten`` get {} (plain
     factors).
     ``factor(name, weighting, matrix)`` factors one weight (``matrix``: the target in (out,
@@ -294,6 +294,7 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
 
     if stats.settings.method != "whiten":  # kfac/scale weightings are not least squares
         return {}
+    damping, residual_share = resolve_compensation(damping, residual_share, stats)
     model, tokenizer, data = calibration_data(models, stats.settings, warn=False,
                                               sampled=stats.sampled_lines)
     prefix = blocks_prefix(model)
