@@ -102,7 +102,7 @@ def test_auto_pass_dtypes_are_resolved_for_the_manifest_and_cache_keys(tiny_bert
     calibrated = {"calibrate": ActivationStats()}
     for caps, name in (({"avx512_bf16": True}, "bfloat16"), ({}, "float32")):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
-        assert calibrate(CalibrateSettings(), "cpu", []) == {"forward_dtype": name}
+        assert calibrate(CalibrateSettings(), "cpu", {}) == {"forward_dtype": name}
         assert factorize(factorize_mod.FactorizeSettings(), "cpu", calibrated)[
             "compensate_dtype"] == name
         assert recover(recover_mod.RecoverSettings(), "cpu", {}) == {"dtype": name}
