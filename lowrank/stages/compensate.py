@@ -285,9 +285,9 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
     BertOutput), the block's new outputs are that module's, on its inputs kept from the last
     group's pass. "auto" ``damping`` and ``residual_share``: :func:`resolve_compensation`. The
     block passes autocast to ``dtype`` (CPU). Other weights (embeddings, an LM head, anything
-    not a Linear) are factored first, from the dense statistics. A model without blocks, an encoder-decoder, one with recurrent or attention
-    ``in_proj`` weights, or statistics for another data method than ``whiten`` get {} (plain
-    factors).
+    not a Linear) are factored first, from the dense statistics. A model without blocks, an
+    encoder-decoder, one with recurrent or attention ``in_proj`` weights, or statistics for
+    another data method than ``whiten`` get {} (plain factors).
     ``factor(name, weighting, matrix)`` factors one weight (``matrix``: the target in (out,
     in) form); returns {name: (A, B, result)}."""
     from .blockwise import block_inputs, output_module, run_block
