@@ -4,8 +4,8 @@ sampled_calibration.py (python_docs, another source; held-out Debian lines, the 
 text's source). Stages the settings do not change come from a stage cache (--cache-dir).
 
     python benchmarks/compensation_sweep.py SHARE,DAMPING [SHARE,DAMPING ...]
-        [--ratio 0.85] [--seed 0] [--no-sampled-text] [--sampled-seed 0] [--model DIR]
-        [--cache-dir DIR]
+        [--ratio 0.85] [--seed 0] [--no-sampled-text] [--sampled-seed 0] [--sampled-length L]
+        [--model DIR] [--cache-dir DIR]
 
 One JSON line per setting: perplexity / dense, top-1 agreement, KL on each text.
 """
@@ -37,6 +37,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="compress --seed")
     ap.add_argument("--no-sampled-text", action="store_true", help="compress --no-sampled-text")
     ap.add_argument("--sampled-seed", type=int, default=0, help="calibrate.sampled_seed")
+    ap.add_argument("--sampled-length", type=int, default=None,
+                    help="calibrate.sampled_length (default: the stage's)")
     ap.add_argument("--model", default="/root/.cache/smollm2-135m")
     ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "lowrank-sweep")
     args = ap.parse_args()
@@ -52,14 +54,17 @@ def main():
             spec = compress_spec(plan={"param_ratio": args.ratio},
                                  calibration_file=str(calibration),
                                  calibration={"sampled_text": not args.no_sampled_text,
-                                              "sampled_seed": args.sampled_seed},
+                                              "sampled_seed": args.sampled_seed,
+                                              **({"sampled_length": args.sampled_length}
+                                                 if args.sampled_length else {})},
                                  factorize={"compensate_residual_share": share,
                                             "compensate_damping": damping, "seed": args.seed})
             out = Path(tmp) / f"out-{setting}"
             run_pipeline(spec, args.model, out, cache_dir=args.cache_dir)
             model = lowrank.load(out).eval()
             row = {"ratio": args.ratio, "seed": args.seed, "sampled_text": not args.no_sampled_text,
-                   "sampled_seed": args.sampled_seed, "share": share, "damping": damping}
+                   "sampled_seed": args.sampled_seed, "sampled_length": args.sampled_length,
+                   "share": share, "damping": damping}
             for name, texts in evaluation.items():
                 s = score(model, dense, tokenizer, texts)
                 row[name] = {"ppl_ratio": round(math.exp(s["nll"] - s["dense_nll"]), 3),

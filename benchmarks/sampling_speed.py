@@ -28,7 +28,7 @@ def main():
     from lowrank.models import Models
     from lowrank.sample_text import SampleTextSettings, sample_text, sampling_model, start_token
     from lowrank.stages.calibrate import CalibrateSettings
-    from lowrank.stages.calibration_text import calibration_data
+    from lowrank.stages.calibration_text import TOP_UP_BATCH, calibration_data
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -39,7 +39,9 @@ def main():
     model, tokenizer, data = calibration_data(Models(open_checkpoint(args.model)), calib,
                                               warn=False)
     missing = calib.tokens - token_count(data, tokenizer, calib.max_length)
-    settings = {dtype: SampleTextSettings(tokens=missing, length=calib.max_length, dtype=dtype)
+    length = min(calib.sampled_length, calib.max_length)
+    settings = {dtype: SampleTextSettings(tokens=missing, length=length, batch_size=TOP_UP_BATCH,
+                                          dtype=dtype)
                 for dtype in ("float32", "auto")}
     ids = torch.full((settings["auto"].rows, 1), start_token(tokenizer, model.config))
 
@@ -47,7 +49,7 @@ def main():
         torch.manual_seed(0)
         with torch.inference_mode():
             model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                           temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=calib.max_length,
+                           temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length,
                            min_new_tokens=1, pad_token_id=tokenizer.eos_token_id)
 
     runs = {"transformers generate (multinomial, float32)": transformers_generate,
@@ -75,7 +77,7 @@ def main():
             tokens += ids.shape[1]
     print(f"bfloat16 copy against float32 weights: KL {kl / tokens:.4f} per token "
           f"({tokens:.0f} tokens of {len(paragraphs)} python_docs paragraphs)")
-    print(f"{settings['auto'].rows} sequences of up to {calib.max_length} tokens "
+    print(f"{settings['auto'].rows} sequences of up to {length} tokens "
           f"({missing:,} tokens missing from {text}); median of {args.repeats}:")
     for name, seconds in times.items():
         print(f"  {name}: {statistics.median(seconds):.1f} s "

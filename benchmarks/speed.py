@@ -186,14 +186,15 @@ def sampling_limit(ckpt) -> float:
     s = CalibrateSettings(calibration_file=CALIB)
     model, tokenizer, data = calibration_data(Models(ckpt), s, warn=False)
     missing = s.tokens - token_count(data, tokenizer, s.max_length)
-    rows = SampleTextSettings(tokens=missing, length=s.max_length).rows
+    length = min(s.sampled_length, s.max_length)
+    rows = SampleTextSettings(tokens=missing, length=length).rows
     ids = torch.full((rows, 1), start_token(tokenizer, model.config))
     torch.manual_seed(0)
 
     def run():
         with torch.inference_mode():
             model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                           temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=s.max_length,
+                           temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length,
                            min_new_tokens=1, pad_token_id=tokenizer.eos_token_id)
     return _timed(run)
 

@@ -168,6 +168,8 @@ def test_calibration_takes_lines_up_to_a_token_budget(tiny_llama_dir, tmp_path):
     assert calibration_data(Models(ckpt), counted)[2] == lines[:50]  # a line count wins
     with pytest.raises(InputError, match="tokens"):
         CalibrateSettings(tokens=0)
+    with pytest.raises(InputError, match="sampled_length"):
+        CalibrateSettings(sampled_length=0)
 
 
 def test_statistics_over_more_rows_than_one_float32_sum_holds(tiny_llama_dir, monkeypatch):

@@ -116,6 +116,10 @@ def test_calibration_text_short_of_the_budget_is_topped_up_with_sampled_lines(
     save_stats(stats, tmp_path)
     assert load_stats(tmp_path).sampled_lines == stats.sampled_lines
 
+    # sampled lines of sampled_length new tokens: more of them for the same budget
+    short = calibrate(open_checkpoint(tiny_llama_dir), CalibrateSettings(
+        calibration_file=str(text), tokens=100, max_length=16, batch_size=4, sampled_length=8))
+    assert len(short.sampled_lines) > len(stats.sampled_lines) and 100 - 16 < short.tokens <= 100
     for other in (CalibrateSettings(calibration_file=str(text), tokens=100, sampled_text=False),
                   CalibrateSettings(calibration_file=str(text), tokens=100, samples=2)):
         assert calibrate(open_checkpoint(tiny_llama_dir), other).samples == 2
