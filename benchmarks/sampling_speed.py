@@ -12,6 +12,7 @@ paragraphs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -26,9 +27,9 @@ def main():
     from lowrank.io.checkpoint import open_checkpoint
     from lowrank.io.samples import token_count
     from lowrank.models import Models
-    from lowrank.sample_text import SampleTextSettings, sample_text, sampling_model, start_token
+    from lowrank.sample_text import sample_text, sampling_model, start_token
     from lowrank.stages.calibrate import CalibrateSettings
-    from lowrank.stages.calibration_text import TOP_UP_BATCH, calibration_data
+    from lowrank.stages.calibration_text import calibration_data, top_up_sampling
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -39,10 +40,9 @@ def main():
     model, tokenizer, data = calibration_data(Models(open_checkpoint(args.model)), calib,
                                               warn=False)
     missing = calib.tokens - token_count(data, tokenizer, calib.max_length)
-    length = min(calib.sampled_length, calib.max_length)
-    settings = {dtype: SampleTextSettings(tokens=missing, length=length, batch_size=TOP_UP_BATCH,
-                                          dtype=dtype)
-                for dtype in ("float32", "auto")}
+    base = top_up_sampling(calib, missing)
+    length = base.length
+    settings = {dtype: dataclasses.replace(base, dtype=dtype) for dtype in ("float32", "auto")}
     ids = torch.full((settings["auto"].rows, 1), start_token(tokenizer, model.config))
 
     def transformers_generate():

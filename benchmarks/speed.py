@@ -179,23 +179,22 @@ def sampling_limit(ckpt) -> float:
     without lowrank."""
     from lowrank.io.samples import token_count
     from lowrank.models import Models
-    from lowrank.sample_text import SampleTextSettings, start_token
+    from lowrank.sample_text import start_token
     from lowrank.stages.calibrate import CalibrateSettings
-    from lowrank.stages.calibration_text import calibration_data
+    from lowrank.stages.calibration_text import calibration_data, top_up_sampling
 
     s = CalibrateSettings(calibration_file=CALIB)
     model, tokenizer, data = calibration_data(Models(ckpt), s, warn=False)
-    missing = s.tokens - token_count(data, tokenizer, s.max_length)
-    length = min(s.sampled_length, s.max_length)
-    rows = SampleTextSettings(tokens=missing, length=length).rows
-    ids = torch.full((rows, 1), start_token(tokenizer, model.config))
+    sampling = top_up_sampling(s, s.tokens - token_count(data, tokenizer, s.max_length))
+    ids = torch.full((sampling.rows, 1), start_token(tokenizer, model.config))
     torch.manual_seed(0)
 
     def run():
         with torch.inference_mode():
             model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                           temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length,
-                           min_new_tokens=1, pad_token_id=tokenizer.eos_token_id)
+                           temperature=1.0, top_k=0, top_p=1.0,
+                           max_new_tokens=sampling.length, min_new_tokens=1,
+                           pad_token_id=tokenizer.eos_token_id)
     return _timed(run)
 
 

@@ -28,6 +28,15 @@ if TYPE_CHECKING:
 TOP_UP_BATCH = 256
 
 
+def top_up_sampling(settings: CalibrateSettings, missing: int) -> SampleTextSettings:
+    """How a top-up of ``missing`` tokens is sampled: lines of ``sampled_length`` new tokens (at
+    most ``max_length``), up to TOP_UP_BATCH of them at a time."""
+    return SampleTextSettings(tokens=missing,
+                              length=min(settings.sampled_length, settings.max_length),
+                              batch_size=TOP_UP_BATCH, seed=settings.sampled_seed,
+                              dtype=settings.forward_dtype)
+
+
 def top_up(model: nn.Module, tokenizer, data, settings: CalibrateSettings,
            track: Track = no_progress) -> list[str]:
     """Lines sampled from causal LM ``model`` (:mod:`lowrank.sample_text`) for the part of the
@@ -37,11 +46,11 @@ def top_up(model: nn.Module, tokenizer, data, settings: CalibrateSettings,
             or not is_causal_lm(model)):
         return []
     missing = settings.tokens - token_count(data, tokenizer, settings.max_length)
-    length = min(settings.sampled_length, settings.max_length)
-    if missing < length:
+    if missing < 1:
         return []
-    sampling = SampleTextSettings(tokens=missing, length=length, batch_size=TOP_UP_BATCH,
-                                  seed=settings.sampled_seed, dtype=settings.forward_dtype)
+    sampling = top_up_sampling(settings, missing)
+    if missing < sampling.length:  # less than a line left
+        return []
     with track("sample text", sampling.batches) as advance:
         lines = sample_text(model, tokenizer, sampling, advance)
     return lines_within_tokens(lines, tokenizer, missing, settings.max_length)
