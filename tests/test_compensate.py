@@ -10,13 +10,12 @@ import lowrank
 from lowrank.io.samples import read_calibration_text
 from lowrank.linalg import factorize_matrix
 from lowrank.models import load_dense
-from lowrank.stages.blockwise import output_module
+from lowrank.stages.blockwise import output_module, writes_block_output
 from lowrank.stages.compensate import (
     _PairedInputs,
     _Reached,
     block_output_sums,
     compensated_targets,
-    writes_block_output,
 )
 from lowrank.weighting import Weighting, psd_root
 
@@ -143,6 +142,36 @@ def test_a_post_norm_blocks_new_outputs_come_from_that_module(tiny_bert_dir, tmp
     monkeypatch.setattr(blockwise, "output_module", lambda *a: None)
     rerun = _compress(tiny_bert_dir, tmp_path / "rerun" / "out", True)
     a, b = kept.artifacts["factorize"].tensors, rerun.artifacts["factorize"].tensors
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_bert_dir"])
+def test_finished_outputs_give_the_same_factors_with_less_work(model, tmp_path, monkeypatch,
+                                                               request):
+    """A module that finished before a pass stopped is not run again by the block's later
+    passes (LLaMA's block-output pass skips the attention; BERT's passes after the query's),
+    and the factors are the same bit for bit as when every pass runs it."""
+    import contextlib
+
+    from lowrank.stages import blockwise
+
+    model_dir = request.getfixturevalue(model)
+    if model == "tiny_llama_dir":
+        from transformers.models.llama.modeling_llama import LlamaAttention as attention
+    else:
+        from transformers.models.bert.modeling_bert import BertSelfAttention as attention
+    runs = []
+    real_forward = attention.forward
+    monkeypatch.setattr(attention, "forward",
+                        lambda self, *a, **k: runs.append(1) or real_forward(self, *a, **k))
+    reused = _compress(model_dir, tmp_path / "reused" / "out", True)
+    runs_reused = len(runs)
+    runs.clear()
+    monkeypatch.setattr(blockwise.FinishedOutputs, "reusing",
+                        lambda self, pending, keep=True: contextlib.nullcontext())
+    rerun = _compress(model_dir, tmp_path / "rerun" / "out", True)
+    assert len(runs) > runs_reused > 0
+    a, b = reused.artifacts["factorize"].tensors, rerun.artifacts["factorize"].tensors
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

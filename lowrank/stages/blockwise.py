@@ -10,12 +10,14 @@ in sequential calibration); the targets are the dense blocks' outputs on the den
 The blocks' extra arguments (attention mask, rotary position embeddings) are captured with a
 forward pre-hook on the first block, so any architecture whose blocks take the hidden states
 first works: LLaMA-style decoders and BERT-style encoders alike. The block helpers here (the
-first block's inputs, a block's run, the module whose output is a block's) serve compensation
+first block's inputs, a block's run, which of its layers share an input, whether a layer's
+output is added to the block's as is, the module whose output is a block's) serve compensation
 too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,6 +103,124 @@ def output_module(block: nn.Module, module: nn.Module, state) -> nn.Module | Non
                 and torch.equal(got[0], out):
             return around[i]
     return None
+
+
+def writes_block_output(block: nn.Module, module: nn.Module, state) -> bool:
+    """Whether ``module``'s output is added to ``block``'s output as is (the last layer of a
+    pre-norm residual branch, LLaMA's down_proj; not BERT's, which a LayerNorm follows): a
+    perturbation of it reaches the block's output unchanged."""
+    added = {}
+
+    def perturb(m, args, output):
+        generator = torch.Generator().manual_seed(0)
+        noise = torch.randn(output.shape, generator=generator, dtype=output.dtype)
+        added["delta"] = noise * output.pow(2).mean().sqrt()
+        return output + added["delta"]
+
+    with torch.no_grad():
+        base = run_block(block, state)
+        handle = module.register_forward_hook(perturb)
+        try:
+            change = run_block(block, state) - base
+        finally:
+            handle.remove()
+    delta = added["delta"]
+    return change.shape == delta.shape and bool((change - delta).norm() < 1e-2 * delta.norm())
+
+
+def input_groups(block: nn.Module, modules: dict[str, nn.Module], state) -> list[list[str]]:
+    """The weights of ``modules`` (inside ``block``) grouped by the tensor they multiply
+    (query/key/value share one, gate/up another), in the order they run."""
+    seen: list[tuple[torch.Tensor, list[str]]] = []
+
+    def hook(name):
+        def record(module, args):
+            for x, group in seen:
+                if args[0] is x:
+                    group.append(name)
+                    return
+            seen.append((args[0], [name]))
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            run_block(block, state)
+    finally:
+        for h in handles:
+            h.remove()
+    return [group for _, group in seen]
+
+
+class FinishedOutputs:
+    """Outputs of ``block``'s modules kept from one pass over its batches (``states``) and
+    returned in later passes on the same inputs instead of computed again. Compensation's pass
+    for a group of layers stops at the group's first layer, and groups are fitted in the order
+    they run: a module that finished before that point and holds none of the layers still to
+    fit got its inputs from fitted or never-fitted layers only, so its output cannot change
+    until the block is done. SmolLM2's gate/up pass then skips q/k/v and its block-output pass
+    the whole attention, with the same factors bit for bit (tests/test_compensate.py). Not
+    reused: a module called twice on one batch, an output changed in place after it was kept.
+    """
+
+    def __init__(self, block: nn.Module, states: list[State]):
+        self.block = block
+        self.batch_of = {id(state[0]): i for i, state in enumerate(states)}
+        self.batch: int | None = None  # which of ``states`` the block is running on
+        self.kept: dict[nn.Module, dict[int, tuple]] = {}  # {batch: (output, its versions)}
+        self.twice: set[nn.Module] = set()
+
+    @contextlib.contextmanager
+    def reusing(self, pending: list[nn.Module], keep: bool = True):
+        """One pass: the modules kept so far return their outputs; with ``keep``, modules that
+        finish and hold none of ``pending`` (the layers still to fit) are kept."""
+        handles = [self.block.register_forward_pre_hook(self._which_batch)]
+        patched = list(self.kept)
+        for module in patched:
+            module.forward = self._reused(module, module.forward)
+        pending_ids = {id(m) for m in pending}
+        if keep:
+            handles += [m.register_forward_hook(self._keep) for m in self.block.modules()
+                        if m is not self.block and m not in self.kept and m not in self.twice
+                        and not any(id(d) in pending_ids for d in m.modules())]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module in patched:
+                del module.forward
+            for module in list(self.kept):  # an outer module's output makes its parts' moot
+                for part in module.modules():
+                    if part is not module:
+                        self.kept.pop(part, None)
+
+    def _which_batch(self, block, args):
+        self.batch = self.batch_of.get(id(args[0])) if args else None
+
+    def _keep(self, module, args, output):
+        if self.batch is None or module in self.twice:
+            return
+        outputs = self.kept.setdefault(module, {})
+        if self.batch in outputs:  # which call would a later pass be asking for?
+            self.twice.add(module)
+            del self.kept[module]
+            return
+        outputs[self.batch] = (output, _versions(output))
+
+    def _reused(self, module: nn.Module, compute: Callable):
+        def forward(*args, **kwargs):
+            got = self.kept[module].get(self.batch) if self.batch is not None else None
+            if got is not None and _versions(got[0]) == got[1]:
+                return got[0]
+            return compute(*args, **kwargs)
+        return forward
+
+
+def _versions(output) -> tuple:
+    """The in-place version counters of the tensors in ``output`` (a tensor or a tuple)."""
+    items = output if isinstance(output, (tuple, list)) else (output,)
+    return tuple(t._version if isinstance(t, torch.Tensor) else None for t in items)
 
 
 def block_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None):

@@ -183,42 +183,18 @@ class _PairedInputs:
             h.remove()
 
 
-def writes_block_output(block: nn.Module, module: nn.Module, state) -> bool:
-    """Whether ``module``'s output is added to ``block``'s output as is (the last layer of a
-    pre-norm residual branch, LLaMA's down_proj; not BERT's, which a LayerNorm follows): a
-    perturbation of it reaches the block's output unchanged."""
-    from .blockwise import run_block
-
-    added = {}
-
-    def perturb(m, args, output):
-        generator = torch.Generator().manual_seed(0)
-        noise = torch.randn(output.shape, generator=generator, dtype=output.dtype)
-        added["delta"] = noise * output.pow(2).mean().sqrt()
-        return output + added["delta"]
-
-    with torch.no_grad():
-        base = run_block(block, state)
-        handle = module.register_forward_hook(perturb)
-        try:
-            change = run_block(block, state) - base
-        finally:
-            handle.remove()
-    delta = added["delta"]
-    return change.shape == delta.shape and bool((change - delta).norm() < 1e-2 * delta.norm())
-
-
 def block_output_sums(block: nn.Module, module: nn.Module, weight: torch.Tensor,
                       states: list, targets: list[torch.Tensor], masks: list,
                       share: float, kept: list | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """G̃ = Σ w x̃x̃ᵀ and Σ w·t x̃ᵀ for the block's last layer (:func:`writes_block_output`), fitted
-    to t = W x̃ + share·(y − ỹ): y the dense block's output (``targets``), ỹ the partly factored
-    block's with this layer still W, so with share 1 the layer absorbs all of the block output's
-    error that its inputs can predict, upstream blocks' included; less, because that fit sees
-    the calibration tokens only (share measured with 256 Debian lines). Each token is weighted by w = 1/mean(y²):
-    the next RMSNorm divides by it, and without it a few attention-sink tokens with 100× the
-    norm hold half the error. float64 sums of float32 products. ``kept``: a list to which each
+    """G̃ = Σ w x̃x̃ᵀ and Σ w·t x̃ᵀ for the block's last layer
+    (:func:`~lowrank.stages.blockwise.writes_block_output`), fitted to t = W x̃ + share·(y − ỹ):
+    y the dense block's output (``targets``), ỹ the partly factored block's with this layer
+    still W, so with share 1 the layer absorbs all of the block output's error that its inputs
+    can predict, upstream blocks' included; less, because that fit sees the calibration tokens
+    only (share measured with 256 Debian lines). Each token is weighted by w = 1/mean(y²): the
+    next RMSNorm divides by it, and without it a few attention-sink tokens with 100× the norm
+    hold half the error. float64 sums of float32 products. ``kept``: a list to which each
     batch's (block output, layer input) is appended."""
     from .blockwise import run_block
 
@@ -244,32 +220,6 @@ def block_output_sums(block: nn.Module, module: nn.Module, weight: torch.Tensor,
     return gram, weight.double() @ gram - share * error_cross
 
 
-def _input_groups(block: nn.Module, modules: dict[str, nn.Module], state) -> list[list[str]]:
-    """The weights of ``modules`` (inside ``block``) grouped by the tensor they multiply
-    (query/key/value share one, gate/up another), in the order they run."""
-    from .blockwise import run_block
-
-    seen: list[tuple[torch.Tensor, list[str]]] = []
-
-    def hook(name):
-        def record(module, args):
-            for x, group in seen:
-                if args[0] is x:
-                    group.append(name)
-                    return
-            seen.append((args[0], [name]))
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
-    try:
-        with torch.no_grad():
-            run_block(block, state)
-    finally:
-        for h in handles:
-            h.remove()
-    return [group for _, group in seen]
-
-
 def compensated_factors(models: Models, ranks: dict[str, int], stats: ActivationStats,
                         factor: Callable, damping: float | str = "auto",
                         residual_share: float | str | None = "auto",
@@ -290,7 +240,8 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
     another data method than ``whiten`` get {} (plain factors).
     ``factor(name, weighting, matrix)`` factors one weight (``matrix``: the target in (out,
     in) form); returns {name: (A, B, result)}."""
-    from .blockwise import block_inputs, output_module, run_block
+    from .blockwise import (FinishedOutputs, block_inputs, input_groups, output_module,
+                            run_block, writes_block_output)
 
     if stats.settings.method != "whiten":  # kfac/scale weightings are not least squares
         return {}
@@ -344,7 +295,7 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
         names = inside.get(i, [])
         dense_block = copy.deepcopy(block) if names else block
         sub = (lambda root, n, i=i: root.get_submodule(module_name(n)[len(f"{prefix}.{i}."):]))
-        groups = _input_groups(dense_block, {n: sub(dense_block, n) for n in names},
+        groups = input_groups(dense_block, {n: sub(dense_block, n) for n in names},
                                dense_states[0]) if names else []
         last_layer = groups[-1] if residual_share is not None and groups \
             and len(groups[-1]) == 1 \
@@ -362,30 +313,35 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
                 targets, outputs = [], None
                 for state, paired.mask in zip(dense_states, masks):
                     targets.append(run_block(dense_block, state))
-                for group in groups:
+                finished = FinishedOutputs(block, student_states)
+                for k, group in enumerate(groups):
+                    pending = [sub(block, n) for g in groups[k:] for n in g]
                     if group is last_layer:  # fitted to W x̃ plus a share of the block's error
                         kept = []
-                        gram, product = block_output_sums(
-                            block, sub(block, group[0]), weights[group[0]], student_states,
-                            targets, masks, residual_share, kept)
+                        with finished.reusing(pending, keep=False):
+                            gram, product = block_output_sums(
+                                block, pending[0], weights[group[0]], student_states, targets,
+                                masks, residual_share, kept)
                         factor_group(group, [weights[group[0]]], gram, [product], "+residual")
                         # Its output reaches the block's output as is: the factored block's
                         # outputs are the pass's plus this layer's change, no rerun.
                         factored, dense = sub(block, group[0]), sub(dense_block, group[0])
                         outputs = [y - dense(x) + factored(x) for y, x in kept]
                         continue
-                    handles = [paired.student(group[0], sub(block, group[0]))]
+                    handles = [paired.student(group[0], pending[0])]
                     tail_inputs = []
                     if tail is not None and group is groups[-1]:
                         handles.append(tail.register_forward_pre_hook(
                             lambda m, args, kwargs, kept=tail_inputs: kept.append((args, kwargs)),
                             with_kwargs=True))
-                    for paired.batch, (state, paired.mask) in enumerate(zip(student_states,
-                                                                               masks)):
-                        try:
-                            run_block(block, state)
-                        except _Reached:
-                            pass
+                    # No later pass when the tail module gives the block's outputs
+                    with finished.reusing(pending, keep=group is not groups[-1] or tail is None):
+                        for paired.batch, (state, paired.mask) in enumerate(zip(student_states,
+                                                                                   masks)):
+                            try:
+                                run_block(block, state)
+                            except _Reached:
+                                pass
                     for handle in handles:
                         handle.remove()
                     factor_group(group, [weights[n] for n in group], *paired.sums(group[0]))
@@ -394,7 +350,8 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
             finally:
                 paired.remove()
             if outputs is None:
-                outputs = [run_block(block, s) for s in student_states]
+                with finished.reusing([], keep=False):
+                    outputs = [run_block(block, s) for s in student_states]
             student_states = [(y, s[1], s[2]) for y, s in zip(outputs, student_states)]
         dense_states = [(y, s[1], s[2]) for y, s in zip(targets, dense_states)]
     return results
