@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
 from pathlib import Path
 
 import torch
-from quality_lm import CALIBRATION, score
-from sampled_calibration import HELD_OUT, lines_of
+from quality_lm import CALIBRATION
+from sampled_calibration import evaluation_texts, lines_of, rounded_scores
 
 
 def main():
@@ -44,8 +43,7 @@ def main():
     args = ap.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dense = load_dense(args.model).eval()
-    evaluation = {"python_docs": lines_of("python_docs.txt", 0, 10**9)[:100],
-                  "debian": lines_of(*HELD_OUT)}
+    evaluation = evaluation_texts()
     with tempfile.TemporaryDirectory() as tmp:
         calibration = Path(tmp) / "debian.txt"
         calibration.write_text("\n".join(lines_of(*CALIBRATION)) + "\n")
@@ -65,11 +63,7 @@ def main():
             row = {"ratio": args.ratio, "seed": args.seed, "sampled_text": not args.no_sampled_text,
                    "sampled_seed": args.sampled_seed, "sampled_length": args.sampled_length,
                    "share": share, "damping": damping}
-            for name, texts in evaluation.items():
-                s = score(model, dense, tokenizer, texts)
-                row[name] = {"ppl_ratio": round(math.exp(s["nll"] - s["dense_nll"]), 3),
-                             "top1_agreement": round(s["top1_agreement"], 3),
-                             "kl": round(s["kl"], 3)}
+            row.update(rounded_scores(model, dense, tokenizer, evaluation))
             print(json.dumps(row), flush=True)
 
 

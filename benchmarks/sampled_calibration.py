@@ -39,6 +39,22 @@ def lines_of(name: str, start: int, stop: int) -> list[str]:
     return [t for t in (DATA / name).read_text().splitlines()[start:stop] if t.strip()]
 
 
+def evaluation_texts(paragraphs: int = 100) -> dict[str, list[str]]:
+    """The first python_docs paragraphs (another source) and the held-out Debian lines."""
+    return {"python_docs": lines_of("python_docs.txt", 0, 10**9)[:paragraphs],
+            "debian": lines_of(*HELD_OUT)}
+
+
+def rounded_scores(model, dense, tokenizer, evaluation: dict[str, list[str]]) -> dict:
+    """Perplexity / dense, top-1 agreement and KL on each of ``evaluation``'s texts."""
+    row = {}
+    for name, texts in evaluation.items():
+        s = score(model, dense, tokenizer, texts)
+        row[name] = {"ppl_ratio": round(math.exp(s["nll"] - s["dense_nll"]), 3),
+                     "top1_agreement": round(s["top1_agreement"], 3), "kl": round(s["kl"], 3)}
+    return row
+
+
 def sample(model: str, path: Path) -> dict:
     cmd = [sys.executable, "-c", "from lowrank.cli import main; main()", "sample", model,
            str(path), "--json", "-"]
@@ -97,8 +113,7 @@ def main():
     import lowrank
     from lowrank.models import load_dense
 
-    evaluation = {"python_docs": lines_of("python_docs.txt", 0, 10**9)[:args.paragraphs],
-                  "debian": lines_of(*HELD_OUT)}
+    evaluation = evaluation_texts(args.paragraphs)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dense = load_dense(args.model).eval()
     rows, dense_ppl = [], {}

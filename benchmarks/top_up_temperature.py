@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from quality_lm import CALIBRATION, score
-from sampled_calibration import HELD_OUT, lines_of
+from quality_lm import CALIBRATION
+from sampled_calibration import evaluation_texts, lines_of, rounded_scores
 
 
 def scheduled_draw(t0: float, t1: float, steps: int):
@@ -51,8 +51,7 @@ def main():
     args = ap.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dense = load_dense(args.model).eval()
-    evaluation = {"python_docs": lines_of("python_docs.txt", 0, 10**9)[:100],
-                  "debian": lines_of(*HELD_OUT)}
+    evaluation = evaluation_texts()
     for variant in args.variants:
         t0, t1, steps, seed = variant.split(",")
         sample_text.InverseCdfDraw.__call__ = scheduled_draw(float(t0), float(t1), int(steps))
@@ -66,11 +65,7 @@ def main():
             model = lowrank.load(Path(tmp) / "out").eval()
             row = {"ratio": args.ratio, "t0": float(t0), "t1": float(t1), "steps": int(steps),
                    "sampled_seed": int(seed)}
-            for name, texts in evaluation.items():
-                s = score(model, dense, tokenizer, texts)
-                row[name] = {"ppl_ratio": round(math.exp(s["nll"] - s["dense_nll"]), 3),
-                             "top1_agreement": round(s["top1_agreement"], 3),
-                             "kl": round(s["kl"], 3)}
+            row.update(rounded_scores(model, dense, tokenizer, evaluation))
             print(json.dumps(row), flush=True)
 
 
