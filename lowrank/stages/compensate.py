@@ -296,7 +296,7 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
         dense_block = copy.deepcopy(block) if names else block
         sub = (lambda root, n, i=i: root.get_submodule(module_name(n)[len(f"{prefix}.{i}."):]))
         groups = input_groups(dense_block, {n: sub(dense_block, n) for n in names},
-                               dense_states[0]) if names else []
+                              dense_states[0]) if names else []
         last_layer = groups[-1] if residual_share is not None and groups \
             and len(groups[-1]) == 1 \
             and writes_block_output(block, sub(block, groups[-1][0]), student_states[0]) \
