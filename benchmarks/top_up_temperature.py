@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,15 +23,13 @@ from quality_lm import CALIBRATION
 from sampled_calibration import evaluation_texts, lines_of, rounded_scores
 
 
-def scheduled_draw(t0: float, t1: float, steps: int):
-    """InverseCdfDraw.__call__ with the temperature at new token i: t0 + (t1 − t0)·i/steps."""
+def scheduled_draw(draw: Callable, t0: float, t1: float, steps: int) -> Callable:
+    """InverseCdfDraw.__call__ (``draw``) with the temperature at new token i set to
+    t0 + (t1 − t0)·i/steps first, t1 from token ``steps`` on."""
     def call(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         i = input_ids.shape[1] - 1  # new tokens so far (every row starts from one token)
-        temperature = t1 if i >= steps else t0 + (t1 - t0) * i / steps
-        cdf = torch.softmax(scores.float() / temperature, -1).cumsum_(-1)
-        u = torch.rand(len(scores), 1, generator=self.generator).to(cdf.device) * cdf[:, -1:]
-        token = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)
-        return torch.full_like(scores, -math.inf).scatter_(1, token, 0.0)
+        self.temperature = t1 if i >= steps else t0 + (t1 - t0) * i / steps
+        return draw(self, input_ids, scores)
     return call
 
 
@@ -52,9 +50,11 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dense = load_dense(args.model).eval()
     evaluation = evaluation_texts()
+    draw = sample_text.InverseCdfDraw.__call__
     for variant in args.variants:
         t0, t1, steps, seed = variant.split(",")
-        sample_text.InverseCdfDraw.__call__ = scheduled_draw(float(t0), float(t1), int(steps))
+        sample_text.InverseCdfDraw.__call__ = scheduled_draw(draw, float(t0), float(t1),
+                                                             int(steps))
         with tempfile.TemporaryDirectory() as tmp:
             calibration = Path(tmp) / "debian.txt"
             calibration.write_text("\n".join(lines_of(*CALIBRATION)) + "\n")

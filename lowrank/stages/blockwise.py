@@ -178,8 +178,8 @@ class FinishedOutputs:
         patched = list(self.kept)
         for module in patched:
             module.forward = self._reused(module, module.forward)
-        pending_ids = {id(m) for m in pending}
         if keep:
+            pending_ids = {id(m) for m in pending}
             handles += [m.register_forward_hook(self._keep) for m in self.block.modules()
                         if m is not self.block and m not in self.kept and m not in self.twice
                         and not any(id(d) in pending_ids for d in m.modules())]
