@@ -3,7 +3,7 @@ losses and their time over the probe lines in file order or batched by length, i
 autocast to bf16 (`scores.measure_dtype`).
 
 Calibrates MODEL on the benchmarks' calibration text (calibration_text.py, untimed), then for
-each variant times `lowrank.stages.scores.plan_losses` on the embedding's measured candidates
+each variant times `lowrank.stages.probe.plan_losses` on the embedding's measured candidates
 (every other candidate rank and the last, as the stage measures them) and prints their losses.
 
     python benchmarks/measured_passes.py [--model DIR]
@@ -24,14 +24,8 @@ DEFAULT_MODEL = "/root/.cache/smollm2-135m"
 def main():
     from lowrank.io.checkpoint import open_checkpoint
     from lowrank.stages.calibrate import CalibrateSettings, calibrate
-    from lowrank.stages.scores import (
-        ScoreSettings,
-        candidate_ranks,
-        leading_factors,
-        plan_losses,
-        probe_data,
-        probed_candidates,
-    )
+    from lowrank.stages.probe import leading_factors, plan_losses, probe_data, probed_candidates
+    from lowrank.stages.scores import ScoreSettings, candidate_ranks
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=DEFAULT_MODEL)

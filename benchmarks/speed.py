@@ -27,9 +27,11 @@ right after (so both see the same machine load), the limits:
   in under its limit);
 - scores: forward + backward passes (weight gradients included) over the probe batches with the
   stage's sampled objective, no hooks; plus the forward passes that measure the input
-  embedding's candidates (a reference pass and one per measured candidate, over the probe lines
-  batched by length as the stage does; float32, where the stage autocasts to bf16 where the
-  CPU has it, `scores.measure_dtype`).
+  embedding's largest candidate (a reference pass and one for the candidate, over the probe
+  lines batched by length as the stage does; float32, where the stage autocasts to bf16 where
+  the CPU has it, `scores.measure_dtype`). The embedding's other candidates are measured by
+  the plan stage, and only when its plan could factor the embedding (MiniLM at 50%, not
+  SmolLM2 at 85%); the plan stage has no limit here.
 
 Limits use torch's default thread count here; stages run per-matrix work one thread per
 matrix (lowrank.parallel.fixed_threads), as many matrices at a time as compress's --workers
@@ -199,15 +201,15 @@ def sampling_limit(ckpt) -> float:
 
 
 def scores_limit(ckpt) -> float:
-    from lowrank.stages.scores import ScoreSettings, _objective, probe_data, probed_candidates
+    from lowrank.stages.probe import probe_data
+    from lowrank.stages.scores import ScoreSettings, _objective
 
     s = ScoreSettings()
     stats = SimpleNamespace(settings=SimpleNamespace(calibration_file=CALIB))
     model, batches, length_batches, kind = probe_data(ckpt, s, stats)
     gen = torch.Generator().manual_seed(s.seed)
 
-    # the input embedding's measured candidates: the reference pass, then one per candidate
-    measured = len(probed_candidates(len(s.fractions))) + 1
+    measured = 2  # the input embedding's largest candidate: the reference pass, then its own
 
     def run():
         for inputs, mask in batches:

@@ -74,7 +74,8 @@ def test_default_pipeline_with_calibration_allocates_by_loss(tiny_llama_dir, tmp
 
 
 def test_scores_track_the_measured_loss(tiny_llama_dir, tmp_path):
-    from lowrank.stages.scores import ScoreSettings, measure_joint
+    from lowrank.stages.probe import measure_joint
+    from lowrank.stages.scores import ScoreSettings
 
     result = _compress(tiny_llama_dir, tmp_path, "s")
     scores, stats = result.artifacts["scores"], result.artifacts["calibrate"]
@@ -110,29 +111,39 @@ def test_tied_embedding_and_head_are_one_decision(tiny_llama_dir, tmp_path):
 def test_input_embedding_candidates_are_measured(tiny_llama_dir, tmp_path):
     """The second-order estimate is far off for deep cuts of an embedding (MiniLM: 0.12
     estimated, 0.45 measured): its candidates are measured, every other one, the rest
-    interpolated; the samples behind the knapsack's cross terms take the measured size."""
+    interpolated; the samples behind the knapsack's cross terms take the measured size. The
+    scores stage measures the largest, the plan the others when it could factor the matrix."""
     import numpy as np
 
-    from lowrank.stages.scores import ScoreSettings, measure_joint
+    from lowrank.stages.probe import measure_joint, measure_pending
+    from lowrank.stages.scores import ScoreSettings
 
     result = _compress(tiny_llama_dir, tmp_path, "s")
     scores, stats = result.artifacts["scores"], result.artifacts["calibrate"]
+    ckpt, probe = lowrank.open_checkpoint(tiny_llama_dir), ScoreSettings.of(scores)
     name = "model.embed_tokens.weight"
-    entry, directions = scores["matrices"][name], np.asarray(scores["directions"][name])
-    ranks = entry["ranks"]
-    assert entry["measured"] == [r for i, r in enumerate(ranks)
-                                 if i % 2 == 0 or i == len(ranks) - 1]
-    probe = ScoreSettings(samples=16, batch_size=8)
-    measured = measure_joint(lowrank.open_checkpoint(tiny_llama_dir), probe, stats,
-                             [{name: r} for r in entry["measured"]])
+    partial = scores["matrices"][name]
+    ranks = partial["ranks"]
+    probed = [r for i, r in enumerate(ranks) if i % 2 == 0 or i == len(ranks) - 1]
+    assert partial["measured"] == probed[-1:] and partial["pending"] == probed[:-1]
+    assert partial["scores"][:-1] == [None] * (len(ranks) - 1)
+    full = measure_pending(ckpt, scores, probe, stats)
+    assert scores["matrices"][name]["pending"] == probed[:-1]  # a new artifact
+    entry, directions = full["matrices"][name], np.asarray(full["directions"][name])
+    assert entry["measured"] == probed and entry["pending"] == []
+    measured = measure_joint(ckpt, probe, stats, [{name: r} for r in probed])
     by_rank = dict(zip(ranks, entry["scores"]))
-    assert [by_rank[r] for r in entry["measured"]] == pytest.approx(measured, rel=1e-4)
+    assert [by_rank[r] for r in probed] == pytest.approx(measured, rel=1e-4)
     for i in range(1, len(ranks) - 1, 2):  # between its measured neighbours
         low, high = sorted((entry["scores"][i - 1], entry["scores"][i + 1]))
         assert low <= entry["scores"][i] <= high
     assert len(entry["second_order"]) == len(ranks) and entry["second_order"] != entry["scores"]
     sized = [s for s, e in zip(entry["scores"], entry["second_order"]) if e > 0]
     assert (directions ** 2).sum(0)[[e > 0 for e in entry["second_order"]]] == pytest.approx(sized)
+    # At 80% the plan factors the embedding, so it measured the rest: the same numbers.
+    layer = result.artifacts["plan"].layers[name]
+    assert layer.rank is not None
+    assert [layer.scores[str(r)] for r in probed] == pytest.approx(measured, rel=1e-4)
     # Linears keep the estimate; measure_embedding=False keeps it for the embedding too.
     assert "measured" not in scores["matrices"]["model.layers.1.mlp.up_proj.weight"]
     spec = compress_spec(calibration_file="", calibration={"samples": 32},
@@ -143,12 +154,51 @@ def test_input_embedding_candidates_are_measured(tiny_llama_dir, tmp_path):
     assert off.artifacts["scores"]["matrices"][name]["scores"] == entry["second_order"]
 
 
+@pytest.mark.parametrize("ratio", [0.8, 0.97])
+def test_pending_candidates_give_the_plan_measuring_them_would(tiny_llama_dir, tmp_path, ratio):
+    """A plan that keeps the embedding dense at the lower bound of its pending candidates'
+    losses is the plan their measured losses give, so they are measured only when a plan would
+    factor it: at 97% it stays dense unmeasured, at 80% it is cut, after measuring."""
+    from lowrank.stages.plan import PlanSettings, make_plan
+    from lowrank.stages.probe import measure_pending
+    from lowrank.stages.scores import ScoreSettings
+
+    result = _compress(tiny_llama_dir, tmp_path, "s")
+    scores, stats, spectra = (result.artifacts[k] for k in ("scores", "calibrate", "analyze"))
+    ckpt = lowrank.open_checkpoint(tiny_llama_dir)
+    full = measure_pending(ckpt, scores, ScoreSettings.of(scores), stats)
+    calls = []
+
+    def complete(partial):
+        calls.append(partial)
+        return full
+    settings = PlanSettings(param_ratio=ratio)
+    lazy = make_plan(spectra, settings, scores=scores, complete=complete)
+    eager = make_plan(spectra, settings, scores=full)
+    assert {n: p.rank for n, p in lazy.layers.items()} \
+        == {n: p.rank for n, p in eager.layers.items()}
+    name = "model.embed_tokens.weight"
+    entry = scores["matrices"][name]
+    unmeasured = [r for r, score in zip(entry["ranks"], entry["scores"]) if score is None]
+    if ratio > 0.9:
+        assert not calls and lazy.layers[name].rank is None
+        assert lazy.policy["loss_allocation"]["not_measured"][name] == unmeasured
+        assert [lazy.layers[name].scores[str(r)] for r in unmeasured] == [None] * len(unmeasured)
+    else:
+        assert calls and lazy.layers[name].rank is not None
+        assert "not_measured" not in lazy.policy["loss_allocation"]
+        assert lazy.layers[name].scores == eager.layers[name].scores
+    with pytest.raises(lowrank.LowrankError, match="not all measured"):
+        make_plan(spectra, PlanSettings(param_ratio=0.8), scores=scores)
+
+
 def test_measured_losses_do_not_depend_on_batching_and_hold_in_bf16(tiny_llama_dir, tmp_path):
     """The passes that measure a loss run over the probe lines batched by length (less padding)
     and autocast to ``measure_dtype``: the same losses as in file order, and bf16's close to
     float32's."""
     from lowrank.errors import InputError
-    from lowrank.stages.scores import ScoreSettings, leading_factors, plan_losses, probe_data
+    from lowrank.stages.probe import leading_factors, plan_losses, probe_data
+    from lowrank.stages.scores import ScoreSettings
 
     result = _compress(tiny_llama_dir, tmp_path, "s")
     stats, ckpt = result.artifacts["calibrate"], lowrank.open_checkpoint(tiny_llama_dir)

@@ -10,11 +10,13 @@ import torch
 from lowrank.io.checkpoint import open_checkpoint
 from lowrank.linalg import factorize_matrix, matrix_view
 from lowrank.stages import calibrate as calibrate_mod
+from lowrank.stages import probe as probe_mod
 from lowrank.stages import scores as scores_mod
 from lowrank.stages.analyze import AnalyzeSettings, analyze, analyze_matrix
 from lowrank.stages.calibrate import CalibrateSettings, calibrate
 from lowrank.stages.factorize import FactorizeSettings, factorize
 from lowrank.stages.plan import PlanSettings, make_plan
+from lowrank.stages.probe import measure_pending
 from lowrank.stages.scores import ScoreSettings, score_candidates
 
 PLAIN = FactorizeSettings(compensate=False)  # compensated layers solve their own targets
@@ -38,11 +40,16 @@ def _float64_exact(ckpt, name, stats):  # the stage before issue 13: LAPACK SVD,
 
 def test_float32_scores_choose_what_float64_chose(probed, monkeypatch):
     ckpt, stats, spectra = probed
-    fast = score_candidates(ckpt, spectra, SETTINGS, stats)
-    monkeypatch.setattr(scores_mod, "_factors_task",
-                        lambda ckpt, name, weighting, stats, rank: _float64_exact(ckpt, name,
-                                                                                   stats))
-    slow = score_candidates(ckpt, spectra, SETTINGS, stats)
+
+    def scored():  # with the embedding's pending candidates measured too
+        return measure_pending(ckpt, score_candidates(ckpt, spectra, SETTINGS, stats), SETTINGS,
+                               stats)
+    fast = scored()
+    for module in (scores_mod, probe_mod):
+        monkeypatch.setattr(module, "leading_factors_with",
+                            lambda ckpt, name, weighting, stats, rank: _float64_exact(ckpt, name,
+                                                                                       stats))
+    slow = scored()
     assert fast["matrices"].keys() == slow["matrices"].keys()
     for name, entry in slow["matrices"].items():
         assert fast["matrices"][name]["ranks"] == entry["ranks"]
@@ -89,15 +96,15 @@ def test_factors_from_the_analysis_eigh_equal_the_general_ones(probed):
     general = dataclasses.replace(stats, analyzed={})
     shapes = set()
     for name in stats.analyzed:
-        weighting = scores_mod._weighting(ckpt, name, stats)
+        weighting = probe_mod.matrix_weighting(ckpt, name, stats)
         if weighting is None or weighting.kind != "whiten":
             continue
         s = spectra.matrices[name]
         assert stats.analyzed_eigh(name) is not None  # the shortcut's input
         shapes.add(s.rows > s.cols)
         rank = max(1, min(s.rows, s.cols) // 2)
-        A, B = scores_mod._factors_task(ckpt, name, weighting, stats, rank)
-        A0, B0 = scores_mod._factors_task(ckpt, name, weighting, general, rank)
+        A, B = probe_mod.leading_factors_with(ckpt, name, weighting, stats, rank)
+        A0, B0 = probe_mod.leading_factors_with(ckpt, name, weighting, general, rank)
         scale = float((A0 @ B0).abs().max())
         torch.testing.assert_close(A @ B, A0 @ B0, rtol=1e-5, atol=1e-5 * scale)
     assert shapes == {True, False}  # tall and wide matrices both took the shortcut
@@ -112,7 +119,8 @@ def test_factorize_reuses_the_scores_eigensolves(probed, monkeypatch):
     scores = score_candidates(ckpt, spectra, SETTINGS, stats)
     scored = len(calls)
     assert scored == len(scores["matrices"])
-    plan = make_plan(spectra, PlanSettings(param_ratio=0.7), scores=scores)
+    plan = make_plan(spectra, PlanSettings(param_ratio=0.7), scores=scores,
+                     complete=lambda s: measure_pending(ckpt, s, SETTINGS, stats))
     reused = factorize(ckpt, plan, PLAIN, stats=stats)
     factored = plan.factored()
     assert factored and all(n in scores["matrices"] for n in factored)
@@ -137,7 +145,8 @@ def test_threaded_scores_and_their_reuse_are_byte_identical_to_serial(probed, mo
         before = len(calls)
         scores = score_candidates(ckpt, spectra, SETTINGS, run_stats, workers=workers)
         assert len(calls) - before == len(scores["matrices"])  # one eigensolve per matrix
-        plan = make_plan(spectra, PlanSettings(param_ratio=0.7), scores=scores)
+        plan = make_plan(spectra, PlanSettings(param_ratio=0.7), scores=scores,
+                         complete=lambda s, st=run_stats: measure_pending(ckpt, s, SETTINGS, st))
         runs[workers] = (scores, factorize(ckpt, plan, PLAIN, stats=run_stats,
                                                    workers=workers))
         assert len(calls) - before == len(scores["matrices"])  # factorize reused them

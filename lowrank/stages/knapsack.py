@@ -6,6 +6,13 @@ Scores come from :mod:`lowrank.stages.scores` (each matrix alone). Losses compou
 layers, so after solving, the plan is re-solved once with each matrix's score taken *given the
 others' choices* (the cross terms of the second-order estimate), and both plans are run jointly
 on the probe batch: the one with the lower measured loss wins, and the plan records both.
+
+A candidate whose loss the scores left pending (None: the input embedding's below its largest,
+:func:`lowrank.stages.scores.measure_pending`) counts at the lower bound the monotone scores
+give it, the loss of the next measured rank above. Both plans solved that way that keep its
+matrix dense are the plans the measured losses would give (no plan's loss can fall when bounds
+become measured values, and these plans hold none of them), so its candidates are measured only
+when one of the plans factors it.
 """
 
 from __future__ import annotations
@@ -67,8 +74,10 @@ def solve_mck(groups: dict[str, list[tuple[int, float]]], required: int,
     return {name: chosen[name] for name in groups}
 
 
-def _options(s: Spectrum, entry: dict, settings) -> list[tuple[int | None, int, float, int]]:
-    """(rank or None, parameters saved, score, column in the scores' samples) per candidate."""
+def _options(s: Spectrum, entry: dict,
+             settings) -> list[tuple[int | None, int, float | None, int]]:
+    """(rank or None, parameters saved, score (None: pending), column in the scores' samples)
+    per candidate."""
     options = [(None, 0, 0.0, -1)]
     seen = set()
     for col, (rank, score) in enumerate(zip(entry["ranks"], entry["scores"])):
@@ -76,14 +85,16 @@ def _options(s: Spectrum, entry: dict, settings) -> list[tuple[int | None, int, 
         if r >= settings.guard * s.break_even or r in seen:
             continue
         seen.add(r)
-        options.append((r, s.rows * s.cols - r * (s.rows + s.cols), float(score), col))
+        options.append((r, s.rows * s.cols - r * (s.rows + s.cols),
+                        None if score is None else float(score), col))
     return options
 
 
-def _monotone(values: list[float]) -> list[float]:
+def _monotone(values: list[float | None]) -> list[float]:
     """A lower rank drops a superset of directions: never score it below a higher rank (the
-    estimate is sampled; without this, noise would buy savings beyond the budget)."""
-    out = list(values)
+    estimate is sampled; without this, noise would buy savings beyond the budget). None
+    (pending) gets the lower bound this gives it."""
+    out = [0.0 if v is None else v for v in values]
     for i in range(len(out) - 2, 0, -1):  # options: dense, then ranks ascending
         out[i] = max(out[i], out[i + 1])
     return out
@@ -105,19 +116,13 @@ def _samples(directions: dict, options: dict, choice: dict) -> dict[str, np.ndar
     return out
 
 
-def loss_allocation(candidates: dict[str, Spectrum], scores: dict, required: float, settings,
-                    measure: Callable[[list[dict[str, int]]], list[float]] | None = None):
-    """Ranks (None: dense) for ``candidates`` saving at least ``required`` parameters with the
-    least estimated loss, after one compounding refinement (module docstring).
-
-    Returns ``(ranks, tables, info)``: tables holds each scored matrix's candidate scores
-    ({rank: loss, "dense": 0}) for the plan file, info the solver's and the check's numbers.
-    """
+def _solve_both(candidates: dict[str, Spectrum], scores: dict, required: int, settings):
+    """The options, the scores alone, the first plan and the one refined by cross terms."""
     matrices, directions = scores["matrices"], scores["directions"]
     options = {n: _options(s, matrices[n], settings) for n, s in candidates.items()
                if n in matrices}
     alone = {n: [opt[2] for opt in opts] for n, opts in options.items()}
-    first = _solve(options, alone, math.ceil(required))
+    first = _solve(options, alone, required)
     # Cross terms given the first plan: the joint estimate Σ_s (Σ_m a_sm)² changes by
     # (R + a)² − R² when matrix m moves to candidate a, R the others' sum (clipped at 0: noise).
     chosen = _samples(directions, options, first)
@@ -126,10 +131,35 @@ def loss_allocation(candidates: dict[str, Spectrum], scores: dict, required: flo
     for name, opts in options.items():
         rest = joint - chosen[name]
         rows = np.asarray(directions[name])
-        given[name] = [0.0 if col < 0 else max(0.0, float(((rest + rows[:, col]) ** 2
-                                                          - rest ** 2).sum()))
-                       for _, _, _, col in opts]
-    refined = _solve(options, given, math.ceil(required))
+        given[name] = [None if score is None else 0.0 if col < 0 else
+                       max(0.0, float(((rest + rows[:, col]) ** 2 - rest ** 2).sum()))
+                       for _, _, score, col in opts]
+    return options, alone, first, _solve(options, given, required)
+
+
+def loss_allocation(candidates: dict[str, Spectrum], scores: dict, required: float, settings,
+                    measure: Callable[[list[dict[str, int]]], list[float]] | None = None,
+                    complete: Callable[[dict], dict] | None = None):
+    """Ranks (None: dense) for ``candidates`` saving at least ``required`` parameters with the
+    least estimated loss, after one compounding refinement (module docstring).
+
+    ``complete(scores)`` gives the scores with their pending candidates measured, when a plan
+    needs them (:func:`lowrank.stages.scores.measure_pending`).
+    Returns ``(ranks, tables, info)``: tables holds each scored matrix's candidate scores
+    ({rank: loss or None (not measured), "dense": 0}) for the plan file, info the solver's and
+    the check's numbers.
+    """
+    required = math.ceil(required)
+    options, alone, first, refined = _solve_both(candidates, scores, required, settings)
+    factored_pending = [n for n, opts in options.items() if any(o[2] is None for o in opts)
+                        and (opts[first[n]][0] is not None or opts[refined[n]][0] is not None)]
+    if factored_pending:
+        if complete is None:
+            raise LowrankError(f"the plan would factor {factored_pending[0]}, whose candidates "
+                               f"are not all measured: give complete= (measure_pending)")
+        scores = complete(scores)
+        options, alone, first, refined = _solve_both(candidates, scores, required, settings)
+    directions = scores["directions"]
 
     def describe(choice):
         samples = _samples(directions, options, choice)
@@ -138,8 +168,14 @@ def loss_allocation(candidates: dict[str, Spectrum], scores: dict, required: flo
                 "params_saved": sum(options[n][i][1] for n, i in choice.items())}
 
     info = {"solver": "multiple-choice knapsack, dynamic programming over parameters saved",
-            "required_saving": math.ceil(required), "first": describe(first),
+            "required_saving": required, "first": describe(first),
             "refined": describe(refined), "chosen": "first"}
+    unmeasured = {n: [o[0] for o in opts if o[2] is None] for n, opts in options.items()}
+    if any(unmeasured.values()):
+        info["not_measured"] = {
+            "why": "dense in both plans even at the lower bound of these candidates' losses "
+                   "(the loss of the next measured rank above): measuring could not change them",
+            **{n: ranks for n, ranks in unmeasured.items() if ranks}}
     plans = [{n: options[n][i][0] for n, i in c.items() if options[n][i][0] is not None}
              for c in (first, refined)]
     final = first
@@ -153,6 +189,7 @@ def loss_allocation(candidates: dict[str, Spectrum], scores: dict, required: flo
         if best["sum_of_scores"] > 0:
             info["compounding"] = best["measured_joint"] / best["sum_of_scores"]
     ranks = {n: options[n][i][0] for n, i in final.items()}
-    tables = {n: {**{str(o[0]): round(o[2], 8) for o in opts if o[0] is not None}, "dense": 0.0}
+    tables = {n: {**{str(o[0]): None if o[2] is None else round(o[2], 8)
+                     for o in opts if o[0] is not None}, "dense": 0.0}
               for n, opts in options.items()}
     return ranks, tables, info

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..errors import InputError, LowrankError
@@ -19,8 +19,9 @@ from .allocate import Cost, allocate_budget, is_matmul, latency_cost, round_rank
 from .analyze import Spectra, Spectrum
 from .fusion import FUSION_TOKENS, PRECISIONS, keep_attention_fused
 from .knapsack import loss_allocation
-from .plan_file import PLAN_FORMAT, PLAN_VERSION, read_plan_file
-from .scores import ScoreSettings, measure_joint
+from .plan_file import LayerPlan, RankPlan, apply_plan, plan_from_json, read_plan_file
+from .probe import measure_joint, measure_pending, pending_count
+from .scores import ScoreSettings
 from .sensitivity import layer_weights
 
 POLICIES = ("energy", "rank", "rank_fraction", "param_ratio", "latency_ratio")
@@ -79,56 +80,6 @@ class PlanSettings:
         return next(p for p in POLICIES if getattr(self, p) is not None)
 
 
-@dataclass
-class LayerPlan:
-    shape: list[int]
-    rank: int | None  # None: keep dense
-    reason: str | None = None  # why it stays dense
-    energy: float | None = None  # expected fraction of spectral energy kept at ``rank``
-    scores: dict | None = None  # loss allocation: estimated loss per candidate rank and dense
-
-    def params(self) -> int:
-        m, n = self.shape[0], math.prod(self.shape[1:])
-        return m * n if self.rank is None else self.rank * (m + n)
-
-
-@dataclass
-class RankPlan:
-    layers: dict[str, LayerPlan]
-    total_params: int  # the whole checkpoint, dense
-    policy: dict = field(default_factory=dict)
-    format_version: int = PLAN_VERSION
-
-    @property
-    def params_after(self) -> int:
-        matrices_before = sum(math.prod(p.shape) for p in self.layers.values())
-        return self.total_params - matrices_before + sum(p.params() for p in self.layers.values())
-
-    def factored(self) -> dict[str, LayerPlan]:
-        return {k: v for k, v in self.layers.items() if v.rank is not None}
-
-    def to_json(self) -> dict:
-        layers = {}
-        for name, p in self.layers.items():
-            entry = {"shape": p.shape, "rank": p.rank}
-            if p.reason:
-                entry["reason"] = p.reason
-            if p.energy is not None:
-                entry["energy"] = round(p.energy, 6)
-            if p.scores is not None:
-                entry["scores"] = p.scores
-            layers[name] = entry
-        after = self.params_after
-        return {
-            "format": PLAN_FORMAT,
-            "version": self.format_version,
-            "policy": self.policy,
-            "params": {"before": self.total_params, "after": after,
-                       "ratio": round(after / self.total_params, 6)},
-            "layers": layers,
-        }
-
-
 def _candidate_reason(name: str, s: Spectrum, settings: PlanSettings) -> str | None:
     """Why a matrix cannot be factored at all, or None if it is a candidate."""
     if settings.include and not any(fnmatch.fnmatchcase(name, p) for p in settings.include):
@@ -162,7 +113,7 @@ def _guarded(rank: int | None, s: Spectrum, settings: PlanSettings, why: str) ->
 def make_plan(spectra: Spectra, settings: PlanSettings,
               weights: dict[str, float] | None = None, latency=None,
               matmul_names: set[str] | None = None, scores: dict | None = None,
-              measure=None, dense: dict[str, str] | None = None) -> RankPlan:
+              measure=None, dense: dict[str, str] | None = None, complete=None) -> RankPlan:
     """Choose a rank (or dense) for every matrix of ``spectra`` under ``settings``' policy.
 
     ``weights`` (tensor name -> factor, default 1) scale each layer's energy in the global
@@ -171,7 +122,8 @@ def make_plan(spectra: Spectra, settings: PlanSettings,
     matrix in ``matmul_names`` (Linear weights; default: names without "embed") whose factors
     are not faster than dense on this CPU stays dense, and a budget is re-allocated without it.
     With ``scores`` (the scores stage's artifact) and ``allocation="loss"``, ``param_ratio`` is
-    met by :func:`lowrank.stages.knapsack.loss_allocation` (``measure``: its joint check).
+    met by :func:`lowrank.stages.knapsack.loss_allocation` (``measure``: its joint check;
+    ``complete``: what measures the candidates the scores left pending).
     ``dense`` (name -> why) are kept dense before the policy, so a budget goes to the others.
 
     Example:
@@ -182,7 +134,8 @@ def make_plan(spectra: Spectra, settings: PlanSettings,
     forced = dict(dense or {})  # matrices kept dense (given, or by the latency check): why
     info: dict = {}
     for _ in range(10):  # each pass can only add to `forced`; a budget settles in a few
-        loss = (scores, measure, info) if scores and settings.allocation == "loss" else None
+        loss = (scores, measure, complete, info) if scores and settings.allocation == "loss" \
+            else None
         layers = _plan_layers(spectra, settings, weights or {}, forced, latency, matmul_names,
                               loss)
         if not settings.latency_tokens or latency is None:
@@ -215,9 +168,10 @@ def _budget_layers(candidates, costs, budget, settings, weights) -> dict[str, La
             for n, s in candidates.items()}
 
 
-def _loss_layers(candidates, costs, budget, settings, scores, measure, info):
+def _loss_layers(candidates, costs, budget, settings, scores, measure, complete, info):
     dense = sum(c.dense for c in costs.values())
-    ranks, tables, found = loss_allocation(candidates, scores, dense - budget, settings, measure)
+    ranks, tables, found = loss_allocation(candidates, scores, dense - budget, settings, measure,
+                                           complete)
     info.update(found)
     layers = {n: LayerPlan(list(s.shape), None, "not scored by the probe (kept dense)")
               for n, s in candidates.items() if n not in ranks}
@@ -274,51 +228,6 @@ def _plan_layers(spectra: Spectra, settings: PlanSettings, weights: dict[str, fl
 
 
 # --------------------------------------------------------------------------------------------
-# Plan files (read and written by lowrank.stages.plan_file)
-
-
-def apply_plan(data: dict, spectra: Spectra, source: str = "plan") -> RankPlan:
-    """Re-apply an (edited) plan file to a checkpoint's spectra, validating every entry.
-
-    Matrices the plan does not list stay dense. Names that match no matrix, ranks that are not
-    integers in [1, min(m, n)] and shapes that differ from the checkpoint are errors.
-    """
-    unknown = [n for n in data["layers"] if n not in spectra.matrices]
-    if unknown:
-        shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
-        raise InputError(f"{source}: {len(unknown)} layer(s) match no matrix in the checkpoint: {shown}")
-    layers = {}
-    for name, s in spectra.matrices.items():
-        entry = data["layers"].get(name)
-        if entry is None:
-            layers[name] = LayerPlan(list(s.shape), None, "not in plan")
-            continue
-        if not isinstance(entry, dict):
-            raise InputError(f"{source}: layer {name}: expected an object with a \"rank\"")
-        shape = entry.get("shape")
-        if shape is not None and (not isinstance(shape, list) or shape != list(s.shape)):
-            raise InputError(f"{source}: layer {name}: shape {shape} but the checkpoint has "
-                             f"{list(s.shape)} (was the plan made for another model?)")
-        rank, reason = entry.get("rank"), entry.get("reason")
-        if reason is not None and not isinstance(reason, str):
-            raise InputError(f"{source}: layer {name}: \"reason\" must be a string")
-        if rank is None:
-            layers[name] = LayerPlan(list(s.shape), None, reason or "dense in plan")
-            continue
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(s.rows, s.cols):
-            raise InputError(f"{source}: layer {name}: rank {rank!r} must be an integer in "
-                             f"[1, {min(s.rows, s.cols)}] or null (dense)")
-        if not s.finite:
-            raise InputError(f"{source}: layer {name}: holds NaN/Inf and cannot be factored")
-        layers[name] = LayerPlan(list(s.shape), rank, energy=s.energy_at(rank))
-    policy = data.get("policy") or {}
-    if not isinstance(policy, dict):
-        raise InputError(f"{source}: \"policy\" must be an object")
-    policy = dict(policy, applied_from=source)
-    return RankPlan(layers, spectra.total_params, policy)
-
-
-# --------------------------------------------------------------------------------------------
 # The pipeline stage
 
 
@@ -352,14 +261,19 @@ def _run(ctx: Context, settings: PlanStageSettings, spectra: Spectra,
         latency = LatencyTable.for_machine(ctx.cache_dir, settings.latency_threads)
         matmuls = ctx.models.linear_weight_names()
 
-    def measure(plans):  # the loss allocation's joint check, on the probe batch it scored
-        probe = ScoreSettings(**{k: tuple(v) if isinstance(v, list) else v
-                                 for k, v in scores["settings"].items()})
+    probe = ScoreSettings.of(scores) if scores else None  # the probe batch the scores used
+
+    def measure(plans):  # the loss allocation's joint check
         return measure_joint(ctx.checkpoint, probe, calibrate, plans, ctx.models.factory)
+
+    def complete(partial):  # the candidates the scores left pending, when a plan needs them
+        with ctx.track("measured candidates", pending_count(partial)) as advance:
+            return measure_pending(ctx.checkpoint, partial, probe, calibrate,
+                                   ctx.models.factory, advance)
 
     def plan_for(dense=None):
         return make_plan(spectra, PlanSettings(**policy), weights, latency, matmuls, scores,
-                         measure, dense)
+                         measure, dense, complete)
 
     plan = plan_for()
     if settings.attention_fusion and ctx.models.runnable:
@@ -378,16 +292,10 @@ def _run(ctx: Context, settings: PlanStageSettings, spectra: Spectra,
     return plan
 
 
-def _plan_from_json(data: dict) -> RankPlan:
-    layers = {n: LayerPlan(e["shape"], e["rank"], e.get("reason"), e.get("energy"), e.get("scores"))
-              for n, e in data["layers"].items()}
-    return RankPlan(layers, data["params"]["before"], data["policy"], data["version"])
-
-
 register_stage(Stage(
     "plan", ("analyze",), PlanStageSettings, _run,
     save=json_saver("plan.json", RankPlan.to_json),
-    load=json_loader("plan.json", _plan_from_json),
+    load=json_loader("plan.json", plan_from_json),
     emit=json_saver("plan.json", RankPlan.to_json),
     uses=("sensitivity", "scores", "calibrate"),
     machine=lambda settings: (machine_key(settings.latency_threads)

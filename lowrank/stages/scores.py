@@ -26,12 +26,17 @@ of seconds each), so the loss is estimated to second order from the same data, e
 
 The input embedding is the exception: the estimate is far off there, so its candidates are
 measured (``ScoreSettings.measure_embedding``): every other one by a forward pass over the probe
-batch (:func:`plan_losses`), those between interpolated; its samples are rescaled to the
-measured losses.
+batch (:func:`lowrank.stages.probe.plan_losses`), those between interpolated; its samples are
+rescaled to the measured losses. Here only the largest candidate is measured; the others stay
+``pending`` (score None) until the plan needs them (:func:`~lowrank.stages.probe.measure_pending`):
+a lower rank loses at least
+as much as the largest (the knapsack's scores are monotone), so a plan that keeps the matrix
+dense at that lower bound keeps it dense at the measured losses too, and the measurements are
+skipped (SmolLM2 at 85%: 7 passes, ~11 s).
 
 The artifact keeps each sequence's a_{s,c} per matrix and candidate, so the planner can add the
 cross terms between matrices (compounding, to second order) and compare with a measured joint
-loss (:func:`measure_joint`).
+loss (:func:`lowrank.stages.probe.measure_joint`).
 """
 
 from __future__ import annotations
@@ -39,24 +44,26 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..device import autocast_dtype, check_pass_dtype, cpu_autocast
+from ..device import autocast_dtype, check_pass_dtype
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint
-from ..io.samples import model_batches, read_calibration
-from ..linalg import matrix_view, weighted_factors, whitened_factors_from_eigh
-from ..models import Models
-from ..parallel import AUTO, fixed_threads, ordered_map, resolve_workers
+from ..parallel import AUTO, ordered_map, resolve_workers
 from ..pipeline.stage import Context, Stage, json_loader, json_saver, register_stage
 from .analyze import Spectra
 from .calibrate import ActivationStats
 from .fisher import sampled_objective as _objective
-from .recover import RecoverSettings, distillation_loss, loss_kind
+from .probe import (
+    leading_factors_with,
+    matrix_weighting,
+    plan_losses,
+    probe_data,
+    probed_candidates,
+    record_measured,
+)
 
 SCORES_FORMAT, SCORES_VERSION = "lowrank.scores", 1
 
@@ -72,7 +79,8 @@ class ScoreSettings:
     min_numel: int = 4096  # smaller matrices are not scored (the plan keeps them dense)
     seed: int = 0  # the sampled labels / noise
     # The input embedding's candidates measured (every other one, a forward pass over the probe
-    # batch each; those between interpolated), not estimated to second order: a deep cut moves
+    # batch each; those between interpolated; all but the largest only when the plan could pick
+    # them: measure_pending), not estimated to second order: a deep cut moves
     # every token's row far outside the quadratic regime. MiniLM's word embedding at rank 18 /
     # 37 / 132: estimated 0.137 / 0.122 / 0.067, measured 0.695 / 0.447 / 0.095; SmolLM2's at
     # 28 / 426: 8.29 / 3.50 against 3.93 / 1.87 (their Linears' estimates: within ~20%).
@@ -83,6 +91,12 @@ class ScoreSettings:
     # 0.5% of float32's (benchmarks/measured_passes.py). The second-order scores' backward
     # passes stay float32.
     measure_dtype: str = "auto"
+
+    @classmethod
+    def of(cls, scores: dict) -> ScoreSettings:
+        """The settings a scores artifact was made with."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v
+                      for k, v in scores["settings"].items()})
 
     def __post_init__(self):
         if not self.fractions or not all(0 < f < 1 for f in self.fractions):
@@ -146,60 +160,6 @@ class _Scorer:
             h.remove()
 
 
-def leading_factors(ckpt: Checkpoint, name: str, stats,
-                    rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 factors A, B of matrix ``name`` (data-aware with ``stats``) up to ``rank``,
-    ordered by singular value: A[:, :r]·B[:r] is the rank-r matrix factorization computes, for
-    any r <= ``rank``. One thread, like factorization's tasks, so the memoized eigenvectors are
-    the ones it would compute."""
-    return _factors_task(ckpt, name, _weighting(ckpt, name, stats), stats, rank)
-
-
-def _weighting(ckpt: Checkpoint, name: str, stats):
-    """Matrix ``name``'s weighting, as factorize computes it (in the calling thread: with the
-    thread executor, the whitening root keeps the bytes of a serial run)."""
-    if stats is None:
-        return None
-    return stats.weighting(name, math.prod(ckpt.info(name).shape[1:]))  # matrix_view's columns
-
-
-def _factors_task(ckpt: Checkpoint, name: str, weighting, stats,
-                  rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    w = matrix_view(ckpt.get(name))
-    if weighting is not None and weighting.kind in ("whiten", "whiten-output") \
-            and name not in stats.transposed:
-        # The analysis's eigendecomposition of this matrix: no W·L to form and hash again
-        analyzed = stats.analyzed_eigh(name)
-        if analyzed is not None and analyzed[1].shape[0] == min(w.shape):
-            with fixed_threads():
-                A, B = whitened_factors_from_eigh(w, weighting, analyzed[1], rank)
-            return A.float(), B.float()
-    eigh = stats.gram_eigenvectors if stats is not None else None
-    with fixed_threads():
-        A, B, _, _, _ = weighted_factors(w, rank, "gram", weighting=weighting, eigh=eigh)
-    return A.float(), B.float()
-
-
-class Probe(NamedTuple):
-    """The dense model and the probe lines (the calibration text's first ``samples``) batched
-    twice: in file order (``batches``: the scores' sampled labels follow it) and by token count
-    (``by_length``: for a loss averaged over tokens, which pads less; SmolLM2's probe batch:
-    848 positions instead of 1,120, the same losses)."""
-    model: nn.Module
-    batches: list
-    by_length: list
-    kind: str  # the distillation loss (lowrank.stages.recover.loss_kind)
-
-
-def probe_data(ckpt: Checkpoint, settings: ScoreSettings, stats, factory=None) -> Probe:
-    source = stats.settings.calibration_file if stats is not None else None
-    data = read_calibration(source, settings.samples, warn=False)
-    model, tokenizer = Models(ckpt, factory).runnable_model(need_tokenizer=isinstance(data, list))
-    batches = [list(model_batches(data, tokenizer, settings.batch_size, settings.max_length,
-                                  by_length=by_length)) for by_length in (False, True)]
-    return Probe(model, *batches, loss_kind(RecoverSettings(), model))
-
-
 def score_candidates(ckpt: Checkpoint, spectra: Spectra,
                      settings: ScoreSettings = ScoreSettings(),
                      stats: ActivationStats | None = None, factory=None,
@@ -225,8 +185,8 @@ def score_candidates(ckpt: Checkpoint, spectra: Spectra,
     names = list(params.values())
     ranks = {n: candidate_ranks(spectra.matrices[n].rows, spectra.matrices[n].cols,
                                 settings.fractions) for n in names}
-    tasks = ((ckpt, n, _weighting(ckpt, n, stats), stats, ranks[n][-1]) for n in names)
-    for name, AB in zip(names, ordered_map(_factors_task, tasks, resolve_workers(workers),
+    tasks = ((ckpt, n, matrix_weighting(ckpt, n, stats), stats, ranks[n][-1]) for n in names)
+    for name, AB in zip(names, ordered_map(leading_factors_with, tasks, resolve_workers(workers),
                                            "thread")):
         factors[name] = AB
         if on_step:
@@ -262,25 +222,17 @@ def score_candidates(ckpt: Checkpoint, spectra: Spectra,
         directions[name] = [[float(v) for v in row] for row in chosen]
     for name in _measured(model, params, settings, matrices):
         entry = matrices[name]
-        ranks_at = entry["ranks"]
-        probed = [ranks_at[i] for i in probed_candidates(len(ranks_at))]
-        measured = plan_losses(model, length_batches, kind, [{name: r} for r in probed],
-                               factors.__getitem__, autocast_dtype(settings.measure_dtype),
-                               on_step)
-        # the candidates between two measured ones interpolated: the loss falls smoothly with rank
-        losses = [float(v) for v in np.interp(ranks_at, probed, measured)]
-        # the samples keep their directions, at the measured size (the knapsack's cross terms)
-        size = [math.sqrt(m / e) if e > 0 else 1.0 for m, e in zip(losses, entry["scores"])]
-        directions[name] = [[v * c for v, c in zip(row, size)] for row in directions[name]]
-        entry["second_order"], entry["scores"], entry["measured"] = entry["scores"], losses, probed
+        probed = [entry["ranks"][i] for i in probed_candidates(len(entry["ranks"]))]
+        largest = probed[-1:]  # the lower bound of the others' losses; they wait for the plan
+        losses = plan_losses(model, length_batches, kind, [{name: r} for r in largest],
+                             factors.__getitem__, autocast_dtype(settings.measure_dtype))
+        entry.update(second_order=entry["scores"], measured=[], pending=probed[:-1])
+        directions[name] = record_measured(entry, directions[name], dict(zip(largest, losses)))
+        if on_step:
+            on_step(f"{name} at rank {largest[0]} measured")
     return {"format": SCORES_FORMAT, "version": SCORES_VERSION, "kind": kind,
             "tokens": tokens, "settings": asdict(settings), "matrices": matrices,
             "directions": directions}
-
-
-def probed_candidates(count: int) -> list[int]:
-    """Which of ``count`` candidates a measured matrix measures: every other one and the last."""
-    return sorted({*range(0, count, 2), count - 1})
 
 
 def _measured(model: nn.Module, params: dict[int, str], settings: ScoreSettings,
@@ -295,56 +247,9 @@ def _measured(model: nn.Module, params: dict[int, str], settings: ScoreSettings,
     return [name] if name in matrices else []
 
 
-def measure_joint(ckpt: Checkpoint, settings: ScoreSettings, stats, plans: list[dict[str, int]],
-                  factory=None) -> list[float]:
-    """The measured distillation loss on the probe batch of each plan ({tensor name: rank}),
-    all its matrices factored at once as the scores assumed (:func:`leading_factors`)."""
-    model, _, batches, kind = probe_data(ckpt, settings, stats, factory)
-    # Factors per matrix up to the largest rank any plan gives it, sliced to each plan's rank
-    largest = {n: max(p[n] for p in plans if n in p) for n in set().union(*plans)}
-    factors: dict[str, tuple] = {}
-
-    def factors_of(name: str) -> tuple:
-        if name not in factors:
-            factors[name] = leading_factors(ckpt, name, stats, largest[name])
-        return factors[name]
-    return plan_losses(model, batches, kind, plans, factors_of,
-                       autocast_dtype(settings.measure_dtype))
-
-
-def plan_losses(model: nn.Module, batches: list, kind: str, plans: list[dict[str, int]],
-                factors_of: Callable[[str], tuple], dtype: torch.dtype = torch.float32,
-                on_plan=None) -> list[float]:
-    """The distillation loss to ``model`` itself on ``batches`` of each plan, its matrices set
-    to A[:, :r]·B[:r] for (A, B) = ``factors_of(name)`` while the plan runs; the passes
-    autocast to ``dtype`` (CPU)."""
-    params = dict(model.named_parameters())
-    with torch.inference_mode(), cpu_autocast(dtype):
-        refs = [model(**inputs, output_hidden_states=kind == "hidden") for inputs, _ in batches]
-        losses = []
-        for plan in plans:
-            originals = {n: params[n].detach().clone() for n in plan}
-            for name, rank in plan.items():
-                A, B = factors_of(name)
-                params[name].copy_((A[:, :rank] @ B[:rank]).reshape(params[name].shape))
-            total, count = 0.0, 0
-            for (inputs, mask), ref in zip(batches, refs):
-                out = model(**inputs, output_hidden_states=kind == "hidden")
-                n = int(mask.sum()) if mask is not None else 1
-                total += float(distillation_loss(out, ref, mask, kind)) * n
-                count += n
-            losses.append(total / count)
-            for name, original in originals.items():
-                params[name].copy_(original)
-            if on_plan:
-                on_plan(f"{len(losses)} of {len(plans)} measured")
-    return losses
-
-
 def _run(ctx: Context, settings: ScoreSettings, spectra: Spectra, calibrate=None) -> dict:
     total = sum(1 for s in spectra.matrices.values() if s.rows * s.cols >= settings.min_numel)
-    steps = total + -(-settings.samples // settings.batch_size) + (
-        len(probed_candidates(len(settings.fractions))) if settings.measure_embedding else 0)
+    steps = total + -(-settings.samples // settings.batch_size) + settings.measure_embedding
     with ctx.track("scores", steps) as advance:
         return score_candidates(ctx.checkpoint, spectra, settings, calibrate,
                                 ctx.models.factory, advance,
