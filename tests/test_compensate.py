@@ -138,7 +138,8 @@ def test_a_post_norm_blocks_new_outputs_come_from_that_module(tiny_bert_dir, tmp
     real = blockwise.output_module
     monkeypatch.setattr(blockwise, "output_module", lambda *a: found.append(real(*a)) or found[-1])
     kept = _compress(tiny_bert_dir, tmp_path / "kept" / "out", True)
-    assert len(found) == 2 and all(type(m).__name__ == "BertOutput" for m in found)
+    # found on the first block; the second, of the same kind, reuses the answer (BlockStructure)
+    assert len(found) == 1 and type(found[0]).__name__ == "BertOutput"
     monkeypatch.setattr(blockwise, "output_module", lambda *a: None)
     rerun = _compress(tiny_bert_dir, tmp_path / "rerun" / "out", True)
     a, b = kept.artifacts["factorize"].tensors, rerun.artifacts["factorize"].tensors
@@ -172,6 +173,61 @@ def test_finished_outputs_give_the_same_factors_with_less_work(model, tmp_path, 
     rerun = _compress(model_dir, tmp_path / "rerun" / "out", True)
     assert len(runs) > runs_reused > 0
     a, b = reused.artifacts["factorize"].tensors, rerun.artifacts["factorize"].tensors
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Interleaved(torch.nn.Module):
+    """a1 and a2 multiply x, b1 multiplies a1's output, in the order a1, b1, a2."""
+
+    def __init__(self):
+        super().__init__()
+        self.a1, self.b1, self.a2 = (torch.nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x):
+        return self.b1(self.a1(x)) + self.a2(x)
+
+
+def test_block_structure_answers_like_the_checks_once_per_kind(monkeypatch):
+    """BlockStructure gives each block the answers of input_groups / writes_block_output /
+    output_module, for any subset of layers, running the first block of a kind only."""
+    from lowrank.stages import blockwise
+
+    torch.manual_seed(0)
+    state, mlp_state = (torch.randn(2, 3, 4), (), {}), (torch.randn(2, 3, 8), (), {})
+    blocks = [_Interleaved(), _Interleaved()]
+    structure = blockwise.BlockStructure()
+    for subset in (["a2", "b1"], ["a1", "a2"], ["b1"], ["a1", "b1", "a2"]):
+        for block in blocks:
+            modules = {f"w.{n}": block.get_submodule(n) for n in subset}
+            assert structure.groups(block, {f"w.{n}": n for n in subset}, state) \
+                == blockwise.input_groups(block, modules, state)
+    # in the order the layers run, as input_groups gives them
+    assert structure.groups(blocks[1], {"w.a2": "a2", "w.b1": "b1"}, state) == [["w.b1"], ["w.a2"]]
+    mlp = _Block()
+    assert structure.writes_output(mlp, "down", mlp_state) \
+        == writes_block_output(mlp, mlp.down, mlp_state) is True
+    assert structure.output_module(mlp, "down", mlp_state) \
+        is output_module(mlp, mlp.down, mlp_state) is None
+    runs = []
+    real = blockwise.run_block
+    monkeypatch.setattr(blockwise, "run_block", lambda *a: runs.append(1) or real(*a))
+    fresh = blockwise.BlockStructure()
+    for block in (*blocks, _Interleaved()):
+        fresh.groups(block, {"w": "b1"}, state)
+    assert len(runs) == 1  # the blocks after the first, of the same kind, reuse its answer
+
+
+@pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_bert_dir"])
+def test_structure_answered_once_per_kind_gives_the_same_factors(model, tmp_path, monkeypatch,
+                                                                 request):
+    from lowrank.stages import blockwise
+
+    model_dir = request.getfixturevalue(model)
+    once = _compress(model_dir, tmp_path / "once" / "out", True)
+    monkeypatch.setattr(blockwise.BlockStructure, "_answer",
+                        lambda self, block, question, compute: compute())
+    every = _compress(model_dir, tmp_path / "every" / "out", True)
+    a, b = once.artifacts["factorize"].tensors, every.artifacts["factorize"].tensors
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -240,8 +240,7 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
     another data method than ``whiten`` get {} (plain factors).
     ``factor(name, weighting, matrix)`` factors one weight (``matrix``: the target in (out,
     in) form); returns {name: (A, B, result)}."""
-    from .blockwise import (FinishedOutputs, block_inputs, input_groups, output_module,
-                            run_block, writes_block_output)
+    from .blockwise import BlockStructure, FinishedOutputs, block_inputs, run_block
 
     if stats.settings.method != "whiten":  # kfac/scale weightings are not least squares
         return {}
@@ -291,18 +290,20 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
             features = input_features(models, stats, name)
             put(name, *factor(name, stats.weighting(name, features), None))
     student_states = block_inputs(model, blocks, batches) if results else dense_states
+    structure = BlockStructure()
     for i, block in enumerate(blocks):
         names = inside.get(i, [])
         dense_block = copy.deepcopy(block) if names else block
-        sub = (lambda root, n, i=i: root.get_submodule(module_name(n)[len(f"{prefix}.{i}."):]))
-        groups = input_groups(dense_block, {n: sub(dense_block, n) for n in names},
-                              dense_states[0]) if names else []
+        path = (lambda n, i=i: module_name(n)[len(f"{prefix}.{i}."):])  # inside the block
+        sub = (lambda root, n, path=path: root.get_submodule(path(n)))
+        groups = structure.groups(dense_block, {n: path(n) for n in names},
+                                  dense_states[0]) if names else []
         last_layer = groups[-1] if residual_share is not None and groups \
             and len(groups[-1]) == 1 \
-            and writes_block_output(block, sub(block, groups[-1][0]), student_states[0]) \
+            and structure.writes_output(block, path(groups[-1][0]), student_states[0]) \
             else None
         # Else the module whose output is the block's, fed the last group's kept inputs
-        tail = output_module(block, sub(block, groups[-1][0]), student_states[0]) \
+        tail = structure.output_module(block, path(groups[-1][0]), student_states[0]) \
             if groups and last_layer is None else None
         weights = {n: matrix_view(models.checkpoint.get(n), n in stats.transposed)
                    for g in groups for n in g}

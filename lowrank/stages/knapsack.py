@@ -8,7 +8,7 @@ others' choices* (the cross terms of the second-order estimate), and both plans 
 on the probe batch: the one with the lower measured loss wins, and the plan records both.
 
 A candidate whose loss the scores left pending (None: the input embedding's below its largest,
-:func:`lowrank.stages.scores.measure_pending`) counts at the lower bound the monotone scores
+:func:`lowrank.stages.probe.measure_pending`) counts at the lower bound the monotone scores
 give it, the loss of the next measured rank above. Both plans solved that way that keep its
 matrix dense are the plans the measured losses would give (no plan's loss can fall when bounds
 become measured values, and these plans hold none of them), so its candidates are measured only
@@ -144,7 +144,7 @@ def loss_allocation(candidates: dict[str, Spectrum], scores: dict, required: flo
     least estimated loss, after one compounding refinement (module docstring).
 
     ``complete(scores)`` gives the scores with their pending candidates measured, when a plan
-    needs them (:func:`lowrank.stages.scores.measure_pending`).
+    needs them (:func:`lowrank.stages.probe.measure_pending`).
     Returns ``(ranks, tables, info)``: tables holds each scored matrix's candidate scores
     ({rank: loss or None (not measured), "dense": 0}) for the plan file, info the solver's and
     the check's numbers.
@@ -156,7 +156,8 @@ def loss_allocation(candidates: dict[str, Spectrum], scores: dict, required: flo
     if factored_pending:
         if complete is None:
             raise LowrankError(f"the plan would factor {factored_pending[0]}, whose candidates "
-                               f"are not all measured: give complete= (measure_pending)")
+                               f"are not all measured: pass complete= "
+                               f"(lowrank.stages.probe.measure_pending)")
         scores = complete(scores)
         options, alone, first, refined = _solve_both(candidates, scores, required, settings)
     directions = scores["directions"]
