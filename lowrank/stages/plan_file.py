@@ -21,7 +21,7 @@ class LayerPlan:
     rank: int | None  # None: keep dense
     reason: str | None = None  # why it stays dense
     energy: float | None = None  # expected fraction of spectral energy kept at ``rank``
-    scores: dict | None = None  # loss allocation: estimated loss per candidate rank and dense
+    scores: dict | None = None  # loss allocation: loss per candidate rank (None: not measured)
 
     def params(self) -> int:
         m, n = self.shape[0], math.prod(self.shape[1:])

@@ -28,11 +28,10 @@ The input embedding is the exception: the estimate is far off there, so its cand
 measured (``ScoreSettings.measure_embedding``): every other one by a forward pass over the probe
 batch (:func:`lowrank.stages.probe.plan_losses`), those between interpolated; its samples are
 rescaled to the measured losses. Here only the largest candidate is measured; the others stay
-``pending`` (score None) until the plan needs them (:func:`~lowrank.stages.probe.measure_pending`):
-a lower rank loses at least
-as much as the largest (the knapsack's scores are monotone), so a plan that keeps the matrix
-dense at that lower bound keeps it dense at the measured losses too, and the measurements are
-skipped (SmolLM2 at 85%: 7 passes, ~11 s).
+``pending`` (score None) until a plan needs them (:func:`lowrank.stages.probe.measure_pending`):
+a lower rank loses at least as much as the largest (the knapsack's scores are monotone), so a
+plan that keeps the matrix dense at that lower bound keeps it dense at the measured losses too,
+and the measurements are skipped (SmolLM2 at 85%: 7 passes, ~11 s).
 
 The artifact keeps each sequence's a_{s,c} per matrix and candidate, so the planner can add the
 cross terms between matrices (compounding, to second order) and compare with a measured joint
