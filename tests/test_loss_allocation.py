@@ -192,6 +192,29 @@ def test_pending_candidates_give_the_plan_measuring_them_would(tiny_llama_dir, t
         make_plan(spectra, PlanSettings(param_ratio=0.8), scores=scores)
 
 
+def test_the_plan_stage_loads_the_probe_and_measures_pending_once(tiny_llama_dir, tmp_path,
+                                                                  monkeypatch):
+    """The latency check plans again after keeping slow layers dense (here every factored
+    Linear, made "slower" on purpose): the probe batch is loaded, and the embedding's pending
+    candidates measured, once."""
+    from lowrank.stages import plan as plan_mod
+
+    calls = {"allocations": 0, "pending": 0, "probe": 0}
+
+    def counted(key, real):
+        def call(*args, **kwargs):
+            calls[key] += 1
+            return real(*args, **kwargs)
+        return call
+    for key, name in (("allocations", "loss_allocation"), ("pending", "measure_pending"),
+                      ("probe", "probe_data")):
+        monkeypatch.setattr(plan_mod, name, counted(key, getattr(plan_mod, name)))
+    monkeypatch.setattr(plan_mod, "slower_factored", lambda *args: "slower (on purpose)")
+    result = _compress(tiny_llama_dir, tmp_path, "s", latency_tokens=[1])
+    assert calls["allocations"] > 1 and calls["pending"] == calls["probe"] == 1
+    assert result.artifacts["plan"].layers["model.embed_tokens.weight"].rank is not None
+
+
 def test_measured_losses_do_not_depend_on_batching_and_hold_in_bf16(tiny_llama_dir, tmp_path):
     """The passes that measure a loss run over the probe lines batched by length (less padding)
     and autocast to ``measure_dtype``: the same losses as in file order, and bf16's close to

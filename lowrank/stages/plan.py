@@ -20,7 +20,7 @@ from .analyze import Spectra, Spectrum
 from .fusion import FUSION_TOKENS, PRECISIONS, keep_attention_fused
 from .knapsack import loss_allocation
 from .plan_file import LayerPlan, RankPlan, apply_plan, plan_from_json, read_plan_file
-from .probe import measure_joint, measure_pending, pending_count
+from .probe import measure_joint, measure_pending, pending_count, probe_data
 from .scores import ScoreSettings
 from .sensitivity import layer_weights
 
@@ -261,15 +261,25 @@ def _run(ctx: Context, settings: PlanStageSettings, spectra: Spectra,
         latency = LatencyTable.for_machine(ctx.cache_dir, settings.latency_threads)
         matmuls = ctx.models.linear_weight_names()
 
-    probe = ScoreSettings.of(scores) if scores else None  # the probe batch the scores used
+    probed = ScoreSettings.of(scores) if scores else None  # how the scores probed
+    # Loaded once, and the pending candidates measured once, for every plan made below (the
+    # latency and attention-fusion checks plan again)
+    done: dict = {}
+
+    def probe_batch():
+        if "probe" not in done:
+            done["probe"] = probe_data(ctx.checkpoint, probed, calibrate, ctx.models.factory)
+        return done["probe"]
 
     def measure(plans):  # the loss allocation's joint check
-        return measure_joint(ctx.checkpoint, probe, calibrate, plans, ctx.models.factory)
+        return measure_joint(ctx.checkpoint, probed, calibrate, plans, probe=probe_batch())
 
     def complete(partial):  # the candidates the scores left pending, when a plan needs them
-        with ctx.track("measured candidates", pending_count(partial)) as advance:
-            return measure_pending(ctx.checkpoint, partial, probe, calibrate,
-                                   ctx.models.factory, advance)
+        if "complete" not in done:
+            with ctx.track("measured candidates", pending_count(partial)) as advance:
+                done["complete"] = measure_pending(ctx.checkpoint, partial, probed, calibrate,
+                                                   on_step=advance, probe=probe_batch())
+        return done["complete"]
 
     def plan_for(dense=None):
         return make_plan(spectra, PlanSettings(**policy), weights, latency, matmuls, scores,

@@ -114,14 +114,16 @@ def pending_count(scores: dict) -> int:
 
 
 def measure_pending(ckpt: Checkpoint, scores: dict, settings, stats=None, factory=None,
-                    on_step: Callable[[str], None] | None = None) -> dict:
+                    on_step: Callable[[str], None] | None = None,
+                    probe: Probe | None = None) -> dict:
     """``scores`` (made with ``settings``) with every measured matrix's pending candidates
     measured, as a new artifact: for a plan that would factor one of them
-    (:func:`lowrank.stages.knapsack.loss_allocation`)."""
+    (:func:`lowrank.stages.knapsack.loss_allocation`). ``probe``: its :func:`probe_data`, when
+    loaded already."""
     pending = {n: e["pending"] for n, e in scores["matrices"].items() if e.get("pending")}
     if not pending:
         return scores
-    model, _, batches, kind = probe_data(ckpt, settings, stats, factory)
+    model, _, batches, kind = probe or probe_data(ckpt, settings, stats, factory)
     matrices, directions = dict(scores["matrices"]), dict(scores["directions"])
     for name, ranks in pending.items():
         entry = matrices[name] = dict(matrices[name])  # the scores stage's own entry unchanged
@@ -134,10 +136,11 @@ def measure_pending(ckpt: Checkpoint, scores: dict, settings, stats=None, factor
 
 
 def measure_joint(ckpt: Checkpoint, settings, stats, plans: list[dict[str, int]],
-                  factory=None) -> list[float]:
+                  factory=None, probe: Probe | None = None) -> list[float]:
     """The measured distillation loss on the probe batch of each plan ({tensor name: rank}),
-    all its matrices factored at once as the scores assumed (:func:`leading_factors`)."""
-    model, _, batches, kind = probe_data(ckpt, settings, stats, factory)
+    all its matrices factored at once as the scores assumed (:func:`leading_factors`).
+    ``probe``: its :func:`probe_data`, when loaded already."""
+    model, _, batches, kind = probe or probe_data(ckpt, settings, stats, factory)
     # Factors per matrix up to the largest rank any plan gives it, sliced to each plan's rank
     largest = {n: max(p[n] for p in plans if n in p) for n in set().union(*plans)}
     factors: dict[str, tuple] = {}
