@@ -90,8 +90,8 @@ def test_device_reaches_every_computing_stage(tiny_bert_dir, tmp_path, monkeypat
     resolved = {r["stage"]: r.get("resolved") for r in run.manifest["stages"]}
     auto = dtype_name(pass_dtype("auto"))  # what "auto" is on this CPU
     assert resolved["calibrate"] == {"forward_dtype": auto}
-    assert resolved["factorize"] == {"compensate_damping": 0.3, "compensate_residual_share": 0.3,
-                                     "compensate_dtype": auto}  # an encoder's text: its own
+    assert resolved["factorize"] == {"compensate_damping": 0.1, "compensate_residual_share": 0.3,
+                                     "compensate_dtype": auto}  # an encoder's (no top-up)
     assert resolved["recover"] == {"dtype": auto}
 
 

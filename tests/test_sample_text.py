@@ -126,6 +126,7 @@ def test_calibration_text_short_of_the_budget_is_topped_up_with_sampled_lines(
     encoder = calibrate(open_checkpoint(tiny_bert_dir),
                         CalibrateSettings(calibration_file=str(text), tokens=100))
     assert encoder.samples == 2 and encoder.sampled_lines == []
+    assert (short.causal_lm, encoder.causal_lm) == (True, False)  # compensation's "auto" reads it
 
 
 @pytest.mark.parametrize("flags,sampled", [([], True), (["--no-sampled-text"], False)])
@@ -147,15 +148,20 @@ def test_compress_tops_up_a_causal_lms_calibration_text(flags, sampled, tiny_lla
                                                                    else (0.3, 0.3))
 
 
-def test_compensation_auto_values_follow_the_top_up_and_explicit_values_win():
+def test_compensation_auto_values_follow_the_text_and_model_and_explicit_values_win(tmp_path):
     from lowrank.stages import factorize as factorize_mod
-    from lowrank.stages.calibrate import ActivationStats
+    from lowrank.stages.calibrate import ActivationStats, load_stats, save_stats
 
-    own, topped_up = ActivationStats(), ActivationStats(sampled_lines=["a sampled line"])
+    own = ActivationStats(causal_lm=True)
+    topped_up = ActivationStats(sampled_lines=["a sampled line"], causal_lm=True)
+    encoder, before = ActivationStats(causal_lm=False), ActivationStats()  # None: saved before
     auto = factorize_mod.FactorizeSettings()
-    assert auto.compensation(own) == (0.3, 0.3) and auto.compensation(topped_up) == (0.1, 0.6)
+    assert [auto.compensation(s) for s in (own, topped_up, encoder, before)] == [
+        (0.3, 0.3), (0.1, 0.6), (0.1, 0.3), (0.3, 0.3)]
     fixed = factorize_mod.FactorizeSettings(compensate_damping=0.2, compensate_residual_share=None)
-    assert fixed.compensation(topped_up) == fixed.compensation(own) == (0.2, None)
+    assert fixed.compensation(topped_up) == fixed.compensation(encoder) == (0.2, None)
+    save_stats(encoder, tmp_path)  # the kind survives the stage cache
+    assert auto.compensation(load_stats(tmp_path)) == (0.1, 0.3)
 
 
 @pytest.mark.parametrize("flags,trains_on_sampled", [

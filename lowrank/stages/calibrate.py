@@ -36,7 +36,7 @@ from ..io.files import check_format, write_json
 from ..io.safetensors import save_tensors
 from ..io.samples import Samples, model_batches, num_samples
 from ..linalg import gram_eigh
-from ..models import Models, skip_output_head
+from ..models import Models, is_causal_lm, skip_output_head
 from ..parallel import fixed_threads
 from ..pipeline.stage import Context, Stage, Track, no_progress, register_stage
 from ..weighting import METHODS, make_weighting, psd_root
@@ -64,9 +64,8 @@ class CalibrateSettings:
     calibration_file: str | None = None
     # Lines used: the first `samples` when set, else the first lines holding `tokens` tokens
     # (a tensor file: its first `samples` rows, calibration_text.TENSOR_SAMPLES when unset). A
-    # token budget, not a line count: 256 Debian lines are 3,610 MiniLM tokens, too few for
-    # 1536-wide Grams; with 2,000 lines (28,879 tokens) MiniLM at 50% scores 0.785 cosine on
-    # python_docs, not 0.693.
+    # token budget: 256 Debian lines are 3,610 MiniLM tokens, too few for 1536-wide Grams; 2,000
+    # lines (28,879 tokens) take MiniLM at 50% from 0.693 to 0.785 cosine on python_docs.
     samples: int | None = None
     tokens: int = 32768  # 256 lines of max_length tokens, what the old line default allowed
     # A causal LM's text with fewer than `tokens` tokens is topped up with text sampled from the
@@ -83,9 +82,8 @@ class CalibrateSettings:
     # Lines per pass, batched by length (compensation's too): 16 took SmolLM2's calibration
     # 54-61 s instead of 41-42 s (64 Debian lines are ~770 tokens, GEMMs big enough for speed).
     batch_size: int = 64
-    # How the statistics weight the SVD (lowrank.weighting): "whiten" (optimal output error),
-    # "kfac" (also the output-gradient Gram: optimal Fisher-weighted error) or "scale"
-    # (ASVD-style, input channels scaled by mean|x|^scale_alpha).
+    # How the statistics weight the SVD (lowrank.weighting): "whiten" (output error), "kfac"
+    # (also the output-gradient Gram: Fisher-weighted error) or "scale" (ASVD: mean|x|^alpha).
     method: str = "whiten"
     scale_alpha: float = 0.5
     # Added to every embedding row's count (rows weighted by √(count + s)): unseen rows still
@@ -151,6 +149,7 @@ class ActivationStats:
     tokens: int = 0  # real tokens seen
     samples: int = 0
     sampled_lines: list[str] = field(default_factory=list)  # the text's top-up, in samples
+    causal_lm: bool | None = None  # the model's kind (None: statistics saved before it was kept)
     settings: CalibrateSettings = CalibrateSettings()
     # {(kind, content key, device): a root of G, or a Gram's eigenvalues and eigenvectors}:
     # each is computed once per run (see whitening_factor, gram_eigh).
@@ -367,7 +366,7 @@ def calibrate_models(models: Models, settings: CalibrateSettings, device: str | 
     data = data + sampled if sampled else data
     with track("calibrate", -(-num_samples(data) // settings.batch_size)) as advance:
         stats = collect_stats(model, tokenizer, data, settings, advance, device=device)
-    stats.sampled_lines = sampled
+    stats.sampled_lines, stats.causal_lm = sampled, is_causal_lm(model)
     return stats
 
 
@@ -377,6 +376,7 @@ def save_stats(stats: ActivationStats, directory: Path) -> None:
                                           "tokens": stats.tokens, "samples": stats.samples,
                                           "transposed": sorted(stats.transposed),
                                           "sampled_lines": stats.sampled_lines,
+                                          "causal_lm": stats.causal_lm,
                                           "settings": asdict(stats.settings)})
 
 
@@ -387,7 +387,7 @@ def load_stats(directory: Path) -> ActivationStats:
                                          meta["tokens"], meta["samples"],
                                          CalibrateSettings(**meta["settings"]))
     stats.transposed = set(meta.get("transposed", []))
-    stats.sampled_lines = meta.get("sampled_lines", [])
+    stats.sampled_lines, stats.causal_lm = meta.get("sampled_lines", []), meta.get("causal_lm")
     return stats
 
 

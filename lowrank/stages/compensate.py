@@ -26,18 +26,29 @@ from .recorder import FLUSH_ROWS, token_rows
 from .sequential import input_features
 
 
-# "auto" (damping, residual share), by whether calibration topped its text up with sampled
-# text. On the model's own distribution the fits need less of the ridge that guards a narrow
-# text's blind spots: SmolLM2 85%, Debian lines topped up, python_docs perplexity / dense
+# "auto" (damping, residual share), by the calibration text. On the model's own distribution
+# (a causal LM's text topped up with sampled text) the fits need less of the ridge that guards a
+# narrow text's blind spots: SmolLM2 85%, Debian lines topped up, python_docs perplexity / dense
 # 1.428x -> 1.403x (1.386x -> 1.358x on other sampled lines), 70% 2.514x -> 2.339x, Debian KL
 # lower too; on the Debian lines alone they trade python_docs for Debian (1.467x -> 1.495x,
-# KL 0.161 -> 0.137), so a user's own text keeps 0.3 / 0.3 (reports/compensation.md).
-COMPENSATION_AUTO = {False: (0.3, 0.3), True: (0.1, 0.6)}  # topped up -> (damping, share)
+# KL 0.161 -> 0.137), so a causal LM's own text keeps 0.3 / 0.3 (reports/compensation.md).
+# Other models (encoders: no top-up) gain from damping 0.1 on both texts: MiniLM calibrated on
+# Debian lines, at 40 / 50 / 60%, python_docs cosine 0.707 / 0.779 / 0.835 -> 0.734 / 0.791 /
+# 0.844, held-out Debian 0.869 / 0.906 / 0.932 -> 0.885 / 0.917 / 0.941 (reports/compensation.md).
+COMPENSATION_AUTO = {"topped up": (0.1, 0.6), "causal LM": (0.3, 0.3), "other": (0.1, 0.3)}
+
+
+def calibration_kind(stats: ActivationStats | None) -> str:
+    """Which COMPENSATION_AUTO entry ``stats`` get: statistics saved before they kept the model's
+    kind count as a causal LM's (the rule they were made under)."""
+    if stats is not None and stats.sampled_lines:
+        return "topped up"
+    return "other" if stats is not None and stats.causal_lm is False else "causal LM"
 
 
 def resolve_compensation(damping, share, stats: ActivationStats | None):
     """(damping, residual share) for calibration ``stats``: "auto" by COMPENSATION_AUTO."""
-    auto = COMPENSATION_AUTO[bool(stats is not None and stats.sampled_lines)]
+    auto = COMPENSATION_AUTO[calibration_kind(stats)]
     return (auto[0] if damping == "auto" else damping, auto[1] if share == "auto" else share)
 
 
