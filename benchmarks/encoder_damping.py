@@ -7,8 +7,10 @@ for a user's own text (lowrank.stages.compensate.COMPENSATION_AUTO). Stages the 
 not change come from a stage cache.
 
     python benchmarks/encoder_damping.py 0.3 0.1 0.03 [--ratios 0.4 0.5 0.6] [--cache-dir DIR]
+        [--recover-steps N]
 
-One JSON line per ratio and damping.
+One JSON line per ratio and damping. ``--recover-steps N``: with ``--recover lora`` trained for N
+steps (a fixed count, so the rows compare at equal training whatever the machine's speed).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("dampings", nargs="+", type=float)
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.4, 0.5, 0.6])
+    ap.add_argument("--recover-steps", type=int, help="--recover lora, this many steps")
     ap.add_argument("--cache-dir", type=Path,
                     default=Path(tempfile.gettempdir()) / "lowrank-encoder-damping")
     args = ap.parse_args()
@@ -54,13 +57,15 @@ def main():
         calibration.write_text("\n".join(lines_of(*CALIBRATION)) + "\n")
         for ratio in args.ratios:
             for damping in args.dampings:
+                recover = {"recover_method": "lora", "recover": {"steps": args.recover_steps}} \
+                    if args.recover_steps else {}
                 spec = compress_spec(plan={"param_ratio": ratio},
                                      calibration_file=str(calibration),
-                                     factorize={"compensate_damping": damping})
+                                     factorize={"compensate_damping": damping}, **recover)
                 out = Path(tmp) / f"out-{ratio}-{damping}"
                 run_pipeline(spec, model, out, cache_dir=args.cache_dir)
                 compressed = lowrank.load(out).eval()
-                row = {"ratio": ratio, "damping": damping}
+                row = {"ratio": ratio, "damping": damping, "recover_steps": args.recover_steps}
                 for name, lines in texts.items():
                     scores = evaluate_encoder(dense, compressed, tokenizer, lines)
                     row[name] = {"cosine": round(scores["cosine"], 4),

@@ -74,7 +74,7 @@ class FactorizeSettings:
     # inputs; `compensate_damping` × the mean input eigenvalue pulls toward the weight.
     # Measured (README, Data-aware compression): SmolLM2 at 85%, perplexity 1.67× -> 1.51×
     # dense (damping 0.1: 1.56×, 1: 1.59×, 3: 1.78×). `sequential`, when set, replaces it.
-    # "auto": by the calibration text (compensate.COMPENSATION_AUTO).
+    # "auto": by the text and model (compensate.COMPENSATION_AUTO).
     compensate: bool = True
     compensate_damping: float | str = "auto"
     # A block's last layer, when its output is added to the block's output as is (a pre-norm
@@ -82,7 +82,7 @@ class FactorizeSettings:
     # block output's error, tokens weighted by 1/mean(y²) (the next RMSNorm divides by it);
     # None: fitted to W·x like the others. Measured (README, Data-aware compression): SmolLM2
     # perplexity / dense at 85% 1.512× -> 1.484×, at 70% 3.740× -> 3.479× (share 0: 1.487× at
-    # 85%, 1: 1.509×). "auto": by the calibration text (compensate.COMPENSATION_AUTO).
+    # 85%, 1: 1.509×). "auto": by the text and model (compensate.COMPENSATION_AUTO).
     compensate_residual_share: float | str | None = "auto"
     # What compensation's forward passes autocast to: "auto" is bfloat16 where the CPU
     # multiplies it natively (lowrank.device.native_bf16), else float32; the sums stay float64
