@@ -197,6 +197,21 @@ def whitened_factors_from_eigh(w: torch.Tensor, wt: Weighting, vectors: torch.Te
     return U.contiguous(), (U.T @ work).contiguous()
 
 
+def row_weighted_factors_from_eigh(w: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor,
+                                   rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-weighted factors (an embedding's ``rows`` weighting, Y = diag(d)·W, rows >= columns)
+    from the eigenpairs (ascending) of YᵀY, without forming Y: A = W·V_r·Λ_r^(-1/4), B =
+    Λ_r^(1/4)·V_rᵀ (float64). :func:`factors_from_svd`'s up to rounding: it takes Λ^(1/2) as
+    the column norms of Y·V_r, which scales A against B alike; A·B is W projected on V_r."""
+    work = w.double()
+    k = vectors.shape[1]
+    r = min(rank, k)
+    top = vectors[:, k - r:].flip(1).to(work)
+    root = values[k - r:].flip(0).to(work).clamp(min=0).pow(0.25)
+    return ((work @ top) * _reciprocal_or_zero(root, w.dtype)).contiguous(), \
+        (root[:, None] * top.T).contiguous()
+
+
 def truncated_svd(w: torch.Tensor, rank: int, method: str, seed: int = 0, oversample: int = 10,
                   niter: int = 4, eigh=None):
     """Top-``rank`` (U, S, Vh) of ``w`` by ``exact``, ``gram`` (``eigh``: see :func:`gram_svd`)

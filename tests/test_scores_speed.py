@@ -88,26 +88,38 @@ def test_scores_reuse_the_eigensolves_of_the_weighted_spectra(probed, monkeypatc
     assert scores["matrices"] and len(calls) == analyzed
 
 
-def test_factors_from_the_analysis_eigh_equal_the_general_ones(probed):
-    """The scores stage takes whitened factors from the analysis's eigendecomposition, found by
-    name (wide matrices: the eigenvectors are U; tall: U = W·L·V/σ): the factors of the general
-    path, which forms W·L again, up to rounding."""
+def test_factors_from_the_analysis_eigh_equal_the_general_ones(probed, monkeypatch):
+    """The scores stage takes whitened and row-weighted (embedding) factors from the analysis's
+    eigendecomposition, found by name (wide matrices: the eigenvectors are U; tall: U =
+    W·L·V/σ; an embedding: A = W·V·Λ^(-1/4)): the factors of the general path, which forms the
+    weighted matrix again, up to rounding."""
     ckpt, stats, spectra = probed
     general = dataclasses.replace(stats, analyzed={})
-    shapes = set()
+    shapes, taken = set(), []
+    for shortcut in ("whitened_factors_from_eigh", "row_weighted_factors_from_eigh"):
+        real = getattr(probe_mod, shortcut)
+        monkeypatch.setattr(probe_mod, shortcut,
+                            lambda *a, real=real: taken.append(a[0].shape) or real(*a))
     for name in stats.analyzed:
         weighting = probe_mod.matrix_weighting(ckpt, name, stats)
-        if weighting is None or weighting.kind != "whiten":
+        if weighting is None or weighting.kind not in ("whiten", "rows"):
             continue
         s = spectra.matrices[name]
         assert stats.analyzed_eigh(name) is not None  # the shortcut's input
-        shapes.add(s.rows > s.cols)
+        shapes.add((weighting.kind, s.rows > s.cols))
         rank = max(1, min(s.rows, s.cols) // 2)
+        taken.clear()
         A, B = probe_mod.leading_factors_with(ckpt, name, weighting, stats, rank)
+        assert len(taken) == 1
         A0, B0 = probe_mod.leading_factors_with(ckpt, name, weighting, general, rank)
+        assert len(taken) == 1  # the general path
         scale = float((A0 @ B0).abs().max())
         torch.testing.assert_close(A @ B, A0 @ B0, rtol=1e-5, atol=1e-5 * scale)
-    assert shapes == {True, False}  # tall and wide matrices both took the shortcut
+        if weighting.kind == "rows":  # the same split between A and B, not only their product
+            torch.testing.assert_close(A, A0, rtol=1e-5, atol=1e-5 * float(A0.abs().max()))
+            torch.testing.assert_close(B, B0, rtol=1e-5, atol=1e-5 * float(B0.abs().max()))
+    # tall and wide matrices and an embedding all took the shortcut
+    assert shapes == {("whiten", True), ("whiten", False), ("rows", True)}
 
 
 def test_factorize_reuses_the_scores_eigensolves(probed, monkeypatch):

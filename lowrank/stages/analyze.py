@@ -198,7 +198,7 @@ def analyze_matrix(name: str, tensor: torch.Tensor, settings: AnalyzeSettings,
         k = max(1, math.floor(rows * cols / (rows + cols)))
         _, values, _ = randomized_svd(w, k, settings.oversample, settings.niter,
                                       layer_seed(settings.seed, name))
-    return Spectrum(name, tuple(tensor.shape), rows, cols, [float(v) for v in values.cpu()], total,
+    return Spectrum(name, tuple(tensor.shape), rows, cols, values.cpu().tolist(), total,
                     exact)
 
 

@@ -21,7 +21,12 @@ from torch import nn
 from ..device import autocast_dtype, cpu_autocast
 from ..io.checkpoint import Checkpoint
 from ..io.samples import model_batches, read_calibration
-from ..linalg import matrix_view, weighted_factors, whitened_factors_from_eigh
+from ..linalg import (
+    matrix_view,
+    row_weighted_factors_from_eigh,
+    weighted_factors,
+    whitened_factors_from_eigh,
+)
 from ..models import Models
 from ..parallel import fixed_threads
 from .recover import RecoverSettings, distillation_loss, loss_kind
@@ -48,14 +53,18 @@ def leading_factors_with(ckpt: Checkpoint, name: str, weighting, stats,
                          rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`leading_factors` with the weighting given (:func:`matrix_weighting`)."""
     w = matrix_view(ckpt.get(name))
-    if weighting is not None and weighting.kind in ("whiten", "whiten-output") \
-            and name not in stats.transposed:
-        # The analysis's eigendecomposition of this matrix: no W·L to form and hash again
+    if weighting is not None and name not in stats.transposed:
+        # The analysis's eigendecomposition of this matrix: no weighted matrix to form and hash
+        # again (MiniLM's word embedding: 0.59 -> 0.30 s)
         analyzed = stats.analyzed_eigh(name)
         if analyzed is not None and analyzed[1].shape[0] == min(w.shape):
             with fixed_threads():
-                A, B = whitened_factors_from_eigh(w, weighting, analyzed[1], rank)
-            return A.float(), B.float()
+                if weighting.kind in ("whiten", "whiten-output"):
+                    A, B = whitened_factors_from_eigh(w, weighting, analyzed[1], rank)
+                    return A.float(), B.float()
+                if weighting.kind == "rows" and w.shape[0] >= w.shape[1]:
+                    A, B = row_weighted_factors_from_eigh(w, *analyzed, rank)
+                    return A.float(), B.float()
     eigh = stats.gram_eigenvectors if stats is not None else None
     with fixed_threads():
         A, B, _, _, _ = weighted_factors(w, rank, "gram", weighting=weighting, eigh=eigh)

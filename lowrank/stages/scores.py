@@ -216,9 +216,9 @@ def score_candidates(ckpt: Checkpoint, spectra: Spectra,
         samples = torch.cat(parts) / math.sqrt(tokens)  # (sequences, K + 1): column r = rank r
         chosen = samples[:, ranks[name]]
         matrices[name] = {"ranks": ranks[name],
-                          "scores": [float(v) for v in chosen.pow(2).sum(0)],
+                          "scores": chosen.pow(2).sum(0).tolist(),
                           "uses": scorer.uses[name]}
-        directions[name] = [[float(v) for v in row] for row in chosen]
+        directions[name] = chosen.tolist()
     for name in _measured(model, params, settings, matrices):
         entry = matrices[name]
         probed = [entry["ranks"][i] for i in probed_candidates(len(entry["ranks"]))]
