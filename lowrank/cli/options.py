@@ -44,6 +44,10 @@ calibration_options = options(
                  help="Token budget of the calibration text when --calibration-samples is not "
                  "given (default 32768)."),
     click.option("--max-length", type=int, help="Tokens per calibration sample (default 128)."),
+    click.option("--calibration-pack", type=float, metavar="SHARE",
+                 help="Share of the calibration lines (the last ones) joined into samples of "
+                 "up to --max-length tokens, so short lines cover long inputs too (default "
+                 "0.25; 0: one line per sample)."),
     click.option("--sampled-text/--no-sampled-text", default=None,
                  help="Causal LMs: top up calibration text shorter than the token budget with "
                  "text sampled from the model (default on)."),
@@ -69,12 +73,12 @@ def take(flags: dict, *keys: str, **renames: str) -> dict:
 
 def calibration_settings(flags: dict) -> dict:
     return take(flags, "max_length", "outliers", "sampled_text", samples="calibration_samples",
-                tokens="calibration_tokens", method="data_method")
+                tokens="calibration_tokens", method="data_method", pack="calibration_pack")
 
 
 # compress_spec's parameter names (lowrank.errors.OptionError) as the flags that set them.
 FLAGS = {"calibration_file": "--calibration",
-         "calibration settings": "--calibration-samples/--calibration-tokens/--max-length/--sampled-text/--data-method/--outliers options",
+         "calibration settings": "--calibration-samples/--calibration-tokens/--calibration-pack/--max-length/--sampled-text/--data-method/--outliers options",
          "sequential": "--sequential", "recover settings": "--recover-* options",
          "recover_method": "--recover", "optimize": "--optimize", "int8": "--int8", "bench": "--bench",
          "export": "--export onnx"}

@@ -58,6 +58,27 @@ def lines_within_tokens(lines: list[str], tokenizer, tokens: int, max_length: in
     return kept
 
 
+def packed_lines(lines: list[str], tokenizer, max_length: int, share: float) -> list[str]:
+    """``lines`` with their last ``share`` joined, in order, into sequences of at most
+    ``max_length`` tokens (a line already that long stays alone): short lines then also show
+    the model the later positions and longer contexts it meets in use. The same tokens, fewer
+    special ones."""
+    start = len(lines) - round(len(lines) * share)
+    if start >= len(lines) - 1:
+        return lines
+    tail = lines[start:]
+    room = max_length - len(tokenizer("")["input_ids"])  # less the special tokens
+    counts = map(len, tokenizer(tail, add_special_tokens=False)["input_ids"])
+    packed, current, used = [], [], 0
+    for line, count in zip(tail, counts):
+        if current and used + count > room:
+            packed.append(" ".join(current))
+            current, used = [], 0
+        current.append(line)
+        used += count
+    return lines[:start] + packed + [" ".join(current)]
+
+
 def token_count(lines: list[str], tokenizer, max_length: int) -> int:
     """Tokens in ``lines``, each at most ``max_length`` as batches truncate them."""
     ids = tokenizer(lines, truncation=True, max_length=max_length)["input_ids"]

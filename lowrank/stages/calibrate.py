@@ -62,10 +62,9 @@ OUTLIERS = ("keep", "skip-first", "clip")
 class CalibrateSettings:
     # Text, one sample per line; None = the small text shipped with lowrank.
     calibration_file: str | None = None
-    # Lines used: the first `samples` when set, else the first lines holding `tokens` tokens
-    # (a tensor file: its first `samples` rows, calibration_text.TENSOR_SAMPLES when unset). A
-    # token budget: 256 Debian lines are 3,610 MiniLM tokens, too few for 1536-wide Grams; 2,000
-    # lines (28,879 tokens) take MiniLM at 50% from 0.693 to 0.785 cosine on python_docs.
+    # Lines used: the first `samples` when set, else the first lines holding `tokens` tokens (a
+    # tensor file: its first `samples` rows, else calibration_text.TENSOR_SAMPLES). MiniLM at
+    # 50%, python_docs cosine 0.693 (256 Debian lines, 3,610 tokens) -> 0.785 (2,000 lines).
     samples: int | None = None
     tokens: int = 32768  # 256 lines of max_length tokens, what the old line default allowed
     # A causal LM's text with fewer than `tokens` tokens is topped up with text sampled from the
@@ -74,11 +73,13 @@ class CalibrateSettings:
     # 4-grams 0.37 -> 0.24, held-out Debian KL 0.162 -> 0.173 (reports/sampled-calibration.md).
     sampled_text: bool = True
     sampled_seed: int = 0  # the top-up's draws (lowrank.sample_text.SampleTextSettings.seed)
-    # New tokens per sampled line (at most max_length). 64, not 128: half the one-token steps
-    # (SmolLM2's top-up 25.4 -> 19.1 s), the same quality at 85%, sampled seeds 0-2: python_docs
-    # perplexity / dense 1.401x on average both, KL 0.424 -> 0.418 (reports/sampled-calibration).
+    # New tokens per sampled line (at most max_length): 64 halves 128's one-token steps (top-up
+    # 25.4 -> 19.1 s), SmolLM2 85% the same over seeds 0-2 (reports/sampled-calibration.md).
     sampled_length: int = 64
     max_length: int = 128  # tokens per sample; longer samples are truncated
+    # The last share of the lines joined into samples of up to max_length tokens: short lines
+    # cover long inputs too (MiniLM 50%, python_docs kNN@10 0.606 -> 0.654; calibration-packing)
+    pack: float = 0.25
     # Lines per pass, batched by length (compensation's too): 16 took SmolLM2's calibration
     # 54-61 s instead of 41-42 s (64 Debian lines are ~770 tokens, GEMMs big enough for speed).
     batch_size: int = 64
@@ -93,21 +94,18 @@ class CalibrateSettings:
     # Fisher) or the "real" next tokens (the empirical Fisher; causal LMs only).
     kfac_shrinkage: float = 0.05
     kfac_labels: str = "sampled"
-    # Backward passes on the first N samples only: the out × out Grams cost as much as the
-    # input ones and the backward twice the forward; with shrinkage, fewer tokens do.
+    # Backward passes on the first N samples only (with shrinkage, fewer tokens do)
     kfac_samples: int = 64
     # Linear-input statistics: "keep" every token, "skip-first" drop each sequence's first
     # token, or "clip" each token's input norm at outlier_factor × the batch's median norm.
     outliers: str = "keep"
     outlier_factor: float = 5.0
-    # "whiten" without "clip": a Linear with fewer outputs than inputs (an FFN's down projection)
-    # records the Gram of its outputs W·x, not of its inputs: the same factors from out² numbers
-    # instead of in² (lowrank.weighting, "whiten-output"): SmolLM2's calibrate 42.5 -> 34.4 s.
+    # "whiten" without "clip": a Linear with fewer outputs than inputs records the Gram of W·x
+    # (out²), not of x (in²): the same factors (lowrank.weighting); SmolLM2 42.5 -> 34.4 s.
     output_grams: bool = True
     # CPU forward passes autocast to this (lowrank.device.PASS_DTYPES; "auto": bf16 where the
-    # CPU has it; kfac's stay float32); Grams stay float64 sums of float32 products. SmolLM2 at
-    # 85%: perplexity / dense 1.466x -> 1.468x, calibrate 69 -> 56 s (reports/speed.md). The
-    # top-up samples with weights of this dtype (lowrank.sample_text.SampleTextSettings.dtype).
+    # CPU has it; kfac's float32; Grams float64 sums): SmolLM2 85%, 1.466x -> 1.468x dense
+    # perplexity, calibrate 69 -> 56 s (reports/speed.md). The top-up samples in it too.
     forward_dtype: str = "auto"
 
     def __post_init__(self):
@@ -122,6 +120,8 @@ class CalibrateSettings:
             raise InputError(f"outliers must be one of {', '.join(OUTLIERS)} (outlier factor "
                              f">= 1), got {self.outliers!r}")
         check_pass_dtype(self.forward_dtype, "calibration forward_dtype")
+        if not 0 <= self.pack <= 1:
+            raise InputError(f"calibration pack must be in [0, 1], got {self.pack}")
         counts = (self.tokens, self.max_length, self.sampled_length, self.batch_size,
                   self.kfac_samples, 1 if self.samples is None else self.samples)
         if not all(isinstance(n, int) and n >= 1 for n in counts):
@@ -385,7 +385,7 @@ def load_stats(directory: Path) -> ActivationStats:
                         STATS_VERSION, directory / "stats.json")
     stats = ActivationStats.from_tensors(load_file(str(directory / "stats.safetensors")),
                                          meta["tokens"], meta["samples"],
-                                         CalibrateSettings(**meta["settings"]))
+                                         CalibrateSettings(**{"pack": 0, **meta["settings"]}))
     stats.transposed = set(meta.get("transposed", []))
     stats.sampled_lines, stats.causal_lm = meta.get("sampled_lines", []), meta.get("causal_lm")
     return stats

@@ -1,6 +1,7 @@
 """The samples calibration runs on: the first lines of the calibration text within the token
-budget (or the first rows of a tensor file), and, for a causal LM whose text falls short of the
-budget, lines sampled from the dense model to fill it (:mod:`lowrank.sample_text`)."""
+budget, the last share of them packed into longer sequences (or the first rows of a tensor
+file), and, for a causal LM whose text falls short of the budget, lines sampled from the dense
+model to fill it (:mod:`lowrank.sample_text`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 from ..io.samples import (
     is_tensor_file,
     lines_within_tokens,
+    packed_lines,
     read_calibration_tensors,
     read_calibration_text,
     token_count,
@@ -75,4 +77,5 @@ def calibration_data(models: Models, settings: CalibrateSettings, warn: bool = T
     lines = read_calibration_text(path, settings.samples, warn)
     if settings.samples is None:
         lines = lines_within_tokens(lines, tokenizer, settings.tokens, settings.max_length)
+    lines = packed_lines(lines, tokenizer, settings.max_length, settings.pack)
     return model, tokenizer, lines + list(sampled)
