@@ -214,8 +214,9 @@ def test_calibration_packs_the_last_share_of_its_lines(tiny_llama_dir, tmp_path)
     del meta["settings"]["pack"]  # as saved before packing existed
     (tmp_path / "stats" / "stats.json").write_text(json.dumps(meta))
     assert load_stats(tmp_path / "stats").settings.pack == 0
-    with pytest.raises(InputError, match="pack"):
-        CalibrateSettings(pack=1.5)
+    for share in (1.5, -0.1, "x"):  # a pipeline file's string too: one line, not a TypeError
+        with pytest.raises(InputError, match="calibration pack must be in"):
+            CalibrateSettings(pack=share)
 
 
 @pytest.mark.parametrize("share,code", [("0", 0), ("0.5", 0), ("1.5", 3)])

@@ -120,7 +120,7 @@ class CalibrateSettings:
             raise InputError(f"outliers must be one of {', '.join(OUTLIERS)} (outlier factor "
                              f">= 1), got {self.outliers!r}")
         check_pass_dtype(self.forward_dtype, "calibration forward_dtype")
-        if not 0 <= self.pack <= 1:
+        if not isinstance(self.pack, (int, float)) or not 0 <= self.pack <= 1:
             raise InputError(f"calibration pack must be in [0, 1], got {self.pack}")
         counts = (self.tokens, self.max_length, self.sampled_length, self.batch_size,
                   self.kfac_samples, 1 if self.samples is None else self.samples)
