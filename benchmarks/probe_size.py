@@ -48,6 +48,8 @@ def run_row(name: str, model: str, spec, cache: Path | None, dense, tokenizer) -
         row = {"wall_s": round(time.perf_counter() - start, 1),
                "stages_s": {r["stage"]: round(r["seconds"], 1)
                             for r in result.manifest["stages"]}}
+        if "recovery" in result.report:
+            row["recover_steps"] = result.report["recovery"]["steps"]
         compressed = lowrank.load(Path(tmp) / "out").eval()
     if name == "minilm":
         for text, source in TEXTS.items():

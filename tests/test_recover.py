@@ -213,6 +213,7 @@ def test_compress_with_recovery_and_evaluation_writes_report(tiny_bert_dir, tmp_
     report = json.loads((out / "report.json").read_text())
     assert report["format"] == "lowrank.report" and report["version"] == 1
     assert report["recovery"]["method"] == "lora"
+    assert report["recovery"]["settings"]["replace_share"] == 0.15  # an encoder's, resolved
     assert report["fidelity"]["kind"] == "encoder" and 0 < report["fidelity"]["cosine"] <= 1
     assert report["fidelity"]["samples"] == 100
     config = json.loads((out / "adapters" / "adapter_config.json").read_text())
@@ -256,6 +257,7 @@ def test_causal_lm_recovers_on_logits_and_reports_perplexity(tiny_llama_dir, tmp
                       evaluate={"samples": 32, "batch_size": 8})
     recovery, fidelity = result.report["recovery"], result.report["fidelity"]
     assert recovery["heldout_loss_after"] < recovery["heldout_loss_before"]
+    assert recovery["settings"]["replace_share"] == 0.0  # a causal LM's, resolved
     assert fidelity["kind"] == "causal-lm"
     assert fidelity["perplexity"] > 1 and fidelity["perplexity_dense"] > 1
 

@@ -143,10 +143,80 @@ def test_cli_recovers_a_causal_lm_blockwise_within_minutes(tiny_llama_dir, tmp_p
 
 
 @pytest.mark.parametrize("bad", [{"mode": "layerwise"}, {"minutes": 0}, {"final_share": 1.0},
-                                 {"samples": 0}, {"steps": 0}])
+                                 {"samples": 0}, {"steps": 0}, {"replace_share": 1.0},
+                                 {"replace_share": -0.1}])
 def test_bad_recovery_settings_are_one_line_errors(bad):
     from lowrank.errors import InputError
 
     with pytest.raises(InputError):
         RecoverSettings(**bad)
     assert RecoverSettings(mode="blockwise").mode == "blockwise"
+
+
+def test_token_replacement_keeps_special_tokens_and_padding():
+    """About `share` of the real tokens are replaced, each by a real, non-special token of the
+    same batch; special tokens, padding and the caller's batch stay as they are; share 0 is a
+    no-op; the same generator seed draws the same batch."""
+    from lowrank.io.samples import replace_tokens
+
+    ids = torch.arange(1000, 1000 + 64 * 32).reshape(64, 32)  # distinct: a change shows
+    ids[:, 0], ids[:, -1] = 101, 102
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[::2, 20:] = False  # padded rows
+    ids[~mask] = 0
+    batch = {"input_ids": ids.clone(), "attention_mask": mask.long()}
+    special = torch.tensor([0, 101, 102])
+    out = replace_tokens(batch, mask, 0.3, special, torch.Generator().manual_seed(0))
+    assert torch.equal(batch["input_ids"], ids)  # not modified in place
+    assert out["attention_mask"] is batch["attention_mask"]
+    new = out["input_ids"]
+    real = mask & ~torch.isin(ids, special)
+    assert torch.equal(new[~real], ids[~real])
+    changed = new != ids
+    assert 0.25 < changed[real].float().mean() < 0.35
+    assert torch.isin(new[changed], ids[real]).all()
+    again = replace_tokens(batch, mask, 0.3, special, torch.Generator().manual_seed(0))
+    assert torch.equal(again["input_ids"], new)
+    assert replace_tokens(batch, mask, 0.0, special, torch.Generator()) is batch
+    assert replace_tokens(batch, None, 0.3, special, torch.Generator()) is batch
+
+
+def test_teacher_and_student_see_the_same_replaced_batch(tiny_bert_dir, monkeypatch):
+    """Each training step feeds teacher and student one batch with tokens replaced, a new draw
+    per step; the held-out batch is measured as it is."""
+    from transformers import AutoTokenizer
+
+    from lowrank.stages import recover
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    teacher, student = load_dense(tiny_bert_dir), load_dense(tiny_bert_dir)
+    lowrank.factorize_(student, {"encoder.layer.0.intermediate.dense.weight": 4})
+    seen = []
+    real_loss = recover.distillation_loss
+
+    def spy(student_out, teacher_out, mask, kind, pooled_weight=0.0):
+        seen.append(calls[-2:])
+        return real_loss(student_out, teacher_out, mask, kind, pooled_weight)
+
+    calls = []
+    for model, name in ((teacher, "teacher"), (student, "student")):
+        model.register_forward_pre_hook(
+            lambda m, args, kwargs, name=name: calls.append((name, kwargs["input_ids"].clone())),
+            with_kwargs=True)
+    monkeypatch.setattr(recover, "distillation_loss", spy)
+    texts = read_calibration_text(None, 64)
+    log = recover.distill(student, teacher, tokenizer, texts,
+                          RecoverSettings(steps=3, batch_size=16, replace_share=0.5))
+    assert log.to_json()["settings"]["replace_share"] == 0.5
+    def unpadded(row):
+        return tuple(t for t in row.tolist() if t != tokenizer.pad_token_id)
+
+    original = {unpadded(ids) for b, _ in model_batches(texts, tokenizer, 16, 128)
+                for ids in b["input_ids"]}
+    train = seen[1:-1]  # held-out loss before and after
+    assert len(train) == 3
+    for (first, a), (second, b) in train:
+        assert {first, second} == {"teacher", "student"} and torch.equal(a, b)
+        assert any(unpadded(row) not in original for row in a)  # replaced
+    for (_, a), _ in (seen[0], seen[-1]):
+        assert all(unpadded(row) in original for row in a)  # held out as it is

@@ -106,6 +106,9 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
 @click.option("--recover-samples", type=int,
               help="Training lines (or samples) to use (default: all, up to 4096).")
 @click.option("--recover-seed", type=int, help="Training seed (default 0).")
+@click.option("--recover-replace-share", type=float,
+              help="Share of each batch's tokens replaced by others of the batch, for teacher and "
+              "student alike (default 0.15; 0: the lines as they are).")
 @click.option("--recover-text", type=click.Path(dir_okay=False),
               help="Training text, one sample per line (default: the --calibration file, else the "
               "bundled calibration text).")
@@ -163,6 +166,7 @@ def compress_command(model, output, cache_dir, no_cache, overwrite, json_out, wo
                      mode="recover_mode", lr="recover_lr", rank="recover_rank",
                      alpha="recover_alpha", batch_size="recover_batch_size",
                      samples="recover_samples", seed="recover_seed",
+                     replace_share="recover_replace_share",
                      calibration_file="recover_text", sampled_text="recover_sampled_text"),
         int8={"per_channel": per_channel or None, "reduce_range": reduce_range} if int8 else None,
         **flags)

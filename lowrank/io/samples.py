@@ -170,4 +170,22 @@ def model_batches(data: Samples, tokenizer, batch_size: int, max_length: int,
             yield {k: put(v) for k, v in batch.items()}, put(batch["attention_mask"].bool())
 
 
+def replace_tokens(inputs: dict, mask: torch.Tensor | None, share: float, keep: torch.Tensor,
+                   generator: torch.Generator) -> dict:
+    """``inputs`` with about ``share`` of its real tokens (``mask``), other than the ids in
+    ``keep`` (a tokenizer's special tokens), replaced by real tokens drawn at random from the
+    same batch: text a little beyond the lines' own (as TinyBERT's distillation augments its
+    data). As they are without input ids, a mask or a share."""
+    ids = inputs.get("input_ids")
+    if not share or ids is None or mask is None:
+        return inputs
+    real = mask & ~torch.isin(ids, keep.to(ids.device))
+    pool = ids[real]
+    hit = real & (torch.rand(ids.shape, generator=generator) < share).to(ids.device)
+    if not len(pool) or not hit.any():
+        return inputs
+    drawn = torch.randint(len(pool), (int(hit.sum()),), generator=generator).to(ids.device)
+    return {**inputs, "input_ids": ids.masked_scatter(hit, pool[drawn])}
+
+
 DEFAULT_EVALUATION = Path(__file__).parents[1] / "data" / "evaluation.txt"

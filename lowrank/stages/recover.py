@@ -16,8 +16,7 @@ Adapters act on the factors, never on A·B, so merging is exact and the rank sta
   A rotation keeps each factor's singular values: a gentler, norm-preserving correction.
 - ``factors``: A and B themselves are trained (no adapter files).
 
-Biases and LayerNorm weights are trained too when ``train_norms`` is set (few parameters, no
-change in size).
+Biases and LayerNorm weights train too with ``train_norms`` (few parameters, no size change).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from torch import nn
 
 from ..device import autocast_dtype, check_pass_dtype, cpu_autocast, dtype_name
 from ..errors import InputError
-from ..io.samples import model_batches, num_samples, read_calibration
+from ..io.samples import model_batches, num_samples, read_calibration, replace_tokens
 from ..models import Models, output_tensor
 from ..nn.adapters import adapter_config, adapter_state, add_adapters_, merge_adapters_
 from ..pipeline.stage import Context, Stage, register_stage
@@ -47,15 +46,17 @@ METHODS = ("lora", "orthogonal", "factors")
 # Learning rates measured on MiniLM at 50% (reports/quality-minilm.md): adapters start at zero
 # change and take a larger step; the factors themselves need a smaller one.
 DEFAULT_LR = {"lora": 3e-3, "orthogonal": 3e-3, "factors": 3e-4}
-# Causal LMs (loss "logits"), LoRA: SmolLM2-135M at 85%, 3 minutes on Debian text, scored on
-# python_docs (reports/quality-smollm2-recovery.md): perplexity 1.43× dense at 3e-4, 1.59× at
-# 3e-3 (training-free 1.51×). The others are not measured on an LM: as above.
+# Causal LMs, LoRA: SmolLM2 at 85%, 3 minutes on Debian text, python_docs perplexity 1.43× dense
+# at 3e-4, 1.59× at 3e-3 (reports/quality-smollm2-recovery.md); the others as above (unmeasured).
 DEFAULT_LR_LM = {**DEFAULT_LR, "lora": 3e-4}
 LOSSES = ("auto", "hidden", "logits", "outputs")
-# mode "auto" by loss kind (reports/recovery-minutes.md): end-to-end beat block-wise within 3
-# minutes on MiniLM at 50% (cosine 0.725 vs 0.613) and on SmolLM2-135M at 85% (perplexity
-# 1.44x vs 1.46x dense on python_docs; LoRA trained on Debian text).
+# mode "auto" by loss kind (reports/recovery-minutes.md): end-to-end beat block-wise in 3 minutes
+# on MiniLM at 50% (cosine 0.725 vs 0.613), SmolLM2 at 85% (python_docs ppl 1.44x vs 1.46x).
 MODES = {"logits": "end-to-end", "hidden": "end-to-end", "outputs": "end-to-end"}
+# replace_share None by loss kind (reports/token-replacement.md): MiniLM at 50%, 520 LoRA steps,
+# seeds 0/1: python_docs cosine 0.850/0.849 -> 0.853/0.850 at 0.15, held-out Debian the same
+# (0.3 no better, 0.5 worse); SmolLM2 at 85%: python_docs the same, held-out Debian top-1 -0.010.
+REPLACE_SHARES = {"hidden": 0.15, "logits": 0.0, "outputs": 0.0}
 # The most training lines read by default (``samples`` None). 3 minutes on 2 cores train
 # SmolLM2 on ~2,200 lines and MiniLM on ~23,000; 4,096 or 8,192 distinct lines instead of
 # 2,000 did no better on either (reports/quality-smollm2-recovery.md).
@@ -80,28 +81,28 @@ class RecoverSettings:
     max_length: int = 128
     seed: int = 0
     train_norms: bool = True  # also train biases and LayerNorm weights
-    # hidden | logits | outputs | auto (logits for LMs, hidden for other transformers models,
-    # outputs for any other nn.Module)
+    # hidden | logits | outputs | auto (LMs logits, other transformers hidden, else outputs)
     loss: str = "auto"
-    # hidden: add this weight × (1 − cosine) of mean-pooled last hidden states (what sentence
-    # embeddings compare).
+    # hidden: + this weight × (1 − cosine) of mean-pooled last hidden states (sentence embeddings)
     pooled_weight: float = 0.0
+    # Each step, this share of the batch's real tokens (special tokens kept) replaced by tokens
+    # of the same batch, for teacher and student alike (lowrank.io.samples.replace_tokens);
+    # None: REPLACE_SHARES by loss kind.
+    replace_share: float | None = None
     # Training text, one sample per line; None = the calibration text shipped with lowrank.
     calibration_file: str | None = None
-    # Lines (or samples) to train on; None: every line of the text, up to MAX_SAMPLES, with no
-    # fewer-samples warning. More distinct lines beat more passes over fewer: SmolLM2 at 85%,
-    # 3 minutes, 2,000 Debian lines instead of 1,024: perplexity 1.437× → 1.409× dense on
-    # python_docs; MiniLM at 50%: cosine 0.800 → 0.828.
+    # Lines (or samples) to train on; None: all, up to MAX_SAMPLES, no fewer-samples warning.
+    # More distinct lines beat more passes: 2,000 Debian lines instead of 1,024, 3 minutes:
+    # SmolLM2 at 85% python_docs perplexity 1.437× → 1.409× dense, MiniLM at 50% 0.800 → 0.828.
     samples: int | None = None
     # Also train on the calibration text's top-up (lines sampled from a causal LM, see
     # CalibrateSettings.sampled_text) when training on the calibration file itself. Off: a
     # trade between domains, not a gain (SmolLM2 at 85%, medians of seeds 0-2: python_docs KL
     # 0.390 -> 0.378, held-out lines of the calibration text's source 0.154 -> 0.164).
     sampled_text: bool = False
-    # What the end-to-end passes (teacher, student and its backward) autocast to on CPU
-    # (lowrank.device.PASS_DTYPES; "auto": bf16 where the CPU multiplies it natively, else
-    # float32); adapters, optimizer state and the loss stay float32. Measured (3 minutes, 85%):
-    # SmolLM2 79 steps instead of 71, perplexity / dense 1.376x against 1.374x; MiniLM no faster.
+    # What the end-to-end passes autocast to on CPU (lowrank.device.PASS_DTYPES; "auto": bf16
+    # where the CPU multiplies it natively); adapters, optimizer and loss stay float32. 3 minutes,
+    # 85%: SmolLM2 79 steps instead of 71, ppl / dense 1.376x against 1.374x; MiniLM no faster.
     dtype: str = "auto"
 
     def __post_init__(self):
@@ -121,12 +122,9 @@ class RecoverSettings:
             raise InputError("recovery rank, block_size, steps, batch_size, samples, max_length, "
                              "minutes and lr must be positive")
         check_pass_dtype(self.dtype, "recovery dtype")
-        if not 0 <= self.final_share < 1:
-            raise InputError(f"recovery final_share must be in [0, 1), got {self.final_share}")
-
-
-# --------------------------------------------------------------------------------------------
-# Distillation
+        if not (0 <= self.final_share < 1 and 0 <= (self.replace_share or 0) < 1):
+            raise InputError("recovery final_share and replace_share must be in [0, 1), got "
+                             f"{self.final_share} and {self.replace_share}")
 
 
 def distillation_loss(student_out, teacher_out, mask: torch.Tensor | None, kind: str,
@@ -243,6 +241,7 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
     held = batches[:1]
     train = batches[len(held):] or batches
     kind = loss_kind(settings, teacher)
+    share = REPLACE_SHARES[kind] if settings.replace_share is None else settings.replace_share
     mode = MODES[kind] if settings.mode == "auto" else settings.mode
     teacher.eval()
     student.eval()  # no dropout: the target is the deterministic dense model
@@ -264,7 +263,8 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
     if device is not None:  # Module.to moves parameters in place: `trainable` still holds them
         teacher.to(device)
         student.to(device)
-    log = RecoveryLog(settings, mode, trainable_params=sum(p.numel() for p in trainable),
+    log = RecoveryLog(replace(settings, replace_share=share), mode,
+                      trainable_params=sum(p.numel() for p in trainable),
                       samples=num_samples(data), pass_dtype=dtype_name(dtype))
     measured = clock()
     log.heldout_before = heldout_loss()
@@ -305,10 +305,13 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
             final_seconds = 0.0
     order = random.Random(settings.seed + 1)
     mean_tokens = sum(tokens) / len(tokens)
+    special = torch.tensor(getattr(tokenizer, "all_special_ids", None) or [], dtype=torch.long)
+    draws = torch.Generator().manual_seed(settings.seed)
 
     def step_loss(step: int) -> torch.Tensor:
         i = order.randrange(len(train)) if step >= len(train) else step
         batch, mask = train[i]
+        batch = replace_tokens(batch, mask, share, special, draws)
         log.tokens += tokens[i]
         with torch.no_grad():
             target = run(teacher, batch, False)

@@ -1,0 +1,65 @@
+"""Token replacement in recovery (RecoverSettings.replace_share: each step, that share of the
+batch's real tokens replaced by tokens of the same batch, for teacher and student alike): the
+default command with `--recover lora` (3 minutes) otherwise, calibrated and trained on Debian
+lines 10000-12000, scored like probe_size.py on python_docs paragraphs (another source) and
+held-out Debian lines (the training text's source).
+
+    python benchmarks/token_replacement.py minilm 0 0.15 0.3 0.5 [--seeds 0 1] [--steps N]
+    python benchmarks/token_replacement.py smollm2 0 0.15 [--cache-dir DIR]
+
+--steps trains a fixed number of steps instead of 3 minutes: rows then differ by the share and
+the seed alone, not by how fast the machine ran.
+
+One JSON line per seed and share, with recovery's steps. The stages before recovery come from a
+stage cache that every row shares; recovery itself runs again for each row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from probe_size import MODELS, calibration_file, model_path, run_row
+
+
+def main():
+    from transformers import AutoTokenizer
+
+    from lowrank.models import load_dense
+    from lowrank.pipeline.spec import compress_spec
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", choices=MODELS)
+    ap.add_argument("shares", nargs="+", type=float)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--smollm2", default="/root/.cache/smollm2-135m")
+    ap.add_argument("--cache-dir", type=Path)
+    args = ap.parse_args()
+    model = model_path(args.model, args.smollm2)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    dense = load_dense(model).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = args.cache_dir or Path(tmp) / "cache"
+        calibration = calibration_file(cache)
+        for seed in args.seeds:
+            for share in args.shares:
+                spec = compress_spec(plan={"param_ratio": MODELS[args.model]},
+                                     calibration_file=str(calibration), recover_method="lora",
+                                     recover={"replace_share": share, "seed": seed,
+                                              "steps": args.steps})
+                # Recovery runs again even from a kept cache: its steps fit the machine's speed
+                shutil.rmtree(cache / "recover", ignore_errors=True)
+                row = {"model": args.model, "replace_share": share, "seed": seed,
+                       "steps": args.steps}
+                row.update(run_row(args.model, model, spec, cache, dense, tokenizer))
+                print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    main()
