@@ -39,6 +39,11 @@ def lines_of(name: str, start: int, stop: int) -> list[str]:
     return [t for t in (DATA / name).read_text().splitlines()[start:stop] if t.strip()]
 
 
+def mean_length(continuations: list[list[int]]) -> float:
+    """New tokens per greedy continuation (64 unless the model ended its turn early)."""
+    return sum(map(len, continuations)) / len(continuations)
+
+
 def evaluation_texts(paragraphs: int = 100) -> dict[str, list[str]]:
     """The first python_docs paragraphs (another source) and the held-out Debian lines."""
     return {"python_docs": lines_of("python_docs.txt", 0, 10**9)[:paragraphs],
@@ -78,11 +83,13 @@ def markdown(result: dict) -> str:
         (f"- Scored on python_docs ({result['evaluation']}; dense perplexity "
         f"{result['dense_ppl']['python_docs']:.1f}) and on held-out Debian lines "
         f"({result['held_out']}; dense perplexity {result['dense_ppl']['debian']:.1f})."),
-        (f"- Greedy check: repeated 4-grams in 64 greedy tokens on 5 chat prompts (dense: "
-        f"{result['dense_repeated_4grams']:.3f})."), "",
+        (f"- Greedy check: repeated 4-grams in up to 64 greedy tokens on 5 chat prompts, and "
+         "the mean count of those tokens, the end of turn included (an answer that ends at "
+         f"once repeats nothing; dense: {result['dense_repeated_4grams']:.3f}, "
+         f"{result.get('dense_greedy_tokens', 64):.0f} tokens)."), "",
         ("| calibration text | flags | python_docs: ppl / dense | top-1 | KL | held-out Debian: "
-        "ppl / dense | top-1 | KL | repeated 4-grams | compress s | stages s |"),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        "ppl / dense | top-1 | KL | repeated 4-grams | greedy tokens | compress s | stages s |"),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         p, d = r["python_docs"], r["debian"]
         stages = ", ".join(f"{k} {v:.0f}" + (" (cached)" if k in r.get("cached", ()) else "")
@@ -90,7 +97,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['text']} | `{r['flags'] or '(none)'}` | {p['ppl_ratio']:.3f}× "
                      f"| {p['top1_agreement']:.3f} | {p['kl']:.3f} | {d['ppl_ratio']:.3f}× "
                      f"| {d['top1_agreement']:.3f} | {d['kl']:.3f} | {r['repeated_4grams']:.3f} "
-                     f"| {r['compress_s']:.0f} | {stages} |")
+                     f"| {r.get('greedy_tokens', 64):.1f} | {r['compress_s']:.0f} | {stages} |")
     lines += ["", ("Quality numbers are deterministic for a given sampled file; wall times depend on "
               "what else the machine ran (2 cores).")]
     return "\n".join(lines) + "\n"
@@ -137,10 +144,13 @@ def main():
                 row[name] = {"ppl_ratio": math.exp(s["nll"] - s["dense_nll"]),
                              "top1_agreement": s["top1_agreement"], "kl": s["kl"],
                              "tokens": s["tokens"]}
-            row["repeated_4grams"] = repeated_ngrams(greedy(model, tokenizer))
+            continuations = greedy(model, tokenizer)
+            row["repeated_4grams"] = repeated_ngrams(continuations)
+            row["greedy_tokens"] = mean_length(continuations)
             rows.append(row)
             print(json.dumps(row), flush=True)
             del model
+    dense_continuations = greedy(dense, tokenizer)
     result = {
         "model": args.model, "date": datetime.date.today().isoformat(), "ratio": args.ratio,
         "command": "python benchmarks/sampled_calibration.py " + shlex.join(sys.argv[1:]),
@@ -148,8 +158,8 @@ def main():
         "calibration": f"{CALIBRATION[0]} lines {CALIBRATION[1]}-{CALIBRATION[2]}",
         "held_out": f"{HELD_OUT[0]} lines {HELD_OUT[1]}-{HELD_OUT[2]}",
         "evaluation": f"python_docs.txt first {args.paragraphs} paragraphs, max 128 tokens",
-        "dense_ppl": dense_ppl, "dense_repeated_4grams": repeated_ngrams(greedy(dense, tokenizer)),
-        "rows": rows}
+        "dense_ppl": dense_ppl, "dense_repeated_4grams": repeated_ngrams(dense_continuations),
+        "dense_greedy_tokens": mean_length(dense_continuations), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
     Path(args.out + ".md").write_text(markdown(result))
