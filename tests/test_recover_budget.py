@@ -144,7 +144,7 @@ def test_cli_recovers_a_causal_lm_blockwise_within_minutes(tiny_llama_dir, tmp_p
 
 @pytest.mark.parametrize("bad", [{"mode": "layerwise"}, {"minutes": 0}, {"final_share": 1.0},
                                  {"samples": 0}, {"steps": 0}, {"replace_share": 1.0},
-                                 {"replace_share": -0.1}])
+                                 {"replace_share": -0.1}, {"replace_share": "0.1"}])
 def test_bad_recovery_settings_are_one_line_errors(bad):
     from lowrank.errors import InputError
 

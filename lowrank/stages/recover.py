@@ -122,7 +122,8 @@ class RecoverSettings:
             raise InputError("recovery rank, block_size, steps, batch_size, samples, max_length, "
                              "minutes and lr must be positive")
         check_pass_dtype(self.dtype, "recovery dtype")
-        if not (0 <= self.final_share < 1 and 0 <= (self.replace_share or 0) < 1):
+        shares = (self.final_share, 0 if self.replace_share is None else self.replace_share)
+        if not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in shares):
             raise InputError("recovery final_share and replace_share must be in [0, 1), got "
                              f"{self.final_share} and {self.replace_share}")
 
@@ -203,8 +204,7 @@ def loss_kind(settings: RecoverSettings, model: nn.Module) -> str:
         model.get_output_embeddings() is not None else "hidden"
 
 
-# Block-wise mode: at most this share of the block phase goes to caching block inputs and
-# targets (two block passes per cached batch); the rest trains.
+# Block-wise: at most this share of the block phase caches inputs and targets; the rest trains.
 CACHE_SHARE = 1 / 3
 
 
