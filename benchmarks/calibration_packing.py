@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import torch
-from probe_size import MODELS, calibration_file, model_path, run_row
+from probe_size import MODELS, row_setup, run_row
 
 
 def main():
-    from transformers import AutoTokenizer
-
-    from lowrank.models import load_dense
     from lowrank.pipeline.spec import compress_spec
 
     ap = argparse.ArgumentParser()
@@ -36,12 +32,8 @@ def main():
     ap.add_argument("--smollm2", default="/root/.cache/smollm2-135m")
     ap.add_argument("--cache-dir", type=Path)
     args = ap.parse_args()
-    model = model_path(args.model, args.smollm2)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    dense = load_dense(model).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = args.cache_dir or Path(tmp) / "cache"
-        calibration = calibration_file(cache)
+    with row_setup(args.model, args.smollm2, args.cache_dir) as (model, tokenizer, dense, cache,
+                                                                 calibration):
         for ratio in args.ratios or [MODELS[args.model]]:
             for share in args.shares:
                 spec = compress_spec(plan={"param_ratio": ratio},

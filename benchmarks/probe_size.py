@@ -18,6 +18,7 @@ import argparse
 import json
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -68,10 +69,23 @@ def calibration_file(directory: Path) -> Path:
     return path
 
 
-def main():
+@contextmanager
+def row_setup(name: str, smollm2: str, cache_dir: Path | None):
+    """What every row of a benchmark on ``name`` needs: (model path, tokenizer, dense model,
+    stage cache, calibration file); the cache is ``cache_dir``, else a temporary one."""
     from transformers import AutoTokenizer
 
     from lowrank.models import load_dense
+
+    model = model_path(name, smollm2)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    dense = load_dense(model).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = cache_dir or Path(tmp) / "cache"
+        yield model, tokenizer, dense, cache, calibration_file(cache)
+
+
+def main():
     from lowrank.pipeline.spec import compress_spec
 
     ap = argparse.ArgumentParser()
@@ -81,13 +95,9 @@ def main():
     ap.add_argument("--smollm2", default="/root/.cache/smollm2-135m")
     ap.add_argument("--cache-dir", type=Path)
     args = ap.parse_args()
-    model = model_path(args.model, args.smollm2)
     ratio = args.ratio or MODELS[args.model]
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    dense = load_dense(model).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = args.cache_dir or Path(tmp) / "cache"
-        calibration = calibration_file(cache)
+    with row_setup(args.model, args.smollm2, args.cache_dir) as (model, tokenizer, dense, cache,
+                                                                 calibration):
         for samples in args.samples:
             spec = compress_spec(plan={"param_ratio": ratio}, calibration_file=str(calibration))
             spec.settings.setdefault("scores", {})["samples"] = samples
