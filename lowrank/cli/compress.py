@@ -108,7 +108,7 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
 @click.option("--recover-seed", type=int, help="Training seed (default 0).")
 @click.option("--recover-replace-share", type=float,
               help="Share of each batch's tokens replaced by others of the batch, for teacher and "
-              "student alike (default 0.15; 0: the lines as they are).")
+              "student alike (default 0.15 for encoders, 0 for causal LMs: the lines as they are).")
 @click.option("--recover-text", type=click.Path(dir_okay=False),
               help="Training text, one sample per line (default: the --calibration file, else the "
               "bundled calibration text).")
