@@ -182,7 +182,7 @@ def replace_tokens(inputs: dict, mask: torch.Tensor | None, share: float, keep: 
     real = mask & ~torch.isin(ids, keep.to(ids.device))
     pool = ids[real]
     hit = real & (torch.rand(ids.shape, generator=generator) < share).to(ids.device)
-    if not len(pool) or not hit.any():
+    if not hit.any():  # hit is within real: the pool has a token whenever a token is hit
         return inputs
     drawn = torch.randint(len(pool), (int(hit.sum()),), generator=generator).to(ids.device)
     return {**inputs, "input_ids": ids.masked_scatter(hit, pool[drawn])}
