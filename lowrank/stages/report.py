@@ -15,6 +15,7 @@ import base64
 import html
 import io
 import math
+import re
 from pathlib import Path
 
 from rich.filesize import decimal
@@ -233,8 +234,72 @@ def _figure_png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+BLOCK_MATRIX = re.compile(r"^(.*?)\.(\d+)\.(.+)$")  # "<stack>.<block number>.<path inside>"
+
+
+def block_grid(layers: dict) -> tuple[list[str], int, list[list[float]], dict[str, float]]:
+    """The share of parameters each matrix keeps (after / before), laid out by block: (row
+    labels: a matrix's path inside its block, with the stack's name when there are several;
+    block count; shares[row][block], NaN where a block has no such matrix; {name: share} of
+    the matrices outside numbered blocks)."""
+    cells, others = {}, {}
+    for name, e in layers.items():
+        share = e["params_after"] / e["params_before"] if e["params_before"] else 1.0
+        match = BLOCK_MATRIX.match(module_name(name))
+        if match:
+            cells[(match[1], match[3]), int(match[2])] = share
+        else:
+            others[module_name(name)] = share
+    stacks = {stack for (stack, _), _ in cells}
+    rows = list(dict.fromkeys(key for key, _ in cells))
+    count = max((block for _, block in cells), default=-1) + 1
+    grid = [[cells.get((key, block), math.nan) for block in range(count)] for key in rows]
+    labels = [f"{stack}: {path}" if len(stacks) > 1 else path for stack, path in rows]
+    return labels, count, grid, others
+
+
+def params_figure(layers: dict, plt):
+    """Parameters kept per matrix: a block × matrix grid (one small figure at any depth), the
+    matrices outside the blocks as bars beside it; one bar per matrix when there are no
+    numbered blocks."""
+    labels, count, grid, others = block_grid(layers)
+    if count < 2:
+        names = list(layers)
+        fig, ax = plt.subplots(figsize=(8, max(3, 0.18 * len(names))))
+        ys = range(len(names))
+        ax.barh(ys, [layers[n]["params_before"] for n in names], color="#bbb", label="before")
+        ax.barh(ys, [layers[n]["params_after"] for n in names], color="#2a7", label="after")
+        ax.set_yticks(list(ys), [module_name(n) for n in names], fontsize=6)
+        ax.invert_yaxis()
+        ax.set(xlabel="parameters", title="Parameters per layer")
+        ax.legend()
+        return fig
+    height = max(2.6, 0.28 * max(len(labels), len(others)) + 1.4)
+    fig, axes = plt.subplots(1, 2 if others else 1, figsize=(10, height), squeeze=False,
+                             layout="constrained",
+                             gridspec_kw={"width_ratios": [4, 1] if others else [1]})
+    ax = axes[0][0]
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1,
+                      interpolation="nearest")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xticks(range(0, count, max(1, math.ceil(count / 30))))
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set(xlabel="block", title="Share of parameters kept (1 = dense)")
+    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.04)
+    if others:
+        names, ax = list(others), axes[0][1]
+        ax.barh(range(len(names)), [others[n] for n in names],
+                color=[image.cmap(image.norm(others[n])) for n in names])
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set(xlim=(0, 1), title="outside the blocks")
+        ax.invert_yaxis()
+        ax.tick_params(axis="x", labelsize=7)
+    return fig
+
+
 def plots(report: dict, spectra=None) -> dict[str, str]:
-    """Base64 PNGs: energy curves with the chosen ranks, parameters per layer, latency bars."""
+    """Base64 PNGs: energy curves with the chosen ranks, parameters kept (:func:`params_figure`),
+    latency bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,16 +320,7 @@ def plots(report: dict, spectra=None) -> dict[str, str]:
         ax.set_xscale("log")
         ax.set(xlabel="rank", ylabel="energy kept", title="Energy curves, chosen rank marked")
         out["energy"] = _figure_png(fig)
-    names = list(report["layers"])
-    fig, ax = plt.subplots(figsize=(8, max(3, 0.18 * len(names))))
-    ys = range(len(names))
-    ax.barh(ys, [report["layers"][n]["params_before"] for n in names], color="#bbb", label="before")
-    ax.barh(ys, [report["layers"][n]["params_after"] for n in names], color="#2a7", label="after")
-    ax.set_yticks(list(ys), [module_name(n) for n in names], fontsize=6)
-    ax.invert_yaxis()
-    ax.set(xlabel="parameters", title="Parameters per layer")
-    ax.legend()
-    out["params"] = _figure_png(fig)
+    out["params"] = _figure_png(params_figure(report["layers"], plt))
     if report.get("latency"):
         results = report["latency"]["results"]
         points = list(dict.fromkeys(_point(r) for r in results))
