@@ -234,6 +234,22 @@ def test_compress_with_recovery_and_evaluation_writes_report(tiny_bert_dir, tmp_
     assert again.report["fidelity"] == report["fidelity"]
 
 
+@pytest.mark.parametrize("model_dir, method", [("tiny_bert_dir", "factors"),
+                                               ("tiny_llama_dir", "lora")])
+def test_auto_method_trains_an_encoders_factors_and_a_causal_lms_lora(model_dir, method,
+                                                                     request, tmp_path):
+    result = compress(request.getfixturevalue(model_dir), tmp_path, stages=("recover",),
+                      recover={"steps": 2, "samples": 32, "batch_size": 8})
+    recovery = result.report["recovery"]
+    assert recovery["method"] == recovery["settings"]["method"] == method  # resolved, recorded
+    assert (result.output / "adapters").is_dir() == (method == "lora")
+
+
+def test_adapters_need_a_resolved_method():
+    with pytest.raises(ValueError, match="resolve"):
+        add_adapters_(FactorZoo(), RecoverSettings())
+
+
 def test_evaluation_never_uses_calibration_text(tiny_bert_dir, tmp_path):
     text = tmp_path / "text.txt"
     lines = read_calibration_text(None, 300)

@@ -86,9 +86,11 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
 @click.option("--split-fused", is_flag=True, help="Factor fused projections (Phi-3 qkv_proj/"
               "gate_up_proj, GPT-2 c_attn) per part at equal parameters, not as one matrix "
               "(measured worse on the models tried; see the README).")
-@click.option("--recover", "recover_method", type=click.Choice(["lora", "orthogonal", "factors"]),
+@click.option("--recover", "recover_method",
+              type=click.Choice(["auto", "lora", "orthogonal", "factors"]),
               help="Recover accuracy by distillation from the dense model (needs an HF "
-              "directory): LoRA or orthogonal adapters on the factors, or the factors themselves.")
+              "directory): LoRA or orthogonal adapters on the factors, or the factors themselves; "
+              "auto: the factors for encoders, LoRA for causal LMs (as measured).")
 @click.option("--recover-minutes", type=float, help="Training time budget in minutes: the "
               "steps are chosen to fit it (default 3).")
 @click.option("--recover-steps", type=int, help="Training steps instead of a time budget "

@@ -70,7 +70,10 @@ def lowrank_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def add_adapters_(model: nn.Module, settings: RecoverSettings) -> list[nn.Parameter]:
-    """Freeze ``model``, attach the adapters of ``settings.method``; return what to train."""
+    """Freeze ``model``, attach the adapters of ``settings.method`` (resolved: not "auto");
+    return what to train."""
+    if settings.method not in ("lora", "orthogonal", "factors"):
+        raise ValueError(f"adapters of method {settings.method!r}: resolve it first (distill)")
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(settings.seed)

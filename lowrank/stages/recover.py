@@ -42,7 +42,10 @@ from .factored import LowRankCheckpoint, load_lowrank, save_lowrank
 
 PROGRESS_UNITS = 1000  # the progress bar counts thousandths of the run (steps or time)
 
-METHODS = ("lora", "orthogonal", "factors")
+METHODS = ("auto", "lora", "orthogonal", "factors")
+# method "auto" by loss kind, 3 minutes (reports/recovery-method.md): MiniLM at 50% python_docs
+# cosine LoRA 0.853, factors 0.865 (2 seeds); SmolLM2 at 85% perplexity / dense 1.340x, 1.376x.
+METHODS_BY_LOSS = {"hidden": "factors", "logits": "lora", "outputs": "lora"}
 # Learning rates measured on MiniLM at 50% (reports/quality-minilm.md): adapters start at zero
 # change and take a larger step; the factors themselves need a smaller one.
 DEFAULT_LR = {"lora": 3e-3, "orthogonal": 3e-3, "factors": 3e-4}
@@ -65,7 +68,7 @@ MAX_SAMPLES = 4096
 
 @dataclass(frozen=True)
 class RecoverSettings:
-    method: str = "lora"  # lora | orthogonal | factors
+    method: str = "auto"  # auto (METHODS_BY_LOSS) | lora | orthogonal | factors
     rank: int = 32  # LoRA rank q
     alpha: float = 32.0  # LoRA scale alpha/q
     block_size: int = 32  # orthogonal: size of R's diagonal blocks
@@ -185,8 +188,7 @@ class RecoveryLog:
                 "samples": self.samples, "sampled_samples": self.sampled_samples,
                 "heldout_loss_before": self.heldout_before, "heldout_loss_after": self.heldout_after,
                 "loss_curve": [round(x, 6) for x in self.losses[::every]],
-                "steps": self.steps, "block_steps": self.block_steps,
-                "pass_dtype": self.pass_dtype,
+                "steps": self.steps, "block_steps": self.block_steps, "pass_dtype": self.pass_dtype,
                 "tokens_per_second": round(self.tokens / self.train_seconds, 1)
                 if self.train_seconds else None,
                 "blocks": [b.to_json() for b in self.blocks],
@@ -213,15 +215,12 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
             on_step: Callable[[float, str], None] | None = None,
             device: str | None = None,
             clock: Callable[[], float] = time.perf_counter) -> RecoveryLog:
-    """Attach adapters to ``student`` and train them to match ``teacher`` on ``data`` (text
-    lines, or input tensors stacked on dim 0: see :func:`lowrank.calibrate.read_calibration`),
-    both models on ``device`` (moved there; None: where they are). ``on_step(fraction done,
-    text)`` reports progress.
-
-    The first batch is held back to measure the loss before and after (trained on too when it
-    is the only one).
-    The adapters stay attached: read them with :func:`adapter_state`, then
-    :func:`merge_adapters_`.
+    """Attach the adapters of ``settings.method`` ("auto": METHODS_BY_LOSS) to ``student`` and
+    train them to match ``teacher`` on ``data`` (text lines, or input tensors stacked on dim 0:
+    see :func:`lowrank.calibrate.read_calibration`), both models on ``device`` (moved there;
+    None: where they are). ``on_step(fraction done, text)`` reports progress. The first batch is
+    held back to measure the loss before and after (trained on too when it is the only one).
+    The adapters stay attached: read them with :func:`adapter_state`, then :func:`merge_adapters_`.
     """
     start = clock()
     torch.manual_seed(settings.seed)
@@ -242,10 +241,11 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
     train = batches[len(held):] or batches
     kind = loss_kind(settings, teacher)
     share = REPLACE_SHARES[kind] if settings.replace_share is None else settings.replace_share
+    method = METHODS_BY_LOSS[kind] if settings.method == "auto" else settings.method
+    settings = replace(settings, method=method, replace_share=share)  # as resolved: logged
     mode = MODES[kind] if settings.mode == "auto" else settings.mode
     teacher.eval()
     student.eval()  # no dropout: the target is the deterministic dense model
-
     dtype = autocast_dtype(settings.dtype, device)
 
     def run(model, inputs, grad):
@@ -263,7 +263,7 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
     if device is not None:  # Module.to moves parameters in place: `trainable` still holds them
         teacher.to(device)
         student.to(device)
-    log = RecoveryLog(replace(settings, replace_share=share), mode,
+    log = RecoveryLog(settings, mode,
                       trainable_params=sum(p.numel() for p in trainable),
                       samples=num_samples(data), pass_dtype=dtype_name(dtype))
     measured = clock()
@@ -358,7 +358,7 @@ def recover(factored: LowRankCheckpoint, models: Models,
     student.to("cpu")
     adapters = adapter_state(student)
     # The adapters apply to the factored model before recovery, which has no path of its own.
-    config = adapter_config(student, settings, None) if adapters else None
+    config = adapter_config(student, log.settings, None) if adapters else None
     state = merge_adapters_(student).state_dict()
     tensors = {k: state[k].detach().to(t.dtype).contiguous() if k in state else t
                for k, t in factored.tensors.items()}

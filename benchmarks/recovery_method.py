@@ -1,0 +1,54 @@
+"""Recovery's method (RecoverSettings.method: LoRA adapters, orthogonal adapters or the factors
+themselves): the default command with `--recover METHOD` (3 minutes) otherwise, calibrated and
+trained on Debian lines 10000-12000, scored like probe_size.py on python_docs paragraphs
+(another source) and held-out Debian lines (the training text's source).
+
+    python benchmarks/recovery_method.py minilm lora factors factors:1e-3 orthogonal [--seeds 0 1]
+    python benchmarks/recovery_method.py smollm2 factors lora [--cache-dir DIR]
+
+A variant is METHOD or METHOD:LR (default: the measured learning rate of that method and model
+kind). One JSON line per seed and variant, with recovery's steps. The stages before recovery
+come from a stage cache that every row shares; recovery itself runs again for each row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from probe_size import MODELS, row_setup, run_row
+
+
+def main():
+    from lowrank.pipeline.spec import compress_spec
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", choices=MODELS)
+    ap.add_argument("variants", nargs="+", help="METHOD or METHOD:LR")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--smollm2", default="/root/.cache/smollm2-135m")
+    ap.add_argument("--cache-dir", type=Path)
+    args = ap.parse_args()
+    with row_setup(args.model, args.smollm2, args.cache_dir) as (model, tokenizer, dense, cache,
+                                                                 calibration):
+        for seed in args.seeds:
+            for variant in args.variants:
+                method, _, lr = variant.partition(":")
+                recover = {"seed": seed, **({"lr": float(lr)} if lr else {})}
+                spec = compress_spec(plan={"param_ratio": MODELS[args.model]},
+                                     calibration_file=str(calibration), recover_method=method,
+                                     recover=recover)
+                # Recovery runs again even from a kept cache: its steps fit the machine's speed
+                shutil.rmtree(cache / "recover", ignore_errors=True)
+                row = {"model": args.model, "method": method, "lr": float(lr) if lr else None,
+                       "seed": seed}
+                row.update(run_row(args.model, model, spec, cache, dense, tokenizer))
+                print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    main()
