@@ -5,6 +5,7 @@ lines 10000-12000, scored like probe_size.py on python_docs paragraphs (another 
 held-out Debian lines (the training text's source).
 
     python benchmarks/token_replacement.py minilm 0 0.15 0.3 0.5 [--seeds 0 1] [--steps N]
+        [--method auto|lora|orthogonal|factors]   (default lora: the rows of the report)
     python benchmarks/token_replacement.py smollm2 0 0.15 [--cache-dir DIR]
 
 --steps trains a fixed number of steps instead of 3 minutes: rows then differ by the share and
@@ -33,6 +34,7 @@ def main():
     ap.add_argument("shares", nargs="+", type=float)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--steps", type=int)
+    ap.add_argument("--method", default="lora", choices=["auto", "lora", "orthogonal", "factors"])
     ap.add_argument("--smollm2", default="/root/.cache/smollm2-135m")
     ap.add_argument("--cache-dir", type=Path)
     args = ap.parse_args()
@@ -41,13 +43,13 @@ def main():
         for seed in args.seeds:
             for share in args.shares:
                 spec = compress_spec(plan={"param_ratio": MODELS[args.model]},
-                                     calibration_file=str(calibration), recover_method="lora",
+                                     calibration_file=str(calibration), recover_method=args.method,
                                      recover={"replace_share": share, "seed": seed,
                                               "steps": args.steps})
                 # Recovery runs again even from a kept cache: its steps fit the machine's speed
                 shutil.rmtree(cache / "recover", ignore_errors=True)
-                row = {"model": args.model, "replace_share": share, "seed": seed,
-                       "steps": args.steps}
+                row = {"model": args.model, "method": args.method, "replace_share": share,
+                       "seed": seed, "steps": args.steps}
                 row.update(run_row(args.model, model, spec, cache, dense, tokenizer))
                 print(json.dumps(row), flush=True)
 
