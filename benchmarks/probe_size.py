@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -59,6 +60,19 @@ def run_row(name: str, model: str, spec, cache: Path | None, dense, tokenizer) -
     else:
         row.update(rounded_scores(compressed, dense, tokenizer, evaluation_texts()))
     return row
+
+
+def recovery_row(name: str, setup: tuple, method: str, recover: dict) -> dict:
+    """run_row of the default command with `--recover METHOD` and recovery settings ``recover``
+    (``setup``: what :func:`row_setup` yields). Recovery runs again even from a kept cache:
+    its steps fit the machine's speed."""
+    from lowrank.pipeline.spec import compress_spec
+
+    model, tokenizer, dense, cache, calibration = setup
+    spec = compress_spec(plan={"param_ratio": MODELS[name]}, calibration_file=str(calibration),
+                         recover_method=method, recover=recover)
+    shutil.rmtree(cache / "recover", ignore_errors=True)
+    return run_row(name, model, spec, cache, dense, tokenizer)
 
 
 def calibration_file(directory: Path) -> Path:

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
-from probe_size import MODELS, row_setup, run_row
+from probe_size import MODELS, recovery_row, row_setup
 
 
 def main():
-    from lowrank.pipeline.spec import compress_spec
-
     ap = argparse.ArgumentParser()
     ap.add_argument("model", choices=MODELS)
     ap.add_argument("variants", nargs="+", help="METHOD or METHOD:LR")
@@ -32,20 +29,14 @@ def main():
     ap.add_argument("--smollm2", default="/root/.cache/smollm2-135m")
     ap.add_argument("--cache-dir", type=Path)
     args = ap.parse_args()
-    with row_setup(args.model, args.smollm2, args.cache_dir) as (model, tokenizer, dense, cache,
-                                                                 calibration):
+    with row_setup(args.model, args.smollm2, args.cache_dir) as setup:
         for seed in args.seeds:
             for variant in args.variants:
                 method, _, lr = variant.partition(":")
-                recover = {"seed": seed, **({"lr": float(lr)} if lr else {})}
-                spec = compress_spec(plan={"param_ratio": MODELS[args.model]},
-                                     calibration_file=str(calibration), recover_method=method,
-                                     recover=recover)
-                # Recovery runs again even from a kept cache: its steps fit the machine's speed
-                shutil.rmtree(cache / "recover", ignore_errors=True)
                 row = {"model": args.model, "method": method, "lr": float(lr) if lr else None,
                        "seed": seed}
-                row.update(run_row(args.model, model, spec, cache, dense, tokenizer))
+                row.update(recovery_row(args.model, setup, method,
+                                        {"seed": seed, **({"lr": float(lr)} if lr else {})}))
                 print(json.dumps(row), flush=True)
 
 

@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
-from probe_size import MODELS, row_setup, run_row
+from probe_size import MODELS, recovery_row, row_setup
 
 
 def main():
-    from lowrank.pipeline.spec import compress_spec
-
     ap = argparse.ArgumentParser()
     ap.add_argument("model", choices=MODELS)
     ap.add_argument("shares", nargs="+", type=float)
@@ -38,19 +35,13 @@ def main():
     ap.add_argument("--smollm2", default="/root/.cache/smollm2-135m")
     ap.add_argument("--cache-dir", type=Path)
     args = ap.parse_args()
-    with row_setup(args.model, args.smollm2, args.cache_dir) as (model, tokenizer, dense, cache,
-                                                                 calibration):
+    with row_setup(args.model, args.smollm2, args.cache_dir) as setup:
         for seed in args.seeds:
             for share in args.shares:
-                spec = compress_spec(plan={"param_ratio": MODELS[args.model]},
-                                     calibration_file=str(calibration), recover_method=args.method,
-                                     recover={"replace_share": share, "seed": seed,
-                                              "steps": args.steps})
-                # Recovery runs again even from a kept cache: its steps fit the machine's speed
-                shutil.rmtree(cache / "recover", ignore_errors=True)
                 row = {"model": args.model, "method": args.method, "replace_share": share,
                        "seed": seed, "steps": args.steps}
-                row.update(run_row(args.model, model, spec, cache, dense, tokenizer))
+                row.update(recovery_row(args.model, setup, args.method, {
+                    "replace_share": share, "seed": seed, "steps": args.steps}))
                 print(json.dumps(row), flush=True)
 
 

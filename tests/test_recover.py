@@ -243,6 +243,22 @@ def test_auto_method_trains_an_encoders_factors_and_a_causal_lms_lora(model_dir,
     recovery = result.report["recovery"]
     assert recovery["method"] == recovery["settings"]["method"] == method  # resolved, recorded
     assert (result.output / "adapters").is_dir() == (method == "lora")
+    assert "discarded" not in recovery
+
+
+def test_recovery_that_raises_the_heldout_loss_is_discarded(tiny_bert_dir, tmp_path):
+    """Two full-size steps on the factors (lr 1): the held-back batch's loss rises, so the
+    output is the factored model as it was, with a warning and report.json saying so."""
+    with pytest.warns(lowrank.LowrankWarning, match="raised the held-out loss"):
+        result = compress(tiny_bert_dir, tmp_path, stages=("recover",), recover={
+            "method": "factors", "steps": 2, "lr": 1.0, "samples": 32, "batch_size": 8})
+    recovery = result.report["recovery"]
+    assert recovery["discarded"] is True
+    assert recovery["heldout_loss_after"] > recovery["heldout_loss_before"]
+    plain = compress(tiny_bert_dir, tmp_path, name="plain")
+    kept, before = (load_file(str(r.output / "model.safetensors")) for r in (result, plain))
+    assert kept.keys() == before.keys() and all(torch.equal(kept[k], before[k]) for k in kept)
+    assert "(worse: discarded)" in (result.output / "report.md").read_text()
 
 
 def test_adapters_need_a_resolved_method():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from ..device import autocast_dtype, check_pass_dtype, cpu_autocast, dtype_name
-from ..errors import InputError
+from ..errors import InputError, LowrankWarning
 from ..io.samples import model_batches, num_samples, read_calibration, replace_tokens
 from ..models import Models, output_tensor
 from ..nn.adapters import adapter_config, adapter_state, add_adapters_, merge_adapters_
@@ -46,7 +47,7 @@ METHODS = ("auto", "lora", "orthogonal", "factors")
 # method "auto" by loss kind, 3 minutes (reports/recovery-method.md): MiniLM at 50% python_docs
 # cosine LoRA 0.853, factors 0.865 (2 seeds); SmolLM2 at 85% perplexity / dense 1.340x, 1.376x.
 METHODS_BY_LOSS = {"hidden": "factors", "logits": "lora", "outputs": "lora"}
-# Learning rates measured on MiniLM at 50% (reports/quality-minilm.md): adapters start at zero
+# Measured on MiniLM at 50% (quality-minilm.md, recovery-method.md): adapters start at zero
 # change and take a larger step; the factors themselves need a smaller one.
 DEFAULT_LR = {"lora": 3e-3, "orthogonal": 3e-3, "factors": 3e-4}
 # Causal LMs, LoRA: SmolLM2 at 85%, 3 minutes on Debian text, python_docs perplexity 1.43× dense
@@ -60,9 +61,8 @@ MODES = {"logits": "end-to-end", "hidden": "end-to-end", "outputs": "end-to-end"
 # seeds 0/1: python_docs cosine 0.850/0.849 -> 0.853/0.850 at 0.15, held-out Debian the same
 # (0.3 no better, 0.5 worse); SmolLM2 at 85%: python_docs the same, held-out Debian top-1 -0.010.
 REPLACE_SHARES = {"hidden": 0.15, "logits": 0.0, "outputs": 0.0}
-# The most training lines read by default (``samples`` None). 3 minutes on 2 cores train
-# SmolLM2 on ~2,200 lines and MiniLM on ~23,000; 4,096 or 8,192 distinct lines instead of
-# 2,000 did no better on either (reports/quality-smollm2-recovery.md).
+# The most training lines read by default (``samples`` None): 4,096 or 8,192 distinct lines
+# instead of 2,000 did no better on SmolLM2 or MiniLM (reports/quality-smollm2-recovery.md).
 MAX_SAMPLES = 4096
 
 
@@ -191,8 +191,7 @@ class RecoveryLog:
                 "steps": self.steps, "block_steps": self.block_steps, "pass_dtype": self.pass_dtype,
                 "tokens_per_second": round(self.tokens / self.train_seconds, 1)
                 if self.train_seconds else None,
-                "blocks": [b.to_json() for b in self.blocks],
-                "seconds": round(self.seconds, 2)}
+                "blocks": [b.to_json() for b in self.blocks], "seconds": round(self.seconds, 2)}
 
 
 def loss_kind(settings: RecoverSettings, model: nn.Module) -> str:
@@ -235,9 +234,7 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
     batches = list(model_batches(data, tokenizer, settings.batch_size, settings.max_length,
                                  device, by_length=True))
     random.Random(settings.seed).shuffle(batches)
-    # One batch held back: on a CPU a whole-model pass of a 135M LM on 32 × 128 tokens takes
-    # seconds, and the held-out loss is measured twice within the budget.
-    held = batches[:1]
+    held = batches[:1]  # one batch: on a CPU a pass of a 135M LM over it takes seconds, twice
     train = batches[len(held):] or batches
     kind = loss_kind(settings, teacher)
     share = REPLACE_SHARES[kind] if settings.replace_share is None else settings.replace_share
@@ -339,12 +336,10 @@ def recover(factored: LowRankCheckpoint, models: Models,
             device: str | None = None, sampled: list[str] = ()) -> LowRankCheckpoint:
     """Distill the factored checkpoint toward the dense model on ``settings.calibration_file``
     (the bundled text when None) and the ``sampled`` lines (text, not tensors), and return it
-    with the adapters merged into its factors; training runs on ``device`` (None: CPU), the
-    result is on CPU.
-
+    with the adapters merged into its factors (training on ``device``, None: CPU; the result on
+    CPU), or as it was, with a warning, when training raised the held-back batch's loss.
     ``models`` builds the dense teacher and the student (:class:`lowrank.models.Models` of the
-    dense checkpoint). LoRA adapters are also kept in the result (``adapters``,
-    ``adapter_config``) and written beside the checkpoint as ``adapters/``.
+    dense checkpoint). LoRA adapters are also kept in the result and written as ``adapters/``.
     """
     asked = settings.samples is not None
     data = read_calibration(settings.calibration_file, settings.samples if asked else MAX_SAMPLES,
@@ -355,6 +350,10 @@ def recover(factored: LowRankCheckpoint, models: Models,
     student = models.compressed(factored.tensors, factored.layers)
     log = distill(student, teacher, tokenizer, data, settings, on_step, device)
     log.sampled_samples = len(sampled)
+    if not log.heldout_after <= log.heldout_before:  # e.g. a few full-size steps on the factors
+        warnings.warn(f"recovery raised the held-out loss ({log.heldout_before:.4g} -> "
+                      f"{log.heldout_after:.4g}): the factors are kept as before", LowrankWarning)
+        return replace(factored, metadata={"recovery": {**log.to_json(), "discarded": True}})
     student.to("cpu")
     adapters = adapter_state(student)
     # The adapters apply to the factored model before recovery, which has no path of its own.

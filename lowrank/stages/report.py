@@ -137,7 +137,8 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         rows.append(("recovery", (f"{r['method']} {r.get('mode', 'end-to-end')}, {blocks}"
                                   f"{r.get('steps', r['settings']['steps'])} steps in "
                                   f"{r['seconds']:.0f} s{speed}: held-out loss "
-                                  f"{r['heldout_loss_before']:.4f} → {r['heldout_loss_after']:.4f}")))
+                                  f"{r['heldout_loss_before']:.4f} → {r['heldout_loss_after']:.4f}"
+                                  + (" (worse: discarded)" if r.get("discarded") else ""))))
     if "export" in report:
         e = report["export"]
         worst = max(e["validation"], key=lambda v: v["rel_error"])
