@@ -234,7 +234,7 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
     batches = list(model_batches(data, tokenizer, settings.batch_size, settings.max_length,
                                  device, by_length=True))
     random.Random(settings.seed).shuffle(batches)
-    held = batches[:1]  # one batch: on a CPU a pass of a 135M LM over it takes seconds, twice
+    held = batches[:1]  # one batch: a CPU pass of a 135M LM over it takes seconds (run twice)
     train = batches[len(held):] or batches
     kind = loss_kind(settings, teacher)
     share = REPLACE_SHARES[kind] if settings.replace_share is None else settings.replace_share
