@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
-from probe_size import MODELS, row_setup, run_row
+from probe_size import MODELS, parse_with_setup, run_row
 
 
 def main():
@@ -29,11 +28,8 @@ def main():
     ap.add_argument("model", choices=MODELS)
     ap.add_argument("shares", nargs="+", type=float)
     ap.add_argument("--ratios", nargs="+", type=float)
-    ap.add_argument("--smollm2", default="/root/.cache/smollm2-135m")
-    ap.add_argument("--cache-dir", type=Path)
-    args = ap.parse_args()
-    with row_setup(args.model, args.smollm2, args.cache_dir) as (model, tokenizer, dense, cache,
-                                                                 calibration):
+    args, setup = parse_with_setup(ap)
+    with setup as (model, tokenizer, dense, cache, calibration):
         for ratio in args.ratios or [MODELS[args.model]]:
             for share in args.shares:
                 spec = compress_spec(plan={"param_ratio": ratio},

@@ -99,6 +99,15 @@ def row_setup(name: str, smollm2: str, cache_dir: Path | None):
         yield model, tokenizer, dense, cache, calibration_file(cache)
 
 
+def parse_with_setup(ap: argparse.ArgumentParser):
+    """``ap``'s arguments (its ``model`` among them) with --smollm2 and --cache-dir added, and
+    the :func:`row_setup` of the model they name."""
+    ap.add_argument("--smollm2", default="/root/.cache/smollm2-135m")
+    ap.add_argument("--cache-dir", type=Path)
+    args = ap.parse_args()
+    return args, row_setup(args.model, args.smollm2, args.cache_dir)
+
+
 def main():
     from lowrank.pipeline.spec import compress_spec
 
@@ -106,12 +115,9 @@ def main():
     ap.add_argument("model", choices=MODELS)
     ap.add_argument("samples", nargs="+", type=int)
     ap.add_argument("--ratio", type=float)
-    ap.add_argument("--smollm2", default="/root/.cache/smollm2-135m")
-    ap.add_argument("--cache-dir", type=Path)
-    args = ap.parse_args()
+    args, setup = parse_with_setup(ap)
     ratio = args.ratio or MODELS[args.model]
-    with row_setup(args.model, args.smollm2, args.cache_dir) as (model, tokenizer, dense, cache,
-                                                                 calibration):
+    with setup as (model, tokenizer, dense, cache, calibration):
         for samples in args.samples:
             spec = compress_spec(plan={"param_ratio": ratio}, calibration_file=str(calibration))
             spec.settings.setdefault("scores", {})["samples"] = samples

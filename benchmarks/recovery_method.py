@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
-from probe_size import MODELS, recovery_row, row_setup
+from probe_size import MODELS, parse_with_setup, recovery_row
 
 
 def main():
@@ -26,10 +25,8 @@ def main():
     ap.add_argument("model", choices=MODELS)
     ap.add_argument("variants", nargs="+", help="METHOD or METHOD:LR")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
-    ap.add_argument("--smollm2", default="/root/.cache/smollm2-135m")
-    ap.add_argument("--cache-dir", type=Path)
-    args = ap.parse_args()
-    with row_setup(args.model, args.smollm2, args.cache_dir) as setup:
+    args, context = parse_with_setup(ap)
+    with context as setup:
         for seed in args.seeds:
             for variant in args.variants:
                 method, _, lr = variant.partition(":")

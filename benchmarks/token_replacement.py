@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
-from probe_size import MODELS, recovery_row, row_setup
+from probe_size import MODELS, parse_with_setup, recovery_row
+
+from lowrank.stages.recover import METHODS
 
 
 def main():
@@ -31,11 +32,9 @@ def main():
     ap.add_argument("shares", nargs="+", type=float)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--steps", type=int)
-    ap.add_argument("--method", default="lora", choices=["auto", "lora", "orthogonal", "factors"])
-    ap.add_argument("--smollm2", default="/root/.cache/smollm2-135m")
-    ap.add_argument("--cache-dir", type=Path)
-    args = ap.parse_args()
-    with row_setup(args.model, args.smollm2, args.cache_dir) as setup:
+    ap.add_argument("--method", default="lora", choices=METHODS)
+    args, context = parse_with_setup(ap)
+    with context as setup:
         for seed in args.seeds:
             for share in args.shares:
                 row = {"model": args.model, "method": args.method, "replace_share": share,

@@ -13,6 +13,7 @@ from ..pipeline.cache import default_cache_dir
 from ..pipeline.runner import run_pipeline
 from ..pipeline.spec import compress_spec, read_pipeline
 from ..stages.factorize import FactorizeSettings
+from ..stages.recover import METHODS as RECOVER_METHODS
 from ..stages.report import summary_rows
 from .console import (
     cache_dir_option,
@@ -87,7 +88,7 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
               "gate_up_proj, GPT-2 c_attn) per part at equal parameters, not as one matrix "
               "(measured worse on the models tried; see the README).")
 @click.option("--recover", "recover_method",
-              type=click.Choice(["auto", "lora", "orthogonal", "factors"]),
+              type=click.Choice(RECOVER_METHODS),
               help="Recover accuracy by distillation from the dense model (needs an HF "
               "directory): LoRA or orthogonal adapters on the factors, or the factors themselves; "
               "auto: the factors for encoders, LoRA for causal LMs (as measured).")

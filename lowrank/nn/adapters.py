@@ -69,10 +69,13 @@ def lowrank_modules(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(m, Factored) and not isinstance(m, TiedLowRankLinear)}
 
 
+ATTACHED = ("lora", "orthogonal", "factors")  # the recovery methods add_adapters_ attaches
+
+
 def add_adapters_(model: nn.Module, settings: RecoverSettings) -> list[nn.Parameter]:
     """Freeze ``model``, attach the adapters of ``settings.method`` (resolved: not "auto");
     return what to train."""
-    if settings.method not in ("lora", "orthogonal", "factors"):
+    if settings.method not in ATTACHED:
         raise ValueError(f"adapters of method {settings.method!r}: resolve it first (distill)")
     for p in model.parameters():
         p.requires_grad_(False)

@@ -35,7 +35,7 @@ from ..device import autocast_dtype, check_pass_dtype, cpu_autocast, dtype_name
 from ..errors import InputError, LowrankWarning
 from ..io.samples import model_batches, num_samples, read_calibration, replace_tokens
 from ..models import Models, output_tensor
-from ..nn.adapters import adapter_config, adapter_state, add_adapters_, merge_adapters_
+from ..nn.adapters import ATTACHED, adapter_config, adapter_state, add_adapters_, merge_adapters_
 from ..pipeline.stage import Context, Stage, register_stage
 from .blockwise import blockwise_distill
 from .budget import train_steps
@@ -43,7 +43,7 @@ from .factored import LowRankCheckpoint, load_lowrank, save_lowrank
 
 PROGRESS_UNITS = 1000  # the progress bar counts thousandths of the run (steps or time)
 
-METHODS = ("auto", "lora", "orthogonal", "factors")
+METHODS = ("auto", *ATTACHED)
 # method "auto" by loss kind, 3 minutes (reports/recovery-method.md): MiniLM at 50% python_docs
 # cosine LoRA 0.853, factors 0.865 (2 seeds); SmolLM2 at 85% perplexity / dense 1.340x, 1.376x.
 METHODS_BY_LOSS = {"hidden": "factors", "logits": "lora", "outputs": "lora"}
