@@ -5,10 +5,12 @@ trained on Debian lines 10000-12000, scored like probe_size.py on python_docs pa
 
     python benchmarks/recovery_method.py minilm lora factors factors:1e-3 orthogonal [--seeds 0 1]
     python benchmarks/recovery_method.py smollm2 factors lora [--cache-dir DIR]
+    python benchmarks/recovery_method.py minilm factors --batch-size 16
 
 A variant is METHOD or METHOD:LR (default: the measured learning rate of that method and model
-kind). One JSON line per seed and variant, with recovery's steps. The stages before recovery
-come from a stage cache that every row shares; recovery itself runs again for each row.
+kind); --batch-size sets every row's training batch (default: recovery's, 32). One JSON line
+per seed and variant, with recovery's steps. The stages before recovery come from a stage cache
+that every row shares; recovery itself runs again for each row.
 """
 
 from __future__ import annotations
@@ -25,15 +27,17 @@ def main():
     ap.add_argument("model", choices=MODELS)
     ap.add_argument("variants", nargs="+", help="METHOD or METHOD:LR")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--batch-size", type=int)
     args, context = parse_with_setup(ap)
     with context as setup:
         for seed in args.seeds:
             for variant in args.variants:
                 method, _, lr = variant.partition(":")
                 row = {"model": args.model, "method": method, "lr": float(lr) if lr else None,
-                       "seed": seed}
-                row.update(recovery_row(args.model, setup, method,
-                                        {"seed": seed, **({"lr": float(lr)} if lr else {})}))
+                       "seed": seed, "batch_size": args.batch_size}
+                recover = {"seed": seed, **({"lr": float(lr)} if lr else {}),
+                           **({"batch_size": args.batch_size} if args.batch_size else {})}
+                row.update(recovery_row(args.model, setup, method, recover))
                 print(json.dumps(row), flush=True)
 
 

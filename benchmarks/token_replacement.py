@@ -6,9 +6,11 @@ held-out Debian lines (the training text's source).
 
     python benchmarks/token_replacement.py minilm 0 0.15 0.3 0.5 [--seeds 0 1] [--steps N]
         [--method auto|lora|orthogonal|factors]   (default lora: the rows of the report)
+        [--draw batch|vocabulary]
     python benchmarks/token_replacement.py smollm2 0 0.15 [--cache-dir DIR]
 
---steps trains a fixed number of steps instead of 3 minutes: rows then differ by the share and
+--draw vocabulary draws the replacements from every ordinary token of the tokenizer instead of
+the batch (patched in here; the product draws from the batch). --steps trains a fixed number of steps instead of 3 minutes: rows then differ by the share and
 the seed alone, not by how fast the machine ran.
 
 One JSON line per seed and share, with recovery's steps. The stages before recovery come from a
@@ -26,6 +28,27 @@ from probe_size import MODELS, parse_with_setup, recovery_row
 from lowrank.stages.recover import METHODS
 
 
+def draw_from_vocabulary(tokenizer) -> None:
+    """Recovery's token replacement patched to draw from every ordinary token of ``tokenizer``
+    (not special, not BERT's [unused*]) rather than from the batch: whether tokens the training
+    text never has help on another source's text."""
+    from lowrank.stages import recover
+
+    special = set(tokenizer.all_special_ids)
+    pool = torch.tensor(sorted(i for token, i in tokenizer.get_vocab().items()
+                               if i not in special and not token.startswith("[unused")))
+
+    def replace_tokens(inputs, mask, share, keep, generator):
+        ids = inputs.get("input_ids")
+        if not share or ids is None or mask is None:
+            return inputs
+        hit = mask & ~torch.isin(ids, keep) & (torch.rand(ids.shape, generator=generator) < share)
+        drawn = pool[torch.randint(len(pool), (int(hit.sum()),), generator=generator)]
+        return {**inputs, "input_ids": ids.masked_scatter(hit, drawn)}
+
+    recover.replace_tokens = replace_tokens
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model", choices=MODELS)
@@ -33,12 +56,15 @@ def main():
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--steps", type=int)
     ap.add_argument("--method", default="lora", choices=METHODS)
+    ap.add_argument("--draw", default="batch", choices=("batch", "vocabulary"))
     args, context = parse_with_setup(ap)
     with context as setup:
+        if args.draw == "vocabulary":
+            draw_from_vocabulary(setup[1])
         for seed in args.seeds:
             for share in args.shares:
                 row = {"model": args.model, "method": args.method, "replace_share": share,
-                       "seed": seed, "steps": args.steps}
+                       "draw": args.draw, "seed": seed, "steps": args.steps}
                 row.update(recovery_row(args.model, setup, args.method, {
                     "replace_share": share, "seed": seed, "steps": args.steps}))
                 print(json.dumps(row), flush=True)
