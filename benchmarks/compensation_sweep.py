@@ -5,7 +5,10 @@ text's source). Stages the settings do not change come from a stage cache (--cac
 
     python benchmarks/compensation_sweep.py SHARE,DAMPING [SHARE,DAMPING ...]
         [--ratio 0.85] [--seed 0] [--no-sampled-text] [--sampled-seed 0] [--sampled-length L]
-        [--model DIR] [--cache-dir DIR]
+        [--calibration-tokens N] [--model DIR] [--cache-dir DIR]
+
+The defaults' own row is 0.6,0.1 (what "auto" gives a topped-up text): with
+--calibration-tokens it measures how much of the top-up the quality needs.
 
 One JSON line per setting: perplexity / dense, top-1 agreement, KL on each text.
 """
@@ -38,6 +41,8 @@ def main():
     ap.add_argument("--sampled-seed", type=int, default=0, help="calibrate.sampled_seed")
     ap.add_argument("--sampled-length", type=int, default=None,
                     help="calibrate.sampled_length (default: the stage's)")
+    ap.add_argument("--calibration-tokens", type=int, default=None,
+                    help="calibrate.tokens (default: the stage's, 32768)")
     ap.add_argument("--model", default="/root/.cache/smollm2-135m")
     ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "lowrank-sweep")
     args = ap.parse_args()
@@ -54,7 +59,9 @@ def main():
                                  calibration={"sampled_text": not args.no_sampled_text,
                                               "sampled_seed": args.sampled_seed,
                                               **({"sampled_length": args.sampled_length}
-                                                 if args.sampled_length else {})},
+                                                 if args.sampled_length else {}),
+                                              **({"tokens": args.calibration_tokens}
+                                                 if args.calibration_tokens else {})},
                                  factorize={"compensate_residual_share": share,
                                             "compensate_damping": damping, "seed": args.seed})
             out = Path(tmp) / f"out-{setting}"
@@ -62,6 +69,7 @@ def main():
             model = lowrank.load(out).eval()
             row = {"ratio": args.ratio, "seed": args.seed, "sampled_text": not args.no_sampled_text,
                    "sampled_seed": args.sampled_seed, "sampled_length": args.sampled_length,
+                   "calibration_tokens": args.calibration_tokens,
                    "share": share, "damping": damping}
             row.update(rounded_scores(model, dense, tokenizer, evaluation))
             print(json.dumps(row), flush=True)
