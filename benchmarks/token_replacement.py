@@ -6,12 +6,14 @@ held-out Debian lines (the training text's source).
 
     python benchmarks/token_replacement.py minilm 0 0.15 0.3 0.5 [--seeds 0 1] [--steps N]
         [--method auto|lora|orthogonal|factors]   (default lora: the rows of the report)
-        [--draw batch|vocabulary]
+        [--draw batch|vocabulary] [--pooled-weight W]
     python benchmarks/token_replacement.py smollm2 0 0.15 [--cache-dir DIR]
 
---draw vocabulary draws the replacements from every ordinary token of the tokenizer instead of
-the batch (patched in here; the product draws from the batch). --steps trains a fixed number of steps instead of 3 minutes: rows then differ by the share and
-the seed alone, not by how fast the machine ran.
+--steps trains a fixed number of steps instead of 3 minutes: rows then differ by the share and
+the seed alone, not by how fast the machine ran. --draw vocabulary draws the replacements from
+every ordinary token of the tokenizer instead of the batch (patched in here; the product draws
+from the batch). --pooled-weight sets RecoverSettings.pooled_weight (an encoder's loss plus W ×
+(1 − cosine) of the mean-pooled last hidden states; default 0).
 
 One JSON line per seed and share, with recovery's steps. The stages before recovery come from a
 stage cache that every row shares; recovery itself runs again for each row.
@@ -57,6 +59,7 @@ def main():
     ap.add_argument("--steps", type=int)
     ap.add_argument("--method", default="lora", choices=METHODS)
     ap.add_argument("--draw", default="batch", choices=("batch", "vocabulary"))
+    ap.add_argument("--pooled-weight", type=float, default=0.0)
     args, context = parse_with_setup(ap)
     with context as setup:
         if args.draw == "vocabulary":
@@ -64,9 +67,11 @@ def main():
         for seed in args.seeds:
             for share in args.shares:
                 row = {"model": args.model, "method": args.method, "replace_share": share,
-                       "draw": args.draw, "seed": seed, "steps": args.steps}
+                       "draw": args.draw, "pooled_weight": args.pooled_weight, "seed": seed,
+                       "steps": args.steps}
                 row.update(recovery_row(args.model, setup, args.method, {
-                    "replace_share": share, "seed": seed, "steps": args.steps}))
+                    "replace_share": share, "seed": seed, "steps": args.steps,
+                    "pooled_weight": args.pooled_weight}))
                 print(json.dumps(row), flush=True)
 
 
