@@ -6,14 +6,15 @@ held-out Debian lines (the training text's source).
 
     python benchmarks/token_replacement.py minilm 0 0.15 0.3 0.5 [--seeds 0 1] [--steps N]
         [--method auto|lora|orthogonal|factors]   (default lora: the rows of the report)
-        [--draw batch|vocabulary] [--pooled-weight W]
+        [--draw batch|vocabulary] [--pooled-weight W] [--student-dropout]
     python benchmarks/token_replacement.py smollm2 0 0.15 [--cache-dir DIR]
 
 --steps trains a fixed number of steps instead of 3 minutes: rows then differ by the share and
 the seed alone, not by how fast the machine ran. --draw vocabulary draws the replacements from
 every ordinary token of the tokenizer instead of the batch (patched in here; the product draws
 from the batch). --pooled-weight sets RecoverSettings.pooled_weight (an encoder's loss plus W ×
-(1 − cosine) of the mean-pooled last hidden states; default 0).
+(1 − cosine) of the mean-pooled last hidden states; default 0). --student-dropout turns the
+student's dropout on in its training steps (patched in here; recovery runs it in eval mode).
 
 One JSON line per seed and share, with recovery's steps. The stages before recovery come from a
 stage cache that every row shares; recovery itself runs again for each row.
@@ -51,6 +52,21 @@ def draw_from_vocabulary(tokenizer) -> None:
     recover.replace_tokens = replace_tokens
 
 
+def student_dropout() -> None:
+    """Recovery patched so that the student runs in training mode (dropout on) whenever
+    gradients are on: its training steps, not the held-back batch's measurements."""
+    from lowrank.stages import recover
+
+    attach = recover.add_adapters_
+
+    def add_adapters_(model, settings):
+        trainable = attach(model, settings)
+        model.register_forward_pre_hook(lambda m, args: m.train(torch.is_grad_enabled()) and None)
+        return trainable
+
+    recover.add_adapters_ = add_adapters_
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model", choices=MODELS)
@@ -60,15 +76,18 @@ def main():
     ap.add_argument("--method", default="lora", choices=METHODS)
     ap.add_argument("--draw", default="batch", choices=("batch", "vocabulary"))
     ap.add_argument("--pooled-weight", type=float, default=0.0)
+    ap.add_argument("--student-dropout", action="store_true")
     args, context = parse_with_setup(ap)
     with context as setup:
         if args.draw == "vocabulary":
             draw_from_vocabulary(setup[1])
+        if args.student_dropout:
+            student_dropout()
         for seed in args.seeds:
             for share in args.shares:
                 row = {"model": args.model, "method": args.method, "replace_share": share,
-                       "draw": args.draw, "pooled_weight": args.pooled_weight, "seed": seed,
-                       "steps": args.steps}
+                       "draw": args.draw, "pooled_weight": args.pooled_weight,
+                       "student_dropout": args.student_dropout, "seed": seed, "steps": args.steps}
                 row.update(recovery_row(args.model, setup, args.method, {
                     "replace_share": share, "seed": seed, "steps": args.steps,
                     "pooled_weight": args.pooled_weight}))
