@@ -2,7 +2,9 @@
 batch's real tokens replaced by tokens of the same batch, for teacher and student alike): the
 default command with `--recover lora` (3 minutes) otherwise, calibrated and trained on Debian
 lines 10000-12000, scored like probe_size.py on python_docs paragraphs (another source) and
-held-out Debian lines (the training text's source).
+held-out Debian lines (the training text's source). The options after --method measure other
+ways of widening or regularizing the training (reports/token-replacement.md,
+reports/recovery-method.md).
 
     python benchmarks/token_replacement.py minilm 0 0.15 0.3 0.5 [--seeds 0 1] [--steps N]
         [--method auto|lora|orthogonal|factors]   (default lora: the rows of the report)
