@@ -61,9 +61,12 @@ def student_dropout() -> None:
 
     attach = recover.add_adapters_
 
+    def dropout_while_training(module, _args):
+        module.train(torch.is_grad_enabled())
+
     def add_adapters_(model, settings):
         trainable = attach(model, settings)
-        model.register_forward_pre_hook(lambda m, args: m.train(torch.is_grad_enabled()) and None)
+        model.register_forward_pre_hook(dropout_while_training)
         return trainable
 
     recover.add_adapters_ = add_adapters_
