@@ -35,8 +35,6 @@ from probe_size import MODELS, parse_with_setup, recovery_row
 from lowrank.stages import recover
 from lowrank.stages.recover import METHODS
 
-PATCHED = ("vocabulary-draws", "student-dropout", "last-layer-loss")
-
 
 def vocabulary_draws(tokenizer):
     """A replace_tokens that draws from every ordinary token of ``tokenizer``."""
@@ -83,26 +81,23 @@ def last_layer_loss():
     return mock.patch.object(recover, "distillation_loss", distillation_loss)
 
 
-def variant_patch(variant: str, tokenizer):
-    if variant == "vocabulary-draws":
-        return vocabulary_draws(tokenizer)
-    if variant == "student-dropout":
-        return student_dropout()
-    if variant == "last-layer-loss":
-        return last_layer_loss()
-    return contextlib.nullcontext()
+# {variant: its patch, given the tokenizer}
+PATCHES = {"vocabulary-draws": vocabulary_draws,
+           "student-dropout": lambda _: student_dropout(),
+           "last-layer-loss": lambda _: last_layer_loss()}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model", choices=MODELS)
-    ap.add_argument("variants", nargs="+", help=f"default, {', '.join(PATCHED)} or pooled:W")
+    ap.add_argument("variants", nargs="+", help=f"default, {', '.join(PATCHES)} or pooled:W")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--method", default="factors", choices=METHODS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     args, context = parse_with_setup(ap)
     for variant in args.variants:
-        if variant not in ("default", *PATCHED) and not variant.startswith("pooled:"):
+        weight = variant.partition("pooled:")[2]
+        if variant not in ("default", *PATCHES) and not weight.replace(".", "", 1).isdigit():
             ap.error(f"unknown variant {variant!r}")
     with context as setup:
         for seed in args.seeds:
@@ -112,7 +107,8 @@ def main():
                     settings["pooled_weight"] = float(variant.split(":", 1)[1])
                 row = {"model": args.model, "method": args.method, "variant": variant,
                        "seed": seed, "steps": args.steps}
-                with variant_patch(variant, setup[1]):
+                patch = PATCHES.get(variant, lambda _: contextlib.nullcontext())
+                with patch(setup[1]):
                     row.update(recovery_row(args.model, setup, args.method, settings))
                 print(json.dumps(row), flush=True)
 
