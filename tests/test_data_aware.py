@@ -219,6 +219,29 @@ def test_calibration_packs_the_last_share_of_its_lines(tiny_llama_dir, tmp_path)
             CalibrateSettings(pack=share)
 
 
+def test_a_share_of_the_calibration_samples_is_spread_over_them_and_keeps_the_sampled_lines(
+        tiny_llama_dir, tmp_path):
+    """Compensation's fits on a topped-up text run on a share of the file's lines
+    (factorize.compensate_lines) and every sampled line."""
+    from lowrank.models import Models
+    from lowrank.stages.calibration_text import calibration_data, spread
+
+    lines = [f"line {i}" for i in range(10)]
+    assert spread(lines, 1.0) is lines
+    assert spread(lines, 0.5) == lines[::2]
+    assert spread(lines, 0.3) == ["line 0", "line 4", "line 7"]
+    assert spread(lines, 0.05) == ["line 0"]  # never none
+    rows = {"input_ids": torch.arange(10)[:, None], "attention_mask": torch.ones(10, 1)}
+    half = spread(rows, 0.5)  # a tensor file's rows
+    assert half["input_ids"].flatten().tolist() == [0, 2, 4, 6, 8]
+    assert half["attention_mask"].shape == (5, 1)
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(lines))
+    settings = CalibrateSettings(calibration_file=str(text), pack=0, sampled_text=False)
+    assert calibration_data(Models(open_checkpoint(tiny_llama_dir)), settings,
+                            sampled=["sampled"], file_share=0.5)[2] == [*lines[::2], "sampled"]
+
+
 @pytest.mark.parametrize("share,code", [("0", 0), ("0.5", 0), ("1.5", 3)])
 def test_compress_packs_as_asked_and_refuses_a_share_outside_0_1(share, code, tiny_bert_dir,
                                                                   tmp_path):

@@ -91,6 +91,7 @@ def test_device_reaches_every_computing_stage(tiny_bert_dir, tmp_path, monkeypat
     auto = dtype_name(pass_dtype("auto"))  # what "auto" is on this CPU
     assert resolved["calibrate"] == {"forward_dtype": auto}
     assert resolved["factorize"] == {"compensate_damping": 0.1, "compensate_residual_share": 0.3,
+                                     "compensate_lines": 1.0,
                                      "compensate_dtype": auto}  # an encoder's (no top-up)
     assert resolved["recover"] == {"dtype": auto}
 

@@ -148,6 +148,9 @@ def test_auto_picks_gram_up_to_the_cut_over_and_randomized_above():
     for bad in (-0.1, "high"):
         with pytest.raises(InputError, match="compensate_damping"):
             FactorizeSettings(compensate_damping=bad)
+    for bad in (0, -0.5, 1.5, "half", True):
+        with pytest.raises(InputError, match="compensate_lines"):
+            FactorizeSettings(compensate_lines=bad)
 
 
 @pytest.mark.parametrize("rows,cols", [(200, 1536 // 8), (5, 7), (3, 1), (0, 9)])

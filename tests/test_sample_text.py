@@ -130,7 +130,14 @@ def test_calibration_text_short_of_the_budget_is_topped_up_with_sampled_lines(
 
 
 @pytest.mark.parametrize("flags,sampled", [([], True), (["--no-sampled-text"], False)])
-def test_compress_tops_up_a_causal_lms_calibration_text(flags, sampled, tiny_llama_dir, tmp_path):
+def test_compress_tops_up_a_causal_lms_calibration_text(flags, sampled, tiny_llama_dir, tmp_path,
+                                                       monkeypatch):
+    from lowrank.stages import compensate
+
+    fitted = []  # what compensation's passes run on
+    batches = compensate.model_batches
+    monkeypatch.setattr(compensate, "model_batches",
+                        lambda data, *a, **k: fitted.append(list(data)) or batches(data, *a, **k))
     text = tmp_path / "calib.txt"
     text.write_text("a short line\nanother short line\n")
     result = CliRunner().invoke(main, [
@@ -144,8 +151,12 @@ def test_compress_tops_up_a_causal_lms_calibration_text(flags, sampled, tiny_lla
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     [factorize] = [r for r in manifest["stages"] if r["stage"] == "factorize"]
     assert (factorize["resolved"]["compensate_damping"],
-            factorize["resolved"]["compensate_residual_share"]) == ((0.1, 0.6) if sampled
-                                                                   else (0.3, 0.3))
+            factorize["resolved"]["compensate_residual_share"],
+            factorize["resolved"]["compensate_lines"]) == ((0.1, 0.6, 0.5) if sampled
+                                                           else (0.3, 0.3, 1.0))
+    # with a top-up, every other line of the file and every sampled line
+    assert fitted == [["a short line", *meta["sampled_lines"]] if sampled
+                      else ["a short line", "another short line"]]
 
 
 def test_compensation_auto_values_follow_the_text_and_model_and_explicit_values_win(tmp_path):
@@ -157,11 +168,12 @@ def test_compensation_auto_values_follow_the_text_and_model_and_explicit_values_
     encoder, before = ActivationStats(causal_lm=False), ActivationStats()  # None: saved before
     auto = factorize_mod.FactorizeSettings()
     assert [auto.compensation(s) for s in (own, topped_up, encoder, before)] == [
-        (0.3, 0.3), (0.1, 0.6), (0.1, 0.3), (0.3, 0.3)]
-    fixed = factorize_mod.FactorizeSettings(compensate_damping=0.2, compensate_residual_share=None)
-    assert fixed.compensation(topped_up) == fixed.compensation(encoder) == (0.2, None)
+        (0.3, 0.3, 1), (0.1, 0.6, 0.5), (0.1, 0.3, 1), (0.3, 0.3, 1)]
+    fixed = factorize_mod.FactorizeSettings(compensate_damping=0.2, compensate_residual_share=None,
+                                            compensate_lines=0.25)
+    assert fixed.compensation(topped_up) == fixed.compensation(encoder) == (0.2, None, 0.25)
     save_stats(encoder, tmp_path)  # the kind survives the stage cache
-    assert auto.compensation(load_stats(tmp_path)) == (0.1, 0.3)
+    assert auto.compensation(load_stats(tmp_path)) == (0.1, 0.3, 1)
 
 
 @pytest.mark.parametrize("flags,trains_on_sampled", [

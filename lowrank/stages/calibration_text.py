@@ -5,13 +5,16 @@ model to fill it (:mod:`lowrank.sample_text`)."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ..io.samples import (
+    Samples,
     is_tensor_file,
     lines_within_tokens,
+    num_samples,
     packed_lines,
     read_calibration_tensors,
     read_calibration_text,
@@ -61,21 +64,33 @@ def top_up(model: nn.Module, tokenizer, data, settings: CalibrateSettings,
 TENSOR_SAMPLES = 256  # rows of a tensor calibration file used when `samples` is unset
 
 
+def spread(samples: Samples, share: float) -> Samples:
+    """``share`` of ``samples`` (text lines or tensor rows), evenly spread: the first, then each
+    one where the running count of ``share``-sized steps reaches a whole number."""
+    if share >= 1:
+        return samples
+    count = num_samples(samples)
+    keep = [i for i in range(count) if math.floor(i * share) != math.floor((i - 1) * share)]
+    if isinstance(samples, list):
+        return [samples[i] for i in keep]
+    return {k: v[keep] for k, v in samples.items()}
+
+
 def calibration_data(models: Models, settings: CalibrateSettings, warn: bool = True,
-                     sampled: list[str] = ()):
+                     sampled: list[str] = (), file_share: float = 1.0):
     """(dense model, tokenizer or None, samples): the model and the calibration lines (or input
     tensors) its statistics come from, chosen as :class:`CalibrateSettings` says, then the
     ``sampled`` lines (the statistics' ``sampled_lines``). Every stage that reruns the
     calibration text (compensation, sequential statistics) takes it from here, so all see the
-    same lines."""
+    same lines; ``file_share``: only that share of the file's (:func:`spread`)."""
     path = settings.calibration_file
     if is_tensor_file(path):
         model, _ = models.runnable_model(need_tokenizer=False)
-        return model, None, read_calibration_tensors(path, settings.samples or TENSOR_SAMPLES,
-                                                     warn)
+        return model, None, spread(read_calibration_tensors(
+            path, settings.samples or TENSOR_SAMPLES, warn), file_share)
     model, tokenizer = models.runnable_model()
     lines = read_calibration_text(path, settings.samples, warn)
     if settings.samples is None:
         lines = lines_within_tokens(lines, tokenizer, settings.tokens, settings.max_length)
     lines = packed_lines(lines, tokenizer, settings.max_length, settings.pack)
-    return model, tokenizer, lines + list(sampled)
+    return model, tokenizer, spread(lines, file_share) + list(sampled)

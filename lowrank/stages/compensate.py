@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..device import cpu_autocast
+from ..errors import InputError
 from ..io.samples import model_batches
 from ..linalg import lower_gram, matrix_view, symmetric
 from ..models import Models, checkpoint_renamer
@@ -25,17 +26,18 @@ from .calibration_text import calibration_data
 from .recorder import FLUSH_ROWS, token_rows
 from .sequential import input_features
 
-
-# "auto" (damping, residual share), by the calibration text. On the model's own distribution
-# (a causal LM's text topped up with sampled text) the fits need less of the ridge that guards a
-# narrow text's blind spots: SmolLM2 85%, Debian lines topped up, python_docs perplexity / dense
-# 1.428x -> 1.403x (1.386x -> 1.358x on other sampled lines), 70% 2.514x -> 2.339x, Debian KL
-# lower too; on the Debian lines alone they trade python_docs for Debian (1.467x -> 1.495x,
-# KL 0.161 -> 0.137), so a causal LM's own text keeps 0.3 / 0.3 (reports/compensation.md).
-# Other models (encoders: no top-up) gain from damping 0.1 on both texts: MiniLM calibrated on
-# Debian lines, at 40 / 50 / 60%, python_docs cosine 0.707 / 0.779 / 0.835 -> 0.734 / 0.791 /
-# 0.844, held-out Debian 0.869 / 0.906 / 0.932 -> 0.885 / 0.917 / 0.941 (reports/compensation.md).
-COMPENSATION_AUTO = {"topped up": (0.1, 0.6), "causal LM": (0.3, 0.3), "other": (0.1, 0.3)}
+# "auto" (damping, residual share, share of the calibration file's lines fitted on), by the
+# calibration text (reports/compensation.md). A causal LM's text topped up with sampled text is
+# the model's own distribution: the fits need less of the ridge that guards a narrow text's
+# blind spots and absorb more of the block output's error (SmolLM2 85%, python_docs perplexity
+# / dense 1.428x -> 1.403x; 70% 2.514x -> 2.339x), and run on every other line of the file with
+# all the sampled ones, which gives the model's own text more weight (85%: 1.393x -> 1.376x,
+# means of three top-up draws; 70% 2.440x -> 2.354x; held-out Debian KL 0.151 -> 0.160) in a
+# third less time. On the file's lines alone the first two trade python_docs for Debian
+# (1.467x -> 1.495x): 0.3 / 0.3 there. Encoders (never topped up) gain from damping 0.1 on both
+# texts (MiniLM 50%: python_docs cosine 0.779 -> 0.791, Debian 0.906 -> 0.917).
+COMPENSATION_AUTO = {"topped up": (0.1, 0.6, 0.5), "causal LM": (0.3, 0.3, 1.0),
+                     "other": (0.1, 0.3, 1.0)}
 
 
 def calibration_kind(stats: ActivationStats | None) -> str:
@@ -46,10 +48,26 @@ def calibration_kind(stats: ActivationStats | None) -> str:
     return "other" if stats is not None and stats.causal_lm is False else "causal LM"
 
 
-def resolve_compensation(damping, share, stats: ActivationStats | None):
-    """(damping, residual share) for calibration ``stats``: "auto" by COMPENSATION_AUTO."""
+def resolve_compensation(damping, share, lines, stats: ActivationStats | None) -> tuple:
+    """(damping, residual share, lines) for calibration ``stats``: "auto" by COMPENSATION_AUTO."""
     auto = COMPENSATION_AUTO[calibration_kind(stats)]
-    return (auto[0] if damping == "auto" else damping, auto[1] if share == "auto" else share)
+    return tuple(a if v == "auto" else v for v, a in zip((damping, share, lines), auto))
+
+
+def check_compensation(damping, share, lines) -> None:
+    """A one-line InputError for a compensation setting out of range (FactorizeSettings)."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if damping != "auto" and not (number(damping) and damping >= 0):
+        raise InputError(f"factorize compensate_damping must be auto or a number >= 0, "
+                         f"got {damping!r}")
+    if share not in (None, "auto") and not (number(share) and 0 <= share <= 1):
+        raise InputError(f"factorize compensate_residual_share must be auto, null or a "
+                         f"number from 0 to 1, got {share!r}")
+    if lines != "auto" and not (number(lines) and 0 < lines <= 1):
+        raise InputError(f"factorize compensate_lines must be auto or a number above 0 and at "
+                         f"most 1, got {lines!r}")
 
 
 def compensated_targets(weights: list[torch.Tensor], gram: torch.Tensor,
@@ -234,6 +252,7 @@ def block_output_sums(block: nn.Module, module: nn.Module, weight: torch.Tensor,
 def compensated_factors(models: Models, ranks: dict[str, int], stats: ActivationStats,
                         factor: Callable, damping: float | str = "auto",
                         residual_share: float | str | None = "auto",
+                        lines: float | str = "auto",
                         dtype: torch.dtype = torch.float32) -> dict:
     """Factor the weights in ``ranks`` in execution order, each fitted to the dense model's
     outputs from the inputs it gets in the model factored so far (:func:`compensated_targets`):
@@ -244,20 +263,21 @@ def compensated_factors(models: Models, ranks: dict[str, int], stats: Activation
     is, is fitted to the block's output instead (:func:`block_output_sums`, ``residual_share``;
     None: like the others); when a module around it outputs the block's output (BERT's
     BertOutput), the block's new outputs are that module's, on its inputs kept from the last
-    group's pass. "auto" ``damping`` and ``residual_share``: :func:`resolve_compensation`. The
-    block passes autocast to ``dtype`` (CPU). Other weights (embeddings, an LM head, anything
-    not a Linear) are factored first, from the dense statistics. A model without blocks, an
-    encoder-decoder, one with recurrent or attention ``in_proj`` weights, or statistics for
-    another data method than ``whiten`` get {} (plain factors).
-    ``factor(name, weighting, matrix)`` factors one weight (``matrix``: the target in (out,
-    in) form); returns {name: (A, B, result)}."""
+    group's pass. The fits run on a share ``lines`` of the calibration file's lines (evenly
+    spread) and on every sampled one. "auto" ``damping``, ``residual_share`` and ``lines``:
+    :func:`resolve_compensation`. The block passes autocast to ``dtype`` (CPU). Other weights
+    (embeddings, an LM head, anything not a Linear) are factored first, from the dense
+    statistics. A model without blocks, an encoder-decoder, one with recurrent or attention
+    ``in_proj`` weights, or statistics for another data method than ``whiten`` get {} (plain
+    factors). ``factor(name, weighting, matrix)`` factors one weight (``matrix``: the target in
+    (out, in) form); returns {name: (A, B, result)}."""
     from .blockwise import BlockStructure, FinishedOutputs, block_inputs, run_block
 
     if stats.settings.method != "whiten":  # kfac/scale weightings are not least squares
         return {}
-    damping, residual_share = resolve_compensation(damping, residual_share, stats)
+    damping, residual_share, lines = resolve_compensation(damping, residual_share, lines, stats)
     model, tokenizer, data = calibration_data(models, stats.settings, warn=False,
-                                              sampled=stats.sampled_lines)
+                                              sampled=stats.sampled_lines, file_share=lines)
     prefix = blocks_prefix(model)
     if prefix is None or getattr(getattr(model, "config", None), "is_encoder_decoder", False) \
             or any(RECURRENT.match(split_owner(n)[1]) or split_owner(n)[1] == IN_PROJ

@@ -47,7 +47,7 @@ from ..parallel import (
 from ..pipeline.stage import Context, Stage, register_stage
 from ..version import __version__
 from ..weighting import Weighting
-from .compensate import compensated_factors, resolve_compensation
+from .compensate import check_compensation, compensated_factors, resolve_compensation
 from .factored import LayerResult, LowRankCheckpoint, load_lowrank, save_lowrank
 from .plan import RankPlan
 from .sequential import sequential_factors
@@ -84,6 +84,10 @@ class FactorizeSettings:
     # perplexity / dense at 85% 1.512× -> 1.484×, at 70% 3.740× -> 3.479× (share 0: 1.487× at
     # 85%, 1: 1.509×). "auto": by the text and model (compensate.COMPENSATION_AUTO).
     compensate_residual_share: float | str | None = "auto"
+    # The share of the calibration file's lines (evenly spread) that compensation fits on, with
+    # every line of a top-up. "auto": half with a top-up (SmolLM2 85%: python_docs perplexity /
+    # dense 1.393x -> 1.376x, factorize 104 -> 70 s), else all (compensate.COMPENSATION_AUTO).
+    compensate_lines: float | str = "auto"
     # What compensation's forward passes autocast to: "auto" is bfloat16 where the CPU
     # multiplies it natively (lowrank.device.native_bf16), else float32; the sums stay float64
     # of float32 products. Measured (reports/speed.md): SmolLM2 at 85% factorize 123 -> 78 s,
@@ -100,21 +104,13 @@ class FactorizeSettings:
         if self.method not in SVD_METHODS:
             raise InputError(f"factorize method must be one of {', '.join(SVD_METHODS)}, "
                              f"got {self.method!r}")
-
-        def number(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-        damping, share = self.compensate_damping, self.compensate_residual_share
-        if damping != "auto" and not (number(damping) and damping >= 0):
-            raise InputError(f"factorize compensate_damping must be auto or a number >= 0, "
-                             f"got {damping!r}")
+        check_compensation(self.compensate_damping, self.compensate_residual_share,
+                           self.compensate_lines)
         check_pass_dtype(self.compensate_dtype, "factorize compensate_dtype")  # resolved later
-        if share not in (None, "auto") and not (number(share) and 0 <= share <= 1):
-            raise InputError(f"factorize compensate_residual_share must be auto, null or a "
-                             f"number from 0 to 1, got {share!r}")
 
-    def compensation(self, stats) -> tuple:  # (damping, residual share), "auto" resolved
-        return resolve_compensation(self.compensate_damping, self.compensate_residual_share, stats)
+    def compensation(self, stats) -> tuple:  # (damping, residual share, lines), "auto" resolved
+        return resolve_compensation(self.compensate_damping, self.compensate_residual_share,
+                                    self.compensate_lines, stats)
 
 
 def choose_method(rows: int, cols: int, settings: FactorizeSettings) -> str:
@@ -393,7 +389,7 @@ register_stage(Stage(
     uses=("calibrate",), provides="checkpoint", on_device=True,
     # compensation's block passes (with calibration) run on CPU whatever the device
     resolved=lambda settings, device, used: dict(
-        zip(("compensate_damping", "compensate_residual_share"),
+        zip(("compensate_damping", "compensate_residual_share", "compensate_lines"),
             settings.compensation(used["calibrate"])),
         compensate_dtype=dtype_name(pass_dtype(settings.compensate_dtype)))
     if "calibrate" in used and settings.compensate and not settings.sequential else {},
