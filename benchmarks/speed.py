@@ -22,9 +22,10 @@ right after (so both see the same machine load), the limits:
 - factorize: the truncated SVDs the plan needs, each matrix at its planned rank with the solver
   factorize picks (`truncated_svd`, plain matrix; weighting costs one GEMM more). With
   calibration, compensation (the default) also needs the dense model's block outputs and the
-  compressed model's block inputs over the calibration text: plus two calibrate limits
-  (float32: compensation's passes run in bf16 where the CPU has it, so this stage can come
-  in under its limit);
+  compressed model's block inputs over the lines it fits on (with a top-up, half the file's
+  and every sampled one: `factorize.compensate_lines`): plus two float32 passes over those
+  (compensation's passes run in bf16 where the CPU has it, so this stage can come in under
+  its limit);
 - scores: forward + backward passes (weight gradients included) over the probe batches with the
   stage's sampled objective, no hooks; plus the forward passes that measure the input
   embedding's largest candidate (a reference pass and one for the candidate, over the probe
@@ -158,14 +159,16 @@ def factorize_limit(ckpt, ranks: dict[str, int]) -> float:
     return total
 
 
-def calibrate_limit(ckpt, sampled: list[str], head: bool = False) -> float:
+def calibrate_limit(ckpt, sampled: list[str], head: bool = False,
+                    file_share: float = 1.0) -> float:
     from lowrank.io.samples import model_batches
     from lowrank.models import Models, skip_output_head
     from lowrank.stages.calibrate import CalibrateSettings
     from lowrank.stages.calibration_text import calibration_data
 
     s = CalibrateSettings(calibration_file=CALIB)
-    model, tokenizer, data = calibration_data(Models(ckpt), s, warn=False, sampled=sampled)
+    model, tokenizer, data = calibration_data(Models(ckpt), s, warn=False, sampled=sampled,
+                                              file_share=file_share)
     batches = list(model_batches(data, tokenizer, s.batch_size, s.max_length, by_length=True))
 
     def run():
@@ -254,8 +257,12 @@ def measure(name: str, repeats: int, workers: list[int], keep: Path | None) -> d
         limits["calibrate"] = passes + limits["top-up sampling"]
         limits["forward passes with the LM head"] = calibrate_limit(ckpt, sampled, head=True)
         limits["scores"] = scores_limit(ckpt)
-        if "--no-compensate" not in flags:  # compensation reruns the lines, sampled ones too
-            limits["factorize"] += 2 * passes
+        if "--no-compensate" not in flags:  # compensation reruns its share of the lines
+            from lowrank.stages.factorize import FactorizeSettings
+
+            lines = FactorizeSettings().compensation(stats)[2]
+            limits["factorize"] += 2 * (passes if lines >= 1 else
+                                        calibrate_limit(ckpt, sampled, file_share=lines))
     result["limits"] = limits
     print(name, "limits", {k: round(v, 1) for k, v in limits.items()}, flush=True)
     return result
