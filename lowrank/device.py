@@ -11,6 +11,8 @@ eigensolver/SVD of analysis and factorization) runs on CPU; only the forward pas
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .errors import InputError
@@ -79,6 +81,18 @@ def check_pass_dtype(name: str, setting: str = "forward pass dtype") -> None:
 def cpu_autocast(dtype: torch.dtype):
     """``torch.autocast`` on CPU to ``dtype``; no autocast for float32."""
     return torch.autocast("cpu", dtype, enabled=dtype != torch.float32)
+
+
+def trained_attention(device: str | None):
+    """The attention kernel of passes that are trained through, on ``device`` (None: CPU): on
+    CPU torch's math kernel, whose backward is cheap on the short lines recovery trains on.
+    The default, CPU flash attention, took 0.31 s of a 1.26 s backward pass on SmolLM2 (32 lines
+    of ~13 tokens) for a 0.03 s forward. Accelerators keep their default kernels."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device is not None and str(device) != "cpu":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -29,7 +29,8 @@ from ..linalg import (
 )
 from ..models import Models
 from ..parallel import fixed_threads
-from .recover import RecoverSettings, distillation_loss, loss_kind
+from .distillation import distillation_loss
+from .recover import RecoverSettings, loss_kind
 
 
 def leading_factors(ckpt: Checkpoint, name: str, stats,

@@ -21,6 +21,7 @@ Biases and LayerNorm weights train too with ``train_norms`` (few parameters, no 
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 import warnings
@@ -31,14 +32,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..device import autocast_dtype, check_pass_dtype, cpu_autocast, dtype_name
+from ..device import autocast_dtype, check_pass_dtype, cpu_autocast, dtype_name, trained_attention
 from ..errors import InputError, LowrankWarning
 from ..io.samples import model_batches, num_samples, read_calibration, replace_tokens
-from ..models import Models, output_tensor
+from ..models import Models
 from ..nn.adapters import ATTACHED, adapter_config, adapter_state, add_adapters_, merge_adapters_
 from ..pipeline.stage import Context, Stage, register_stage
 from .blockwise import blockwise_distill
 from .budget import train_steps
+from .distillation import distillation_loss
 from .factored import LowRankCheckpoint, load_lowrank, save_lowrank
 
 PROGRESS_UNITS = 1000  # the progress bar counts thousandths of the run (steps or time)
@@ -131,34 +133,6 @@ class RecoverSettings:
                              f"{self.final_share} and {self.replace_share}")
 
 
-def distillation_loss(student_out, teacher_out, mask: torch.Tensor | None, kind: str,
-                      pooled_weight: float = 0.0) -> torch.Tensor:
-    """Hidden states: mean over layers of masked MSE / teacher mean square (+ pooled_weight ×
-    (1 − cosine of mean-pooled last hidden states)). Logits: KL(teacher ‖ student). Outputs:
-    MSE / teacher mean square of the models' output tensors."""
-    def real(x):  # real tokens only; every position when there is no mask (tensor inputs)
-        return (x[mask] if mask is not None else x.reshape(-1, x.shape[-1])).float()
-
-    if kind == "outputs":
-        s, t = output_tensor(student_out).float(), output_tensor(teacher_out).float()
-        return (s - t).pow(2).mean() / t.pow(2).mean().clamp(min=1e-12)
-
-    if kind == "logits":
-        s, t = real(student_out.logits).log_softmax(-1), real(teacher_out.logits).log_softmax(-1)
-        return nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
-    losses = []
-    for s, t in zip(student_out.hidden_states, teacher_out.hidden_states):
-        s, t = real(s), real(t)
-        losses.append((s - t).pow(2).mean() / t.pow(2).mean().clamp(min=1e-12))
-    loss = torch.stack(losses).mean()
-    if pooled_weight:
-        s, t = student_out.hidden_states[-1].float(), teacher_out.hidden_states[-1].float()
-        w = mask[..., None].float() if mask is not None else torch.ones_like(s[..., :1])
-        cos = nn.functional.cosine_similarity((s * w).sum(1), (t * w).sum(1), dim=-1)
-        loss = loss + pooled_weight * (1 - cos).mean()
-    return loss
-
-
 @dataclass
 class RecoveryLog:
     """What training did: the loss curve, the held-back loss before/after, adapter sizes, and
@@ -247,7 +221,8 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
 
     def run(model, inputs, grad):
         extra = {"output_hidden_states": True} if kind == "hidden" else {}
-        with torch.set_grad_enabled(grad), cpu_autocast(dtype):
+        kernel = trained_attention(device) if grad else contextlib.nullcontext()
+        with torch.set_grad_enabled(grad), cpu_autocast(dtype), kernel:
             return model(**inputs, **extra)
 
     def heldout_loss() -> float:

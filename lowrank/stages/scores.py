@@ -5,7 +5,7 @@ a forward pass is out of reach on a CPU (SmolLM2-135M: 211 matrices × several r
 of seconds each), so the loss is estimated to second order from the same data, end to end:
 
 - The distillation loss to the dense model (KL of next-token distributions for LMs; normalized
-  hidden-state or output MSE otherwise, :func:`lowrank.stages.recover.distillation_loss`) is
+  hidden-state or output MSE otherwise, :func:`lowrank.stages.distillation.distillation_loss`) is
   zero with zero gradient at the dense weights; its Hessian there is a Fisher / Gauss-Newton
   matrix F, and loss(δ) ≈ ½ δᵀFδ for a weight change δ.
 - F = E[ggᵀ] for g the gradient of a *sampled* objective: next tokens drawn from the dense

@@ -25,7 +25,8 @@ from ..models import Models
 from ..pipeline.stage import Context, Stage, json_loader, json_saver, register_stage
 from .analyze import Spectra
 from .calibrate import ActivationStats
-from .recover import RecoverSettings, distillation_loss, loss_kind
+from .distillation import distillation_loss
+from .recover import RecoverSettings, loss_kind
 
 
 @dataclass(frozen=True)
