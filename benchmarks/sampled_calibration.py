@@ -125,9 +125,12 @@ def main():
     dense = load_dense(args.model).eval()
     rows, dense_ppl = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        debian, sampled = Path(tmp) / "debian.txt", Path(tmp) / "sampled.txt"
+        # beside the cache when there is one: the texts' paths are in the calibrate stage's key
+        texts = Path(args.cache_dir) if args.cache_dir else Path(tmp)
+        texts.mkdir(parents=True, exist_ok=True)
+        debian, sampled = texts / "debian.txt", texts / "sampled.txt"
         debian.write_text("\n".join(lines_of(*CALIBRATION)) + "\n")
-        both = Path(tmp) / "both.txt"
+        both = texts / "both.txt"
         sampled_info = None
         if {"sampled", "both"} & set(args.texts):
             sampled_info = sample(args.model, sampled)
