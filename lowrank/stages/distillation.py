@@ -34,18 +34,18 @@ class LogitsKL(torch.autograd.Function):
         rows = torch.arange(len(s), device=s.device) if rows is None else rows
         keep = ctx.needs_input_grad[0]
         grad = s.new_zeros(s.shape, dtype=torch.float32) if keep else None
-        total = torch.zeros((), dtype=torch.float64, device=s.device)
+        total = torch.zeros((), device=s.device)  # float32: MPS has no float64
         for i in range(0, len(rows), KL_ROWS):
             r = rows[i:i + KL_ROWS]
             log_q, log_p = s[r].float().log_softmax(-1), t[r].float().log_softmax(-1)
             p = log_p.exp()
-            total += (p * (log_p - log_q)).sum(dtype=torch.float64)
+            total += (p * (log_p - log_q)).sum()
             if keep:
                 grad[r] = log_q.exp_().sub_(p)
         if keep:
             ctx.save_for_backward(grad)
             ctx.shape, ctx.dtype = student.shape, student.dtype
-        return total.float()
+        return total
 
     @staticmethod
     def backward(ctx, upstream: torch.Tensor):
