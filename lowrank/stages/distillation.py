@@ -20,7 +20,7 @@ KL_ROWS = 16
 
 class LogitsKL(torch.autograd.Function):
     """Σ over rows of KL(softmax(teacher) ‖ softmax(student)) from logits (..., vocabulary),
-    computed in float32 a few rows at a time, on the rows ``rows`` (flat indices) or all. The
+    computed in float32 a few rows at a time, on the rows ``rows`` (flat indices). The
     gradient, softmax(student) − softmax(teacher) on those rows, comes out of the same pass and
     is kept for backward. Autograd's log_softmax + kl_div wrote several float32 copies of the
     logits and read them again backward: on SmolLM2 (32 lines, ~400 real tokens, bf16 logits)
@@ -28,10 +28,9 @@ class LogitsKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor,
-                rows: torch.Tensor | None) -> torch.Tensor:
+                rows: torch.Tensor) -> torch.Tensor:
         vocabulary = student.shape[-1]
         s, t = student.reshape(-1, vocabulary), teacher.reshape(-1, vocabulary)
-        rows = torch.arange(len(s), device=s.device) if rows is None else rows
         keep = ctx.needs_input_grad[0]
         grad = s.new_zeros(s.shape, dtype=torch.float32) if keep else None
         total = torch.zeros((), device=s.device)  # float32: MPS has no float64
@@ -56,9 +55,9 @@ class LogitsKL(torch.autograd.Function):
 def logits_kl(student: torch.Tensor, teacher: torch.Tensor,
               mask: torch.Tensor | None) -> torch.Tensor:
     """Mean over the real tokens (``mask``; None: all) of KL(teacher ‖ student), from logits."""
-    rows = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
-    count = student[..., 0].numel() if rows is None else len(rows)
-    return LogitsKL.apply(student, teacher.detach(), rows) / count
+    rows = torch.arange(student[..., 0].numel(), device=student.device) if mask is None \
+        else mask.reshape(-1).nonzero().squeeze(1)
+    return LogitsKL.apply(student, teacher.detach(), rows) / len(rows)
 
 
 def distillation_loss(student_out, teacher_out, mask: torch.Tensor | None, kind: str,
