@@ -150,6 +150,7 @@ def main():
             continuations = greedy(model, tokenizer)
             row["repeated_4grams"] = repeated_ngrams(continuations)
             row["greedy_tokens"] = mean_length(continuations)
+            row["continuation"] = tokenizer.decode(continuations[0])  # the first prompt's
             rows.append(row)
             print(json.dumps(row), flush=True)
             del model
@@ -162,7 +163,8 @@ def main():
         "held_out": f"{HELD_OUT[0]} lines {HELD_OUT[1]}-{HELD_OUT[2]}",
         "evaluation": f"python_docs.txt first {args.paragraphs} paragraphs, max 128 tokens",
         "dense_ppl": dense_ppl, "dense_repeated_4grams": repeated_ngrams(dense_continuations),
-        "dense_greedy_tokens": mean_length(dense_continuations), "rows": rows}
+        "dense_greedy_tokens": mean_length(dense_continuations),
+        "dense_continuation": tokenizer.decode(dense_continuations[0]), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
     Path(args.out + ".md").write_text(markdown(result))

@@ -6,6 +6,9 @@ SmolLM2-135M at 85%, 2,000 Debian package descriptions topped up to 32,768 token
 dense perplexity on python_docs paragraphs, against 1.47x on the Debian lines alone; the
 sampled text alone gives 1.30x but is the worst on held-out Debian lines (README, "Text
 sampled from the model"). ``lowrank sample MODEL FILE`` writes such a file.
+
+:func:`sample_replies` samples a chat model's replies to given user turns instead: recovery
+trains on them so that the compressed model still answers (lowrank.stages.recovery_text).
 """
 
 from __future__ import annotations
@@ -145,6 +148,48 @@ def sample_text(model: nn.Module, tokenizer, settings: SampleTextSettings = Samp
     if not lines:
         raise InputError("sampled text: every sampled sequence was empty")
     return lines
+
+
+def sample_replies(model: nn.Module, tokenizer, prompts: list[str],
+                   settings: SampleTextSettings = SampleTextSettings()) -> list[str]:
+    """Chat transcripts: each of ``prompts`` as a user turn in ``tokenizer``'s chat template,
+    followed by the reply causal LM ``model`` samples to it (at most ``settings.length`` new
+    tokens, up to and with its end-of-turn token), special tokens kept, one string each (with
+    the template's newlines). Drawn as :func:`sample_text` draws; ``settings.tokens`` unused."""
+    from transformers import LogitsProcessorList
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("chat replies need a tokenizer with a chat template")
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                           add_generation_prompt=True, tokenize=False)
+             for p in prompts]
+    end = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
+    draw = InverseCdfDraw(settings.temperature, torch.Generator().manual_seed(settings.seed))
+    sampler = sampling_model(model, settings.dtype)
+    device = next(model.parameters()).device
+    transcripts: list[str] = []
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # replies start together
+    try:
+        with torch.inference_mode():
+            for begin in range(0, len(texts), settings.batch_size):
+                batch = tokenizer(texts[begin:begin + settings.batch_size], padding=True,
+                                  add_special_tokens=False, return_tensors="pt").to(device)
+                out = sampler.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       do_sample=False,
+                                       logits_processor=LogitsProcessorList([draw]),
+                                       max_new_tokens=settings.length, min_new_tokens=1,
+                                       pad_token_id=pad)
+                width = batch["input_ids"].shape[1]
+                for row, mask in zip(out.tolist(), batch["attention_mask"].tolist()):
+                    reply = row[width:]
+                    if end in reply:
+                        reply = reply[:reply.index(end) + 1]
+                    prompt = [t for t, real in zip(row[:width], mask) if real]
+                    transcripts.append(tokenizer.decode(prompt + reply))
+    finally:
+        tokenizer.padding_side = side
+    return transcripts
 
 
 def write_sample_text(lines: list[str], path: str | Path) -> None:

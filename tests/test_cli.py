@@ -196,7 +196,7 @@ def test_warnings_are_one_line_and_name_their_setting(tmp_path, tiny_bert_dir):
            f"them" in lines
     assert "UserWarning" not in result.stderr and "warnings.warn" not in result.stderr
     # The defaults ask for no line count: calibration takes lines up to a token budget,
-    # recovery every line (up to recover.MAX_SAMPLES)
+    # recovery every line (up to recovery_text.MAX_SAMPLES)
     default = invoke("compress", tiny_bert_dir, tmp_path / "out2", "--rank", 4, "--calibration",
                      few, "--recover", "lora", "--recover-steps", 1, "--recover-text", few,
                      "--no-cache")

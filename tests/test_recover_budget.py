@@ -94,7 +94,7 @@ def test_budgeted_distillation_stops_at_the_budget(tiny_llama_dir, tmp_path):
                                max_length=32, mode="end-to-end")
     log = distill(student, teacher, AutoTokenizer.from_pretrained(tiny_llama_dir),
                   read_calibration_text(None, 64), settings, clock=clock)
-    held = 1  # one batch held back
+    held = log.heldout_batches  # the batches held back, measured before and after
     assert log.steps == round((0.02 * 60 - 2 * held * forward_s) / forward_s)
     assert log.seconds <= 0.02 * 60 + forward_s
     assert log.to_json()["tokens_per_second"] > 0
@@ -213,10 +213,52 @@ def test_teacher_and_student_see_the_same_replaced_batch(tiny_bert_dir, monkeypa
 
     original = {unpadded(ids) for b, _ in model_batches(texts, tokenizer, 16, 128)
                 for ids in b["input_ids"]}
-    train = seen[1:-1]  # held-out loss before and after
+    held = log.heldout_batches  # their loss measured before and after
+    train = seen[held:-held]
     assert len(train) == 3
     for (first, a), (second, b) in train:
         assert {first, second} == {"teacher", "student"} and torch.equal(a, b)
         assert any(unpadded(row) not in original for row in a)  # replaced
-    for (_, a), _ in (seen[0], seen[-1]):
+    for (_, a), _ in seen[:held] + seen[-held:]:
         assert all(unpadded(row) in original for row in a)  # held out as it is
+
+
+def test_a_token_cap_gives_long_lines_smaller_batches_and_leaves_even_text_whole(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    short = [" ".join(["word"] * (2 + i % 3)) for i in range(24)]  # 3-5 tokens (median 4)
+    long = [" ".join(["word"] * 40)] * 6
+
+    def shapes(lines, cap):
+        return [tuple(inputs["input_ids"].shape)
+                for inputs, _ in model_batches(lines, tokenizer, 8, 64, by_length=True,
+                                               token_cap=cap)]
+
+    assert shapes(short, 2.0) == shapes(short, None)  # even text: the same whole batches
+    capped = shapes(short + long, 2.0)
+    assert capped[:3] == shapes(short, None)
+    lengths = sorted(len(ids) for ids in tokenizer(short + long)["input_ids"])
+    most = 2.0 * 8 * lengths[len(lengths) // 2]  # 2 × the tokens of 8 median-length lines
+    assert all(rows * width <= most or rows == 1 for rows, width in capped)
+    assert capped[3:] == [(1, lengths[-1])] * 6  # one long line a batch, none dropped
+
+
+@pytest.mark.parametrize("held_tokens", [1, 10**6])
+def test_the_heldout_batches_hold_enough_tokens_and_leave_training_some(
+        held_tokens, tiny_llama_dir, tmp_path, monkeypatch):
+    """Batches are held back until they hold HELD_TOKENS real tokens, but never more than a
+    quarter of them: a token is one batch, a million a quarter."""
+    from transformers import AutoTokenizer
+
+    from lowrank.stages import recover
+
+    monkeypatch.setattr(recover, "HELD_TOKENS", held_tokens)
+    student, teacher = _models(tiny_llama_dir, tmp_path)
+    tokenizer, texts = AutoTokenizer.from_pretrained(tiny_llama_dir), read_calibration_text(None, 64)
+    settings = RecoverSettings(method="lora", rank=4, steps=1, batch_size=8, max_length=32)
+    batches = len(list(model_batches(texts, tokenizer, 8, 32, by_length=True,
+                                     token_cap=settings.batch_token_cap)))
+    log = distill(student, teacher, tokenizer, texts, settings)
+    assert batches >= 8 and log.steps == 1
+    assert log.heldout_batches == (1 if held_tokens == 1 else batches // 4)

@@ -199,3 +199,63 @@ def test_recovery_on_the_calibration_file_also_trains_on_its_top_up(
     assert meta["sampled_lines"] and recovery["sampled_samples"] == sampled
     own_lines = 1 if "--recover-text" in flags else 2
     assert recovery["samples"] == own_lines + sampled
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} [SEP] {% endfor %}"
+                 "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+def test_sampled_replies_follow_each_prompt_in_the_chat_template(tiny_lm):
+    import copy
+
+    from lowrank.sample_text import sample_replies
+
+    model, tokenizer = tiny_lm
+    tokenizer = copy.deepcopy(tokenizer)
+    prompts = ["a short line", "a much longer line than the first one"]
+    with pytest.raises(InputError, match="chat template"):
+        sample_replies(model, tokenizer, prompts)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    settings = SampleTextSettings(length=6, batch_size=2)
+    transcripts = sample_replies(model, tokenizer, prompts, settings)
+    assert tokenizer.padding_side == "right"  # as it was: generation padded on the left
+    assert transcripts == sample_replies(model, tokenizer, prompts, settings)  # seeded
+    assert transcripts != sample_replies(model, tokenizer, prompts,
+                                         SampleTextSettings(length=6, seed=1))
+    for prompt, transcript in zip(prompts, transcripts):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             add_generation_prompt=True, tokenize=False)
+        head = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(transcript, add_special_tokens=False)["input_ids"]
+        assert ids[:len(head)] == head and 1 <= len(ids) - len(head) <= 6  # the padded one too
+
+
+def test_recovery_trains_on_chat_transcripts_when_the_tokenizer_has_a_template(
+        tiny_llama_dir, tmp_path):
+    """--recover-chat N: the first N training lines as user turns with the dense model's
+    replies, trained on beside the lines; none for a tokenizer without a chat template."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    chat_lm = tmp_path / "chat-lm"
+    shutil.copytree(tiny_llama_dir, chat_lm)
+    tokenizer = AutoTokenizer.from_pretrained(chat_lm)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(chat_lm)
+    text = tmp_path / "calib.txt"
+    text.write_text("a short line\nanother short line\nthird line\n")
+    for model, chats in ((chat_lm, 2), (tiny_llama_dir, 0)):
+        out = tmp_path / f"out-{chats}"
+        result = CliRunner().invoke(main, [
+            "compress", str(model), str(out), "--rank-fraction", "0.25", "--calibration",
+            str(text), "--no-sampled-text", "--max-length", "16", "--recover", "lora",
+            "--recover-steps", "1", "--recover-chat", "2", "--no-cache", "--json", "-"])
+        assert result.exit_code == 0, result.output
+        recovery = json.loads((out / "report.json").read_text())["recovery"]
+        assert (recovery["chat_samples"], recovery["samples"]) == (chats, 3 + chats)
+    bad = CliRunner().invoke(main, ["compress", str(chat_lm), str(tmp_path / "bad"),
+                                    "--rank-fraction", "0.25", "--recover", "lora",
+                                    "--recover-chat", "-1", "--no-cache"])
+    assert bad.exit_code != 0 and "recovery chat must be >= 0" in bad.output
+    assert "Traceback" not in bad.output and not (tmp_path / "bad").exists()

@@ -119,6 +119,9 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
               help="Also train on the text sampled from a causal LM to top up its calibration "
               "text, when training on the --calibration file (default off: better on other "
               "text, worse on the calibration text's own; README, Recovery).")
+@click.option("--recover-chat", type=int, help="Also train on this many chat transcripts "
+              "(a model with a chat template): training lines as user turns, the dense model's "
+              "sampled replies (default 64; 0: none).")
 @click.option("--evaluate", "eval_file", is_flag=False, flag_value="", default=None,
               metavar="[FILE]", help="Compare with the dense model on held-out text (without "
               "FILE, the evaluation text shipped with lowrank); written to report.json.")
@@ -170,7 +173,8 @@ def compress_command(model, output, cache_dir, no_cache, overwrite, json_out, wo
                      alpha="recover_alpha", batch_size="recover_batch_size",
                      samples="recover_samples", seed="recover_seed",
                      replace_share="recover_replace_share",
-                     calibration_file="recover_text", sampled_text="recover_sampled_text"),
+                     calibration_file="recover_text", sampled_text="recover_sampled_text",
+                     chat="recover_chat"),
         int8={"per_channel": per_channel or None, "reduce_range": reduce_range} if int8 else None,
         **flags)
     run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out, workers,

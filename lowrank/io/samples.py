@@ -147,27 +147,42 @@ def num_samples(data: Samples) -> int:
 
 
 def model_batches(data: Samples, tokenizer, batch_size: int, max_length: int,
-                  device: str | None = None, by_length: bool = False):
+                  device: str | None = None, by_length: bool = False,
+                  token_cap: float | None = None):
     """(model keyword inputs, real-token mask or None) per batch of ``data``, on ``device``
     (as they are when None). ``by_length``: text lines batched in order of token count, so a
     batch pads little (for sums over tokens, which order does not change: on the Debian
     calibration lines SmolLM2's tokenizer pads 3,036 real tokens to 5,040 in file order, to
-    3,200 sorted)."""
+    3,200 sorted); then with ``token_cap``, a batch of long lines holds fewer of them: at most
+    ``token_cap`` × the padded tokens of ``batch_size`` median-length lines (one line at least).
+    """
     def put(t):
         return t.to(device) if device is not None else t
 
-    if by_length and isinstance(data, list) and len(data) > batch_size:
-        lengths = [len(ids) for ids in tokenizer(data, truncation=True,
-                                                 max_length=max_length)["input_ids"]]
-        data = [data[i] for i in sorted(range(len(data)), key=lengths.__getitem__)]
-    for start in range(0, num_samples(data), batch_size):
-        if isinstance(data, dict):
+    if isinstance(data, dict):
+        for start in range(0, num_samples(data), batch_size):
             yield {k: put(v[start:start + batch_size]) for k, v in data.items()
                    if k != LABELS}, None
-        else:
-            batch = tokenizer(data[start:start + batch_size], padding=True, truncation=True,
-                              max_length=max_length, return_tensors="pt")
-            yield {k: put(v) for k, v in batch.items()}, put(batch["attention_mask"].bool())
+        return
+    spans = [(start, min(start + batch_size, len(data)))
+             for start in range(0, len(data), batch_size)]
+    if by_length and len(data) > 1 and (len(data) > batch_size or token_cap):
+        lengths = [len(ids) for ids in tokenizer(data, truncation=True,
+                                                 max_length=max_length)["input_ids"]]
+        order = sorted(range(len(data)), key=lengths.__getitem__)
+        data, lengths = [data[i] for i in order], [lengths[i] for i in order]
+        if token_cap:  # sorted: a batch's last line is its longest
+            max_tokens = token_cap * batch_size * lengths[len(lengths) // 2]
+            spans, start = [], 0
+            for end in range(1, len(data) + 1):
+                if end == len(data) or end - start == batch_size \
+                        or (end + 1 - start) * lengths[end] > max_tokens:
+                    spans.append((start, end))
+                    start = end
+    for start, end in spans:
+        batch = tokenizer(data[start:end], padding=True, truncation=True,
+                          max_length=max_length, return_tensors="pt")
+        yield {k: put(v) for k, v in batch.items()}, put(batch["attention_mask"].bool())
 
 
 def replace_tokens(inputs: dict, mask: torch.Tensor | None, share: float, keep: torch.Tensor,

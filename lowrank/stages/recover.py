@@ -27,14 +27,13 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..device import autocast_dtype, check_pass_dtype, cpu_autocast, dtype_name, trained_attention
 from ..errors import InputError, LowrankWarning
-from ..io.samples import model_batches, num_samples, read_calibration, replace_tokens
+from ..io.samples import model_batches, num_samples, replace_tokens
 from ..models import Models
 from ..nn.adapters import ATTACHED, adapter_config, adapter_state, add_adapters_, merge_adapters_
 from ..pipeline.stage import Context, Stage, register_stage
@@ -42,6 +41,7 @@ from .blockwise import blockwise_distill
 from .budget import train_steps
 from .distillation import distillation_loss
 from .factored import LowRankCheckpoint, load_lowrank, save_lowrank
+from .recovery_text import chat_transcripts, sampled_lines, training_data
 
 PROGRESS_UNITS = 1000  # the progress bar counts thousandths of the run (steps or time)
 
@@ -63,9 +63,6 @@ MODES = {"logits": "end-to-end", "hidden": "end-to-end", "outputs": "end-to-end"
 # seeds 0/1: python_docs cosine 0.850/0.849 -> 0.853/0.850 at 0.15, held-out Debian the same
 # (0.3 no better, 0.5 worse); SmolLM2 at 85%: python_docs the same, held-out Debian top-1 -0.010.
 REPLACE_SHARES = {"hidden": 0.15, "logits": 0.0, "outputs": 0.0}
-# The most training lines read by default (``samples`` None): 4,096 or 8,192 distinct lines
-# instead of 2,000 did no better on SmolLM2 or MiniLM (reports/quality-smollm2-recovery.md).
-MAX_SAMPLES = 4096
 
 
 @dataclass(frozen=True)
@@ -83,6 +80,11 @@ class RecoverSettings:
     mode: str = "auto"
     final_share: float = 0.25
     batch_size: int = 32
+    # A batch's padded tokens at most this many times those of batch_size median-length lines:
+    # long samples among short ones (chat transcripts among Debian lines) train in smaller
+    # batches, so no step outweighs the others many times over (each step's loss is weighted
+    # by its share of tokens). Text of even length keeps whole batches (the Debian lines: 768).
+    batch_token_cap: float = 2.0
     max_length: int = 128
     seed: int = 0
     train_norms: bool = True  # also train biases and LayerNorm weights
@@ -96,7 +98,7 @@ class RecoverSettings:
     replace_share: float | None = None
     # Training text, one sample per line; None = the calibration text shipped with lowrank.
     calibration_file: str | None = None
-    # Lines (or samples) to train on; None: all, up to MAX_SAMPLES, no fewer-samples warning.
+    # Lines (or samples) to train on; None: all, up to recovery_text.MAX_SAMPLES, no warning.
     # More distinct lines beat more passes: 2,000 Debian lines instead of 1,024, 3 minutes:
     # SmolLM2 at 85% python_docs perplexity 1.437× → 1.409× dense, MiniLM at 50% 0.800 → 0.828.
     samples: int | None = None
@@ -105,6 +107,12 @@ class RecoverSettings:
     # trade between domains, not a gain (SmolLM2 at 85%, medians of seeds 0-2: python_docs KL
     # 0.390 -> 0.378, held-out lines of the calibration text's source 0.154 -> 0.164).
     sampled_text: bool = False
+    # For a tokenizer with a chat template, also train on the first `chat` lines as user turns
+    # with the dense model's sampled replies (recovery_text.chat_transcripts): SmolLM2 at 85%
+    # python_docs perplexity 1.312x -> 1.288x dense (seed 1: 1.326x -> 1.295x); at 70% it
+    # answers chat prompts instead of ending its turn (reports/chat-recovery.md).
+    chat: int = 64
+    chat_length: int = 64  # new tokens per reply at most
     # What the end-to-end passes autocast to on CPU (lowrank.device.PASS_DTYPES; "auto": bf16
     # where the CPU multiplies it natively); adapters, optimizer and loss stay float32. 3 minutes,
     # 85%: SmolLM2 79 steps instead of 71, ppl / dense 1.376x against 1.374x; MiniLM no faster.
@@ -120,12 +128,16 @@ class RecoverSettings:
         if self.mode not in ("auto", "end-to-end", "blockwise"):
             raise InputError(f"recovery mode must be auto, end-to-end or blockwise, "
                              f"got {self.mode!r}")
-        if min(self.rank, self.block_size, 1 if self.steps is None else self.steps,
+        if self.chat < 0:
+            raise InputError(f"recovery chat must be >= 0, got {self.chat}")
+        if min(self.rank, self.block_size, self.chat_length, self.batch_token_cap,
+               1 if self.steps is None else self.steps,
                self.batch_size, 1 if self.samples is None else self.samples,
                self.max_length) < 1 or (self.lr is not None and self.lr <= 0) \
                 or not self.minutes > 0:
             raise InputError("recovery rank, block_size, steps, batch_size, samples, max_length, "
-                             "minutes and lr must be positive")
+                             "chat_length, minutes and lr must be positive, batch_token_cap "
+                             ">= 1")
         check_pass_dtype(self.dtype, "recovery dtype")
         shares = (self.final_share, 0 if self.replace_share is None else self.replace_share)
         if not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in shares):
@@ -144,9 +156,11 @@ class RecoveryLog:
     losses: list[float] = field(default_factory=list)  # per end-to-end step, training batches
     heldout_before: float | None = None  # distillation loss on held-back samples
     heldout_after: float | None = None
+    heldout_batches: int = 1  # batches held back for it (HELD_TOKENS)
     trainable_params: int = 0
-    samples: int = 0  # lines (or tensor rows) trained on, the held-back batch included
+    samples: int = 0  # lines (or tensor rows) trained on, the held-back batches included
     sampled_samples: int = 0  # of those, lines sampled from the model (calibration's top-up)
+    chat_samples: int = 0  # of those, chat transcripts (RecoverSettings.chat)
     seconds: float = 0.0
     steps: int = 0  # end-to-end steps
     block_steps: int = 0  # block-wise steps, all blocks together
@@ -160,7 +174,9 @@ class RecoveryLog:
         return {"method": self.settings.method, "mode": self.mode,
                 "settings": asdict(self.settings), "trainable_params": self.trainable_params,
                 "samples": self.samples, "sampled_samples": self.sampled_samples,
+                "chat_samples": self.chat_samples,
                 "heldout_loss_before": self.heldout_before, "heldout_loss_after": self.heldout_after,
+                "heldout_batches": self.heldout_batches,
                 "loss_curve": [round(x, 6) for x in self.losses[::every]],
                 "steps": self.steps, "block_steps": self.block_steps, "pass_dtype": self.pass_dtype,
                 "tokens_per_second": round(self.tokens / self.train_seconds, 1)
@@ -179,6 +195,13 @@ def loss_kind(settings: RecoverSettings, model: nn.Module) -> str:
         model.get_output_embeddings() is not None else "hidden"
 
 
+# Real tokens held back to measure the loss before and after training, which decides whether
+# the training is kept. One batch of 32 Debian lines (~380 SmolLM2 tokens) rose 0.1535 ->
+# 0.1541 on SmolLM2 at 85%, seed 1, and threw 3 minutes of training away; on 1,024 tokens (3
+# batches) the same run falls 0.161 -> 0.150 and is kept: python_docs perplexity 1.326x dense
+# against 1.370x training-free (reports/chat-recovery.md).
+HELD_TOKENS = 1024
+
 # Block-wise: at most this share of the block phase caches inputs and targets; the rest trains.
 CACHE_SHARE = 1 / 3
 
@@ -187,15 +210,19 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
             settings: RecoverSettings = RecoverSettings(),
             on_step: Callable[[float, str], None] | None = None,
             device: str | None = None,
-            clock: Callable[[], float] = time.perf_counter) -> RecoveryLog:
+            clock: Callable[[], float] = time.perf_counter,
+            started: float | None = None) -> RecoveryLog:
     """Attach the adapters of ``settings.method`` ("auto": METHODS_BY_LOSS) to ``student`` and
     train them to match ``teacher`` on ``data`` (text lines, or input tensors stacked on dim 0:
     see :func:`lowrank.calibrate.read_calibration`), both models on ``device`` (moved there;
-    None: where they are). ``on_step(fraction done, text)`` reports progress. The first batch is
-    held back to measure the loss before and after (trained on too when it is the only one).
+    None: where they are). ``on_step(fraction done, text)`` reports progress. The first batches,
+    HELD_TOKENS real tokens but at most a quarter of them, are held back to measure the loss
+    per token before and after (one batch of tensor samples; trained on too when it is the only
+    one).
     The adapters stay attached: read them with :func:`adapter_state`, then :func:`merge_adapters_`.
+    ``started``: when the time budget began (``clock``'s time), if before this call.
     """
-    start = clock()
+    start = clock() if started is None else started
     torch.manual_seed(settings.seed)
     if isinstance(data, list):
         data = list(data)
@@ -206,9 +233,15 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
     # Lines batched by length, then the batches shuffled: a batch pads little (the Debian
     # lines pad 12.3k real SmolLM2 tokens to 21.6k in random batches of 32, to 12.9k sorted).
     batches = list(model_batches(data, tokenizer, settings.batch_size, settings.max_length,
-                                 device, by_length=True))
+                                 device, by_length=True, token_cap=settings.batch_token_cap))
     random.Random(settings.seed).shuffle(batches)
-    held = batches[:1]  # one batch: a CPU pass of a 135M LM over it takes seconds (run twice)
+    sizes = [int(m.sum()) if m is not None else 0 for _, m in batches]  # real tokens
+    # Held back: the first batches up to HELD_TOKENS real tokens, at most a quarter of them
+    # (one batch of tensor samples: no mask to count tokens by).
+    count = 1
+    while count < len(batches) // 4 and 0 < sum(sizes[:count]) < HELD_TOKENS:
+        count += 1
+    held, weights = batches[:count], [size or 1 for size in sizes[:count]]
     train = batches[len(held):] or batches
     kind = loss_kind(settings, teacher)
     share = REPLACE_SHARES[kind] if settings.replace_share is None else settings.replace_share
@@ -225,11 +258,12 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
         with torch.set_grad_enabled(grad), cpu_autocast(dtype), kernel:
             return model(**inputs, **extra)
 
-    def heldout_loss() -> float:
+    def heldout_loss() -> float:  # per token
         with torch.no_grad():
-            return float(sum(distillation_loss(run(student, b, False), run(teacher, b, False),
-                                               mask, kind, settings.pooled_weight)
-                             for b, mask in held) / len(held))
+            return float(sum(weight * distillation_loss(run(student, b, False),
+                                                        run(teacher, b, False), mask, kind,
+                                                        settings.pooled_weight)
+                             for (b, mask), weight in zip(held, weights)) / sum(weights))
 
     trainable = add_adapters_(student, settings)  # initialized on CPU: the same on any device
     if device is not None:  # Module.to moves parameters in place: `trainable` still holds them
@@ -237,7 +271,8 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
         student.to(device)
     log = RecoveryLog(settings, mode,
                       trainable_params=sum(p.numel() for p in trainable),
-                      samples=num_samples(data), pass_dtype=dtype_name(dtype))
+                      samples=num_samples(data), pass_dtype=dtype_name(dtype),
+                      heldout_batches=len(held))
     measured = clock()
     log.heldout_before = heldout_loss()
     eval_s = clock() - measured
@@ -312,19 +347,20 @@ def recover(factored: LowRankCheckpoint, models: Models,
     """Distill the factored checkpoint toward the dense model on ``settings.calibration_file``
     (the bundled text when None) and the ``sampled`` lines (text, not tensors), and return it
     with the adapters merged into its factors (training on ``device``, None: CPU; the result on
-    CPU), or as it was, with a warning, when training raised the held-back batch's loss.
+    CPU), or as it was, with a warning, when training raised the held-back batches' loss.
     ``models`` builds the dense teacher and the student (:class:`lowrank.models.Models` of the
     dense checkpoint). LoRA adapters are also kept in the result and written as ``adapters/``.
     """
-    asked = settings.samples is not None
-    data = read_calibration(settings.calibration_file, settings.samples if asked else MAX_SAMPLES,
-                            warn=asked, purpose="recovery")
-    sampled = list(sampled) if isinstance(data, list) else []  # tensor samples take no text
-    data = data + sampled if sampled else data
+    data, sampled = training_data(settings, sampled)
     teacher, tokenizer = models.runnable_model(need_tokenizer=isinstance(data, list))
+    started = time.perf_counter()  # the replies' sampling is part of the time budget
+    if device is not None:
+        teacher.to(device)  # where distill trains it: sampling there too
+    chats = chat_transcripts(teacher, tokenizer, data, settings)
     student = models.compressed(factored.tensors, factored.layers)
-    log = distill(student, teacher, tokenizer, data, settings, on_step, device)
-    log.sampled_samples = len(sampled)
+    log = distill(student, teacher, tokenizer, data + chats if chats else data, settings,
+                  on_step, device, started=started)
+    log.sampled_samples, log.chat_samples = len(sampled), len(chats)
     if not log.heldout_after <= log.heldout_before:  # e.g. a few full-size steps on the factors
         warnings.warn(f"recovery raised the held-out loss ({log.heldout_before:.4g} -> "
                       f"{log.heldout_after:.4g}): the factors are kept as before", LowrankWarning)
@@ -352,16 +388,6 @@ def _run(ctx: Context, settings: RecoverSettings, factorize: LowRankCheckpoint,
 
         return recover(factorize, ctx.models, settings, progress, ctx.device,
                        sampled_lines(settings, calibrate))
-
-
-def sampled_lines(settings: RecoverSettings, calibrate) -> list[str]:
-    """The calibration's top-up, when asked for and recovery trains on the calibration file."""
-    if not settings.sampled_text or calibrate is None:
-        return []
-    ours, theirs = settings.calibration_file, calibrate.settings.calibration_file
-    same = ours == theirs or (ours is not None and theirs is not None
-                              and Path(ours).resolve() == Path(theirs).resolve())
-    return calibrate.sampled_lines if same else []
 
 
 register_stage(Stage(

@@ -1,0 +1,62 @@
+"""What recovery trains on: the training file's lines (or tensor rows), the calibration's
+sampled top-up when asked for, and, for a chat model, transcripts of its own replies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from ..io.samples import Samples, read_calibration
+from ..models import is_causal_lm
+from ..sample_text import SampleTextSettings, sample_replies
+
+if TYPE_CHECKING:
+    from .recover import RecoverSettings
+
+# The most training lines read by default (``samples`` None): 4,096 or 8,192 distinct lines
+# instead of 2,000 did no better on SmolLM2 or MiniLM (reports/quality-smollm2-recovery.md).
+MAX_SAMPLES = 4096
+CHAT_BATCH = 128  # replies sampled together (calibration's top-up: lowrank.sample_text)
+
+
+def training_data(settings: RecoverSettings, sampled: list[str] = ()) -> tuple[Samples, list]:
+    """``settings.calibration_file``'s samples (the bundled text when None) with the
+    ``sampled`` lines after them, and those lines (none for tensor samples, which take no text).
+    """
+    asked = settings.samples is not None
+    data = read_calibration(settings.calibration_file, settings.samples if asked else MAX_SAMPLES,
+                            warn=asked, purpose="recovery")
+    sampled = list(sampled) if isinstance(data, list) else []
+    return (data + sampled if sampled else data), sampled
+
+
+def sampled_lines(settings: RecoverSettings, calibrate) -> list[str]:
+    """The calibration's top-up, when asked for and recovery trains on the calibration file."""
+    if not settings.sampled_text or calibrate is None:
+        return []
+    ours, theirs = settings.calibration_file, calibrate.settings.calibration_file
+    same = ours == theirs or (ours is not None and theirs is not None
+                              and Path(ours).resolve() == Path(theirs).resolve())
+    return calibrate.sampled_lines if same else []
+
+
+def chat_transcripts(teacher: nn.Module, tokenizer, data, settings: RecoverSettings) -> list[str]:
+    """The first ``settings.chat`` lines of ``data`` as user turns with ``teacher``'s sampled
+    replies (:func:`lowrank.sample_text.sample_replies`), each line cut to leave its reply room
+    within ``max_length``; [] for tensors, without a chat template, or for a model that does
+    not generate."""
+    if (not settings.chat or not isinstance(data, list) or tokenizer is None
+            or not getattr(tokenizer, "chat_template", None) or not is_causal_lm(teacher)):
+        return []
+    empty = tokenizer.apply_chat_template([{"role": "user", "content": ""}],
+                                          add_generation_prompt=True, tokenize=False)
+    room = max(8, settings.max_length - settings.chat_length
+               - len(tokenizer(empty, add_special_tokens=False)["input_ids"]))
+    prompts = [tokenizer.decode(tokenizer(line, add_special_tokens=False, truncation=True,
+                                          max_length=room)["input_ids"])
+               for line in data[:settings.chat]]
+    return sample_replies(teacher, tokenizer, prompts,
+                          SampleTextSettings(length=settings.chat_length, batch_size=CHAT_BATCH,
+                                             seed=settings.seed, dtype=settings.dtype))
