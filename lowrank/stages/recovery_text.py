@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 # The most training lines read by default (``samples`` None): 4,096 or 8,192 distinct lines
 # instead of 2,000 did no better on SmolLM2 or MiniLM (reports/quality-smollm2-recovery.md).
 MAX_SAMPLES = 4096
-CHAT_BATCH = 128  # replies sampled together (calibration's top-up: lowrank.sample_text)
+CHAT_BATCH = 128  # replies sampled together: a one-token step pays its Python overhead per batch
 
 
 def training_data(settings: RecoverSettings, sampled: list[str] = ()) -> tuple[Samples, list]:
