@@ -113,15 +113,32 @@ def sampling_model(model: nn.Module, dtype: str) -> nn.Module:
     return copy.deepcopy(model).to(torch.bfloat16)
 
 
+def sampler_of(model: nn.Module, tokenizer, settings: SampleTextSettings):
+    """A function that continues a batch (input ids, attention mask) with at most
+    ``settings.length`` tokens drawn from causal LM ``model`` (rows end early at EOS): seeded
+    with ``settings.seed`` (:class:`InverseCdfDraw`), in ``settings.dtype``'s weights
+    (:func:`sampling_model`)."""
+    from transformers import LogitsProcessorList
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    draw = LogitsProcessorList([InverseCdfDraw(settings.temperature,
+                                               torch.Generator().manual_seed(settings.seed))])
+    sampler = sampling_model(model, settings.dtype)
+
+    def continued(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return sampler.generate(ids, attention_mask=mask, do_sample=False,
+                                    logits_processor=draw, max_new_tokens=settings.length,
+                                    min_new_tokens=1, pad_token_id=pad)
+    return continued
+
+
 def sample_text(model: nn.Module, tokenizer, settings: SampleTextSettings = SampleTextSettings(),
                 on_batch=None) -> list[str]:
     """Lines of text sampled from causal LM ``model``: ⌈tokens / length⌉ sequences of at most
     ``length`` new tokens (a row ends early at EOS), decoded without special tokens, whitespace
     runs joined into single spaces (one sample per line). The same lines for the same model,
-    settings and machine: the draws come from a generator seeded with ``settings.seed``
-    (:class:`InverseCdfDraw`); the weights are ``settings.dtype``'s (:func:`sampling_model`)."""
-    from transformers import LogitsProcessorList
-
+    settings and machine (:func:`sampler_of`)."""
     if not is_causal_lm(model):
         raise InputError("sampled text needs a causal LM (a model that generates); give a "
                          "calibration file for this model")
@@ -129,22 +146,16 @@ def sample_text(model: nn.Module, tokenizer, settings: SampleTextSettings = Samp
     rows = settings.rows
     device = next(model.parameters()).device
     lines: list[str] = []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    draw = InverseCdfDraw(settings.temperature, torch.Generator().manual_seed(settings.seed))
-    sampler = sampling_model(model, settings.dtype)
-    with torch.inference_mode():
-        for begin in range(0, rows, settings.batch_size):
-            n = min(settings.batch_size, rows - begin)
-            ids = torch.full((n, 1), first, dtype=torch.long, device=device)
-            out = sampler.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                   logits_processor=LogitsProcessorList([draw]),
-                                   max_new_tokens=settings.length, min_new_tokens=1,
-                                   pad_token_id=pad)
-            for text in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True):
-                if line := " ".join(text.split()):
-                    lines.append(line)
-            if on_batch:
-                on_batch(f"{begin + n} sequences")
+    continued = sampler_of(model, tokenizer, settings)
+    for begin in range(0, rows, settings.batch_size):
+        n = min(settings.batch_size, rows - begin)
+        ids = torch.full((n, 1), first, dtype=torch.long, device=device)
+        out = continued(ids, torch.ones_like(ids))
+        for text in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True):
+            if line := " ".join(text.split()):
+                lines.append(line)
+        if on_batch:
+            on_batch(f"{begin + n} sequences")
     if not lines:
         raise InputError("sampled text: every sampled sequence was empty")
     return lines
@@ -156,37 +167,28 @@ def sample_replies(model: nn.Module, tokenizer, prompts: list[str],
     followed by the reply causal LM ``model`` samples to it (at most ``settings.length`` new
     tokens, up to and with its end-of-turn token), special tokens kept, one string each (with
     the template's newlines). Drawn as :func:`sample_text` draws; ``settings.tokens`` unused."""
-    from transformers import LogitsProcessorList
-
     if not getattr(tokenizer, "chat_template", None):
         raise InputError("chat replies need a tokenizer with a chat template")
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
                                            add_generation_prompt=True, tokenize=False)
              for p in prompts]
     end = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
-    draw = InverseCdfDraw(settings.temperature, torch.Generator().manual_seed(settings.seed))
-    sampler = sampling_model(model, settings.dtype)
+    continued = sampler_of(model, tokenizer, settings)
     device = next(model.parameters()).device
     transcripts: list[str] = []
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # replies start together
     try:
-        with torch.inference_mode():
-            for begin in range(0, len(texts), settings.batch_size):
-                batch = tokenizer(texts[begin:begin + settings.batch_size], padding=True,
-                                  add_special_tokens=False, return_tensors="pt").to(device)
-                out = sampler.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                       do_sample=False,
-                                       logits_processor=LogitsProcessorList([draw]),
-                                       max_new_tokens=settings.length, min_new_tokens=1,
-                                       pad_token_id=pad)
-                width = batch["input_ids"].shape[1]
-                for row, mask in zip(out.tolist(), batch["attention_mask"].tolist()):
-                    reply = row[width:]
-                    if end in reply:
-                        reply = reply[:reply.index(end) + 1]
-                    prompt = [t for t, real in zip(row[:width], mask) if real]
-                    transcripts.append(tokenizer.decode(prompt + reply))
+        for begin in range(0, len(texts), settings.batch_size):
+            batch = tokenizer(texts[begin:begin + settings.batch_size], padding=True,
+                              add_special_tokens=False, return_tensors="pt").to(device)
+            out = continued(batch["input_ids"], batch["attention_mask"])
+            width = batch["input_ids"].shape[1]
+            for row, mask in zip(out.tolist(), batch["attention_mask"].tolist()):
+                reply = row[width:]
+                if end in reply:
+                    reply = reply[:reply.index(end) + 1]
+                prompt = [t for t, real in zip(row[:width], mask) if real]
+                transcripts.append(tokenizer.decode(prompt + reply))
     finally:
         tokenizer.padding_side = side
     return transcripts

@@ -235,14 +235,14 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
     batches = list(model_batches(data, tokenizer, settings.batch_size, settings.max_length,
                                  device, by_length=True, token_cap=settings.batch_token_cap))
     random.Random(settings.seed).shuffle(batches)
-    sizes = [int(m.sum()) if m is not None else 0 for _, m in batches]  # real tokens
+    tokens = [int(m.sum()) if m is not None else 1 for _, m in batches]  # real tokens per batch
     # Held back: the first batches up to HELD_TOKENS real tokens, at most a quarter of them
     # (one batch of tensor samples: no mask to count tokens by).
-    count = 1
-    while count < len(batches) // 4 and 0 < sum(sizes[:count]) < HELD_TOKENS:
+    count, masked = 1, batches[0][1] is not None
+    while masked and count < len(batches) // 4 and sum(tokens[:count]) < HELD_TOKENS:
         count += 1
-    held, weights = batches[:count], [size or 1 for size in sizes[:count]]
-    train = batches[len(held):] or batches
+    held, weights = batches[:count], tokens[:count]
+    train, tokens = (batches[count:], tokens[count:]) if len(batches) > count else (batches, tokens)
     kind = loss_kind(settings, teacher)
     share = REPLACE_SHARES[kind] if settings.replace_share is None else settings.replace_share
     method = METHODS_BY_LOSS[kind] if settings.method == "auto" else settings.method
@@ -287,7 +287,6 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer, data,
                     else fraction, text)
 
     final_seconds, final_steps = seconds, settings.steps
-    tokens = [int(m.sum()) if m is not None else 1 for _, m in train]  # real tokens per batch
     if mode == "blockwise":
         block_seconds = seconds * (1 - settings.final_share)
         used = train
