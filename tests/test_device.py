@@ -93,7 +93,7 @@ def test_device_reaches_every_computing_stage(tiny_bert_dir, tmp_path, monkeypat
     assert resolved["factorize"] == {"compensate_damping": 0.1, "compensate_residual_share": 0.3,
                                      "compensate_lines": 1.0,
                                      "compensate_dtype": auto}  # an encoder's (no top-up)
-    assert resolved["recover"] == {"dtype": auto}
+    assert resolved["recover"] == {"dtype": auto, "sampled_text": False}
 
 
 def test_auto_pass_dtypes_are_resolved_for_the_manifest_and_cache_keys(tiny_bert_dir, tmp_path,
@@ -106,7 +106,8 @@ def test_auto_pass_dtypes_are_resolved_for_the_manifest_and_cache_keys(tiny_bert
         assert calibrate(CalibrateSettings(), "cpu", {}) == {"forward_dtype": name}
         assert factorize(factorize_mod.FactorizeSettings(), "cpu", calibrated)[
             "compensate_dtype"] == name
-        assert recover(recover_mod.RecoverSettings(), "cpu", {}) == {"dtype": name}
+        assert recover(recover_mod.RecoverSettings(), "cpu", {}) == {"dtype": name,
+                                                                     "sampled_text": False}
         # no autocast on an accelerator; kfac differentiates its passes: float32
         assert calibrate(CalibrateSettings(), "cuda", {}) == {"forward_dtype": "float32"}
         assert calibrate(CalibrateSettings(method="kfac"), "cpu", {}) == {

@@ -176,6 +176,18 @@ def test_compensation_auto_values_follow_the_text_and_model_and_explicit_values_
     assert auto.compensation(load_stats(tmp_path)) == (0.1, 0.3, 1)
 
 
+@pytest.mark.parametrize("settings,uses", [
+    ({}, False), ({"minutes": 6.5}, True), ({"minutes": 6.5, "steps": 300}, False),
+    ({"minutes": 6.5, "sampled_text": False}, False), ({"sampled_text": True}, True)])
+def test_recovery_trains_on_the_top_up_by_default_only_with_a_long_time_budget(settings, uses):
+    """The top-up pays only once training has time for it (SAMPLED_TEXT_MINUTES); asked for or
+    refused, it is what the user said."""
+    from lowrank.stages.recover import RecoverSettings
+    from lowrank.stages.recovery_text import uses_sampled_text
+
+    assert uses_sampled_text(RecoverSettings(**settings)) is uses
+
+
 @pytest.mark.parametrize("flags,trains_on_sampled", [
     ([], False), (["--recover-sampled-text"], True),
     (["--recover-sampled-text", "--recover-text", "OTHER"], False)])

@@ -117,8 +117,8 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
               "bundled calibration text).")
 @click.option("--recover-sampled-text/--no-recover-sampled-text", default=None,
               help="Also train on the text sampled from a causal LM to top up its calibration "
-              "text, when training on the --calibration file (default off: better on other "
-              "text, worse on the calibration text's own; README, Recovery).")
+              "text, when training on the --calibration file (default: with --recover-minutes 6 "
+              "or more, where it pays; README, Recovery).")
 @click.option("--recover-chat", type=int, help="Also train on this many chat transcripts "
               "(a model with a chat template): training lines as user turns, the dense model's "
               "sampled replies (default 64; 0: none).")

@@ -41,7 +41,7 @@ from .blockwise import blockwise_distill
 from .budget import train_steps
 from .distillation import distillation_loss
 from .factored import LowRankCheckpoint, load_lowrank, save_lowrank
-from .recovery_text import chat_transcripts, sampled_lines, training_data
+from .recovery_text import chat_transcripts, sampled_lines, training_data, uses_sampled_text
 
 PROGRESS_UNITS = 1000  # the progress bar counts thousandths of the run (steps or time)
 
@@ -103,10 +103,9 @@ class RecoverSettings:
     # SmolLM2 at 85% python_docs perplexity 1.437× → 1.409× dense, MiniLM at 50% 0.800 → 0.828.
     samples: int | None = None
     # Also train on the calibration text's top-up (lines sampled from a causal LM, see
-    # CalibrateSettings.sampled_text) when training on the calibration file itself. Off: a
-    # trade between domains, not a gain (SmolLM2 at 85%, medians of seeds 0-2: python_docs KL
-    # 0.390 -> 0.378, held-out lines of the calibration text's source 0.154 -> 0.164).
-    sampled_text: bool = False
+    # CalibrateSettings.sampled_text) when training on the calibration file itself. None: with a
+    # time budget of recovery_text.SAMPLED_TEXT_MINUTES or more (uses_sampled_text).
+    sampled_text: bool | None = None
     # For a tokenizer with a chat template, also train on the first `chat` lines as user turns
     # with the dense model's sampled replies (recovery_text.chat_transcripts): SmolLM2 at 85%
     # python_docs perplexity 1.312x -> 1.288x dense (seed 1: 1.326x -> 1.295x); at 70% it
@@ -395,5 +394,6 @@ register_stage(Stage(
     emit=lambda artifact, out, ctx: save_lowrank(artifact, out, ctx.max_shard_bytes),
     uses=("calibrate",), provides="checkpoint", on_device=True,
     resolved=lambda settings, device, used: {
-        "dtype": dtype_name(autocast_dtype(settings.dtype, device))},
+        "dtype": dtype_name(autocast_dtype(settings.dtype, device)),
+        "sampled_text": uses_sampled_text(settings)},
 ))
