@@ -44,7 +44,8 @@ def test_run_writes_output_and_load_matches_reconstructed_dense(tmp_path, toy_ch
 def test_rerun_skips_finished_stages_and_plan_change_reruns_from_plan(tmp_path, toy_checkpoint):
     cache = tmp_path / "cache"
     run_pipeline(spec_with(rank=8, min_numel=0), toy_checkpoint, tmp_path / "a", cache_dir=cache)
-    again = run_pipeline(spec_with(rank=8, min_numel=0), toy_checkpoint, tmp_path / "b", cache_dir=cache)
+    again = run_pipeline(spec_with(rank=8, min_numel=0), toy_checkpoint, str(tmp_path / "b"),
+                         cache_dir=str(cache))  # paths as strings work alike
     assert [s["cached"] for s in again.manifest["stages"]] == [True, True, True]
     changed = run_pipeline(spec_with(rank=4, min_numel=0), toy_checkpoint, tmp_path / "c", cache_dir=cache)
     assert [s["cached"] for s in changed.manifest["stages"]] == [True, False, False]

@@ -100,7 +100,7 @@ def execute(
     spec: PipelineSpec,
     model: str | Path,
     *,
-    cache_dir: Path | None = None,
+    cache_dir: str | Path | None = None,
     track: Track = no_progress,
     model_factory=None,
     workers: int | str = "auto",
@@ -123,6 +123,7 @@ def execute(
         A :class:`RunResult` without ``output`` and ``report``.
     """
     ckpt = open_checkpoint(model)
+    cache_dir = Path(cache_dir) if cache_dir is not None else None
     model_factory = model_factory or spec.model_factory
     check_executor(executor, workers)
     device = resolve_device(device or spec.device)
@@ -201,7 +202,7 @@ def run_pipeline(
     model: str | Path,
     output: str | Path,
     *,
-    cache_dir: Path | None = None,
+    cache_dir: str | Path | None = None,
     overwrite: bool = False,
     track: Track = no_progress,
     model_factory=None,
