@@ -14,17 +14,13 @@ Writes --out.json and --out.md (default reports/hybrid-embedding).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import math
-import shlex
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
-from quality_lm import CALIBRATION, DATA, ROOT, compress, score
-from shared_basis import HELD_OUT
+from against_default import default_run, write_report
+from quality_lm import ROOT
+from sampled_calibration import evaluation_texts, rounded_scores
 
 
 def hybrid(weight: torch.Tensor, counts: torch.Tensor, kept: int, rank: int) -> torch.Tensor:
@@ -52,12 +48,8 @@ def main():
 
     import lowrank
     from lowrank.models import load_dense
-    from lowrank.stages.calibrate import load_stats
 
-    texts = {"python_docs": [t for t in (DATA / "python_docs.txt").read_text().splitlines()
-                             if t.strip()][:args.paragraphs],
-             "debian_held_out": [t for t in (DATA / HELD_OUT[0]).read_text().splitlines()[
-                 HELD_OUT[1]:HELD_OUT[2]] if t.strip()]}
+    texts = evaluation_texts(args.paragraphs)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dense = load_dense(args.model).eval()
     total = sum(p.numel() for p in dense.parameters())  # a tied pair counts once
@@ -65,22 +57,14 @@ def main():
     rows, cols = embedding.shape
 
     def scored(model, label, param_ratio):
-        row = {"variant": label, "param_ratio": param_ratio}
-        for source, lines in texts.items():
-            s = score(model, dense, tokenizer, lines)
-            row[source] = {"ppl_ratio": math.exp(s["nll"] - s["dense_nll"]),
-                           "top1_agreement": s["top1_agreement"], "kl": s["kl"]}
-        print(json.dumps(row), flush=True)
-        return row
+        result = {"variant": label, "param_ratio": param_ratio,
+                  **rounded_scores(model, dense, tokenizer, texts)}
+        print(json.dumps(result), flush=True)
+        return result
 
-    with tempfile.TemporaryDirectory() as tmp:
-        name, start, stop = CALIBRATION
-        calib, out, cache = Path(tmp) / "calibration.txt", Path(tmp) / "out", Path(tmp) / "cache"
-        calib.write_text("\n".join((DATA / name).read_text().splitlines()[start:stop]) + "\n")
-        compressed = compress(args.model, out, args.ratio, calib, "", str(cache))
+    with default_run(args.model, args.ratio) as (summary, out, stats):
         results = [scored(lowrank.load(out).eval(), f"default command at {args.ratio}",
-                          compressed["param_ratio"])]
-        stats = load_stats(next((cache / "calibrate").iterdir()))
+                          round(summary["param_ratio"], 4))]
     counts = stats.token_counts["model.embed_tokens.weight"].double()
     for cell in args.grid:
         kept, rank = map(int, cell.split(","))
@@ -90,26 +74,10 @@ def main():
         params = total - rows * cols + kept * cols + rank * (rows + cols)
         results.append(scored(model, f"hybrid embedding, {kept} rows exact, rank {rank}",
                               round(params / total, 4)))
-    result = {"model": args.model, "date": datetime.date.today().isoformat(),
-              "command": shlex.join(["python", "benchmarks/hybrid_embedding.py", *sys.argv[1:]]),
-              "tokens_seen": int((counts > 0).sum()), "vocabulary": rows,
-              "calibration": f"{CALIBRATION[0]} lines {CALIBRATION[1]}-{CALIBRATION[2]}",
-              "evaluation": (f"python_docs.txt first {args.paragraphs} paragraphs; "
-                             f"{HELD_OUT[0]} lines {HELD_OUT[1]}-{HELD_OUT[2]}"), "rows": results}
-    Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# A hybrid tied embedding on {Path(args.model).name}", "",
-             (f"Measured {result['date']} with `{result['command']}` (its docstring says what "
-              f"each row is). The calibration text uses {result['tokens_seen']} of the "
-              f"{rows} tokens. Evaluation: {result['evaluation']}; calibration: "
-              f"{result['calibration']}."), "",
-             ("| variant | params kept | python_docs ppl / dense | top-1 | KL | held-out Debian "
-              "top-1 | KL |"), "|---|---|---|---|---|---|---|"]
-    for r in results:
-        p, d = r["python_docs"], r["debian_held_out"]
-        lines.append(f"| {r['variant']} | {r['param_ratio']:.3f} | {p['ppl_ratio']:.3f}× | "
-                     f"{p['top1_agreement']:.3f} | {p['kl']:.3f} | {d['top1_agreement']:.3f} | "
-                     f"{d['kl']:.3f} |")
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    write_report(args.out, f"A hybrid tied embedding on {Path(args.model).name}",
+                 ("params kept", "param_ratio"), results, model=args.model,
+                 tokens_seen=int((counts > 0).sum()), vocabulary=rows,
+                 paragraphs=args.paragraphs)
 
 
 if __name__ == "__main__":

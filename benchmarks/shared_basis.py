@@ -25,20 +25,16 @@ Writes --out.json and --out.md (default reports/shared-basis).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import math
-import shlex
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
-from quality_lm import CALIBRATION, DATA, ROOT, compress, score
+from against_default import default_run, write_report
+from quality_lm import ROOT
 from safetensors.torch import load_file
+from sampled_calibration import evaluation_texts, rounded_scores
 
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
-HELD_OUT = ("debian_descriptions.txt", 15000, 15400)
 
 
 def whitened(w: torch.Tensor, root: torch.Tensor, rank: int) -> torch.Tensor:
@@ -85,63 +81,34 @@ def main():
     from transformers import AutoTokenizer
 
     from lowrank.models import load_dense
-    from lowrank.stages.calibrate import load_stats
     from lowrank.stages.factored import reconstruct_dense
 
-    texts = {"python_docs": [t for t in (DATA / "python_docs.txt").read_text().splitlines()
-                             if t.strip()][:args.paragraphs],
-             "debian_held_out": [t for t in (DATA / HELD_OUT[0]).read_text().splitlines()[
-                 HELD_OUT[1]:HELD_OUT[2]] if t.strip()]}
+    texts = evaluation_texts(args.paragraphs)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dense = load_dense(args.model).eval()
     dense_sd = dense.state_dict()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        name, start, stop = CALIBRATION
-        calib, out, cache = Path(tmp) / "calibration.txt", Path(tmp) / "out", Path(tmp) / "cache"
-        calib.write_text("\n".join((DATA / name).read_text().splitlines()[start:stop]) + "\n")
-        compressed = compress(args.model, out, args.ratio, calib, "", str(cache))
+    with default_run(args.model, args.ratio) as (summary, out, stats):
         config = json.loads((out / "lowrank_config.json").read_text())
         tensors = {}
         for f in sorted(out.glob("*.safetensors")):
             tensors.update(load_file(str(f)))
         compressed_sd = reconstruct_dense(tensors, config)
-        stats = load_stats(next((cache / "calibrate").iterdir()))
-        for label, shared in (("default", "default"), ("split", None), ("shared", "any"),
-                              ("shared, all factored", "all")):
-            sd, groups = ((compressed_sd, 0) if shared == "default" else
-                          variant(dense_sd, compressed_sd, config["layers"], stats, shared,
-                                  dense.config.num_hidden_layers))
-            model = load_dense(args.model).eval()
-            model.load_state_dict(sd, strict=False)
-            model.tie_weights()
-            row = {"variant": label, "shared_groups": groups}
-            for source, lines in texts.items():
-                s = score(model, dense, tokenizer, lines)
-                row[source] = {"ppl_ratio": math.exp(s["nll"] - s["dense_nll"]),
-                               "top1_agreement": s["top1_agreement"], "kl": s["kl"]}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    result = {"model": args.model, "date": datetime.date.today().isoformat(),
-              "command": shlex.join(["python", "benchmarks/shared_basis.py", *sys.argv[1:]]),
-              "param_ratio": compressed["param_ratio"], "compress_s": compressed["compress_s"],
-              "calibration": f"{CALIBRATION[0]} lines {CALIBRATION[1]}-{CALIBRATION[2]}",
-              "evaluation": (f"python_docs.txt first {args.paragraphs} paragraphs; "
-                             f"{HELD_OUT[0]} lines {HELD_OUT[1]}-{HELD_OUT[2]}"), "rows": rows}
-    Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# One input basis per group (q, k, v; gate, up) on {Path(args.model).name}", "",
-             (f"Measured {result['date']} with `{result['command']}` (its docstring says what "
-              f"each row is); the default command at {args.ratio} kept "
-              f"{result['param_ratio']:.3f} of the parameters. Evaluation: "
-              f"{result['evaluation']}; calibration: {result['calibration']}."), "",
-             ("| variant | groups shared | python_docs ppl / dense | top-1 | KL | held-out Debian "
-              "top-1 | KL |"), "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        p, d = r["python_docs"], r["debian_held_out"]
-        lines.append(f"| {r['variant']} | {r['shared_groups']} | {p['ppl_ratio']:.3f}× | "
-                     f"{p['top1_agreement']:.3f} | {p['kl']:.3f} | {d['top1_agreement']:.3f} | "
-                     f"{d['kl']:.3f} |")
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    for label, shared in (("default", "default"), ("split", None), ("shared", "any"),
+                          ("shared, all factored", "all")):
+        sd, groups = ((compressed_sd, 0) if shared == "default" else
+                      variant(dense_sd, compressed_sd, config["layers"], stats, shared,
+                              dense.config.num_hidden_layers))
+        model = load_dense(args.model).eval()
+        model.load_state_dict(sd, strict=False)
+        model.tie_weights()
+        rows.append({"variant": label, "shared_groups": groups,
+                     **rounded_scores(model, dense, tokenizer, texts)})
+        print(json.dumps(rows[-1]), flush=True)
+    write_report(args.out, f"One input basis per group (q, k, v; gate, up) on "
+                 f"{Path(args.model).name}", ("groups shared", "shared_groups"), rows,
+                 model=args.model, ratio=args.ratio, param_ratio=summary["param_ratio"],
+                 compress_s=summary["compress_s"], paragraphs=args.paragraphs)
 
 
 if __name__ == "__main__":
