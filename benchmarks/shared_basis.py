@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 from against_default import default_run, write_report
 from quality_lm import ROOT
-from safetensors.torch import load_file
 from sampled_calibration import evaluation_texts, rounded_scores
 
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
@@ -80,8 +79,9 @@ def main():
     torch.set_num_threads(2)
     from transformers import AutoTokenizer
 
+    from lowrank.io.checkpoint import LazyTensors
     from lowrank.models import load_dense
-    from lowrank.stages.factored import reconstruct_dense
+    from lowrank.stages.factored import read_lowrank_config, reconstruct_dense
 
     texts = evaluation_texts(args.paragraphs)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -89,11 +89,8 @@ def main():
     dense_sd = dense.state_dict()
     rows = []
     with default_run(args.model, args.ratio) as (summary, out, stats):
-        config = json.loads((out / "lowrank_config.json").read_text())
-        tensors = {}
-        for f in sorted(out.glob("*.safetensors")):
-            tensors.update(load_file(str(f)))
-        compressed_sd = reconstruct_dense(tensors, config)
+        config = read_lowrank_config(out)
+        compressed_sd = reconstruct_dense(dict(LazyTensors.open(out)), config)
     for label, shared in (("default", "default"), ("split", None), ("shared", "any"),
                           ("shared, all factored", "all")):
         sd, groups = ((compressed_sd, 0) if shared == "default" else
