@@ -188,13 +188,16 @@ def test_recovery_trains_on_the_top_up_by_default_only_with_a_long_time_budget(s
     assert uses_sampled_text(RecoverSettings(**settings)) is uses
 
 
-@pytest.mark.parametrize("flags,trains_on_sampled", [
-    ([], False), (["--recover-sampled-text"], True),
-    (["--recover-sampled-text", "--recover-text", "OTHER"], False)])
-def test_recovery_on_the_calibration_file_also_trains_on_its_top_up(
-        flags, trains_on_sampled, tiny_llama_dir, tmp_path):
-    """Asked to, recovery trains on what calibration read: the user's lines and the sampled
-    top-up; by default, or on another text, on the file's lines only."""
+@pytest.mark.parametrize("flags,top_up,new_lines", [
+    ([], False, 0), (["--recover-sampled-text", "--recover-sampled-tokens", "0"], True, 0),
+    (["--recover-sampled-text", "--recover-sampled-tokens", "128"], True, 2),
+    (["--recover-sampled-text", "--recover-sampled-tokens", "128", "--recover-text", "OTHER"],
+     False, 2)])
+def test_recovery_also_trains_on_the_models_own_text_when_asked(
+        flags, top_up, new_lines, tiny_llama_dir, tmp_path):
+    """Asked to, recovery trains on what calibration read (the user's lines and the sampled
+    top-up, when it trains on the calibration file) and on lines it samples itself, 64 new
+    tokens a line; by default (3 minutes), on the training file's lines only."""
     text, other = tmp_path / "calib.txt", tmp_path / "other.txt"
     text.write_text("a short line\nanother short line\n")
     other.write_text("a third line\n")
@@ -207,10 +210,17 @@ def test_recovery_on_the_calibration_file_also_trains_on_its_top_up(
     assert result.exit_code == 0, result.output
     [meta] = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("stats.json")]
     recovery = json.loads((tmp_path / "out" / "report.json").read_text())["recovery"]
-    sampled = len(meta["sampled_lines"]) if trains_on_sampled else 0
+    sampled = (len(meta["sampled_lines"]) if top_up else 0) + new_lines
     assert meta["sampled_lines"] and recovery["sampled_samples"] == sampled
     own_lines = 1 if "--recover-text" in flags else 2
     assert recovery["samples"] == own_lines + sampled
+    assert recovery["settings"]["sampled_tokens"] == (int(flags[2]) if flags else 24576)
+    if not flags:  # once: a negative count is refused in one line
+        bad = CliRunner().invoke(main, ["compress", str(tiny_llama_dir), str(tmp_path / "bad"),
+                                        "--rank-fraction", "0.25", "--recover", "lora",
+                                        "--recover-sampled-tokens", "-1", "--no-cache"])
+        assert bad.exit_code != 0 and "recovery sampled_tokens must be >= 0" in bad.output
+        assert "Traceback" not in bad.output and not (tmp_path / "bad").exists()
 
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} [SEP] {% endfor %}"

@@ -116,9 +116,12 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
               help="Training text, one sample per line (default: the --calibration file, else the "
               "bundled calibration text).")
 @click.option("--recover-sampled-text/--no-recover-sampled-text", default=None,
-              help="Also train on the text sampled from a causal LM to top up its calibration "
-              "text, when training on the --calibration file (default: with --recover-minutes 6 "
-              "or more, where it pays; README, Recovery).")
+              help="Also train on text sampled from a causal LM: the top-up of its calibration "
+              "text (when training on the --calibration file) and --recover-sampled-tokens new "
+              "tokens (default: with --recover-minutes 6 or more, where it pays; README, "
+              "Recovery).")
+@click.option("--recover-sampled-tokens", type=int, help="New tokens recovery samples from a "
+              "causal LM to train on, with --recover-sampled-text (default 24576; 0: none).")
 @click.option("--recover-chat", type=int, help="Also train on this many chat transcripts "
               "(a model with a chat template): training lines as user turns, the dense model's "
               "sampled replies (default 64; 0: none).")
@@ -174,7 +177,7 @@ def compress_command(model, output, cache_dir, no_cache, overwrite, json_out, wo
                      samples="recover_samples", seed="recover_seed",
                      replace_share="recover_replace_share",
                      calibration_file="recover_text", sampled_text="recover_sampled_text",
-                     chat="recover_chat"),
+                     sampled_tokens="recover_sampled_tokens", chat="recover_chat"),
         int8={"per_channel": per_channel or None, "reduce_range": reduce_range} if int8 else None,
         **flags)
     run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out, workers,

@@ -41,7 +41,7 @@ from .blockwise import blockwise_distill
 from .budget import train_steps
 from .distillation import distillation_loss
 from .factored import LowRankCheckpoint, load_lowrank, save_lowrank
-from .recovery_text import chat_transcripts, sampled_lines, training_data, uses_sampled_text
+from .recovery_text import sampled_lines, teacher_text, training_data, uses_sampled_text
 
 PROGRESS_UNITS = 1000  # the progress bar counts thousandths of the run (steps or time)
 
@@ -82,8 +82,8 @@ class RecoverSettings:
     batch_size: int = 32
     # A batch's padded tokens at most this many times those of batch_size median-length lines:
     # long samples among short ones (chat transcripts among Debian lines) train in smaller
-    # batches, so no step outweighs the others many times over (each step's loss is weighted
-    # by its share of tokens). Text of even length keeps whole batches (the Debian lines: 768).
+    # batches, so no step outweighs the others many times over (a step's loss is weighted by
+    # its share of tokens); text of even length keeps whole batches (the Debian lines: 768).
     batch_token_cap: float = 2.0
     max_length: int = 128
     seed: int = 0
@@ -102,10 +102,10 @@ class RecoverSettings:
     # More distinct lines beat more passes: 2,000 Debian lines instead of 1,024, 3 minutes:
     # SmolLM2 at 85% python_docs perplexity 1.437× → 1.409× dense, MiniLM at 50% 0.800 → 0.828.
     samples: int | None = None
-    # Also train on the calibration text's top-up (lines sampled from a causal LM, see
-    # CalibrateSettings.sampled_text) when training on the calibration file itself. None: with a
-    # time budget of recovery_text.SAMPLED_TEXT_MINUTES or more (uses_sampled_text).
+    # Also train on a causal LM's own text: calibration's top-up (training on that file) and
+    # `sampled_tokens` new tokens; None: with SAMPLED_TEXT_MINUTES or more (recovery_text).
     sampled_text: bool | None = None
+    sampled_tokens: int = 24576
     # For a tokenizer with a chat template, also train on the first `chat` lines as user turns
     # with the dense model's sampled replies (recovery_text.chat_transcripts): SmolLM2 at 85%
     # python_docs perplexity 1.312x -> 1.288x dense (seed 1: 1.326x -> 1.295x); at 70% it
@@ -127,8 +127,9 @@ class RecoverSettings:
         if self.mode not in ("auto", "end-to-end", "blockwise"):
             raise InputError(f"recovery mode must be auto, end-to-end or blockwise, "
                              f"got {self.mode!r}")
-        if self.chat < 0:
-            raise InputError(f"recovery chat must be >= 0, got {self.chat}")
+        for name in ("chat", "sampled_tokens"):
+            if getattr(self, name) < 0:
+                raise InputError(f"recovery {name} must be >= 0, got {getattr(self, name)}")
         if min(self.rank, self.block_size, self.chat_length, self.batch_token_cap,
                1 if self.steps is None else self.steps,
                self.batch_size, 1 if self.samples is None else self.samples,
@@ -158,7 +159,7 @@ class RecoveryLog:
     heldout_batches: int = 1  # batches held back for it (HELD_TOKENS)
     trainable_params: int = 0
     samples: int = 0  # lines (or tensor rows) trained on, the held-back batches included
-    sampled_samples: int = 0  # of those, lines sampled from the model (calibration's top-up)
+    sampled_samples: int = 0  # of those, lines sampled from the model (top-up and recovery's)
     chat_samples: int = 0  # of those, chat transcripts (RecoverSettings.chat)
     seconds: float = 0.0
     steps: int = 0  # end-to-end steps
@@ -194,11 +195,9 @@ def loss_kind(settings: RecoverSettings, model: nn.Module) -> str:
         model.get_output_embeddings() is not None else "hidden"
 
 
-# Real tokens held back to measure the loss before and after training, which decides whether
-# the training is kept. One batch of 32 Debian lines (~380 SmolLM2 tokens) rose 0.1535 ->
-# 0.1541 on SmolLM2 at 85%, seed 1, and threw 3 minutes of training away; on 1,024 tokens (3
-# batches) the same run falls 0.161 -> 0.150 and is kept: python_docs perplexity 1.326x dense
-# against 1.370x training-free (reports/chat-recovery.md).
+# Real tokens held back to measure the loss before and after training (which decides whether it
+# is kept): on one batch (~380 tokens) SmolLM2 at 85%, seed 1, rose and threw 3 minutes away; on
+# 1,024 it falls 0.161 -> 0.150, kept: python_docs 1.326x dense, not 1.370x (chat-recovery.md).
 HELD_TOKENS = 1024
 
 # Block-wise: at most this share of the block phase caches inputs and targets; the rest trains.
@@ -351,14 +350,14 @@ def recover(factored: LowRankCheckpoint, models: Models,
     """
     data, sampled = training_data(settings, sampled)
     teacher, tokenizer = models.runnable_model(need_tokenizer=isinstance(data, list))
-    started = time.perf_counter()  # the replies' sampling is part of the time budget
+    started = time.perf_counter()  # sampling (replies, more text) is part of the time budget
     if device is not None:
         teacher.to(device)  # where distill trains it: sampling there too
-    chats = chat_transcripts(teacher, tokenizer, data, settings)
+    chats, more = teacher_text(teacher, tokenizer, data, settings)
     student = models.compressed(factored.tensors, factored.layers)
-    log = distill(student, teacher, tokenizer, data + chats if chats else data, settings,
-                  on_step, device, started=started)
-    log.sampled_samples, log.chat_samples = len(sampled), len(chats)
+    log = distill(student, teacher, tokenizer, data + chats + more if chats or more else data,
+                  settings, on_step, device, started=started)
+    log.sampled_samples, log.chat_samples = len(sampled) + len(more), len(chats)
     if not log.heldout_after <= log.heldout_before:  # e.g. a few full-size steps on the factors
         warnings.warn(f"recovery raised the held-out loss ({log.heldout_before:.4g} -> "
                       f"{log.heldout_after:.4g}): the factors are kept as before", LowrankWarning)

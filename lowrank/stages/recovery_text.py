@@ -1,5 +1,6 @@
-"""What recovery trains on: the training file's lines (or tensor rows), the calibration's
-sampled top-up when asked for, and, for a chat model, transcripts of its own replies."""
+"""What recovery trains on: the training file's lines (or tensor rows), text sampled from a
+causal LM when asked for (the calibration's top-up and lines of its own), and, for a chat model,
+transcripts of its own replies."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import nn
 
 from ..io.samples import Samples, read_calibration
 from ..models import is_causal_lm
-from ..sample_text import SampleTextSettings, sample_replies
+from ..sample_text import SampleTextSettings, sample_replies, sample_text
 
 if TYPE_CHECKING:
     from .recover import RecoverSettings
@@ -24,6 +25,7 @@ CHAT_BATCH = 128  # replies sampled together: a one-token step pays its Python o
 # (seeds 0, 1) 0.880 -> 0.862 and 0.892 -> 0.864 / +0.005 and +0.004; with 3 minutes at 85%
 # 0.371 -> 0.369 / 0.148 -> 0.158, a loss.
 SAMPLED_TEXT_MINUTES = 6.0
+SAMPLED_LENGTH = 64  # new tokens a line, as calibration's top-up (CalibrateSettings.sampled_length)
 
 
 def training_data(settings: RecoverSettings, sampled: list[str] = ()) -> tuple[Samples, list]:
@@ -56,6 +58,23 @@ def sampled_lines(settings: RecoverSettings, calibrate) -> list[str]:
     return calibrate.sampled_lines if same else []
 
 
+# RecoverSettings.sampled_tokens' default, 24,576 (reports/chat-recovery.md, "More of the model's
+# own text"; SmolLM2, 6.5 minutes): at 70%, seeds 0/1/2, python_docs perplexity / dense 2.007x /
+# 1.997x / 2.028x with the top-up alone -> 1.967x / 1.986x / 1.953x, held-out Debian KL +0.012 to
+# +0.015 (a trade); at 85% 1.269x -> 1.266x, Debian KL 0.147 -> 0.160. 12,288: worse on both.
+def more_sampled_text(teacher: nn.Module, tokenizer, data, settings: RecoverSettings) -> list[str]:
+    """``settings.sampled_tokens`` new tokens sampled from ``teacher`` in lines of SAMPLED_LENGTH
+    (:func:`lowrank.sample_text.sample_text`; draws seeded by ``settings.seed`` + 1, unlike the
+    calibration top-up's default seed 0), when recovery uses sampled text
+    (:func:`uses_sampled_text`); [] for tensors or a model that does not generate."""
+    if (not uses_sampled_text(settings) or not settings.sampled_tokens
+            or not isinstance(data, list) or tokenizer is None or not is_causal_lm(teacher)):
+        return []
+    return sample_text(teacher, tokenizer, SampleTextSettings(
+        tokens=settings.sampled_tokens, length=SAMPLED_LENGTH, seed=settings.seed + 1,
+        dtype=settings.dtype))
+
+
 def chat_transcripts(teacher: nn.Module, tokenizer, data, settings: RecoverSettings) -> list[str]:
     """The first ``settings.chat`` lines of ``data`` as user turns with ``teacher``'s sampled
     replies (:func:`lowrank.sample_text.sample_replies`), each line cut to leave its reply room
@@ -74,3 +93,11 @@ def chat_transcripts(teacher: nn.Module, tokenizer, data, settings: RecoverSetti
     return sample_replies(teacher, tokenizer, prompts,
                           SampleTextSettings(length=settings.chat_length, batch_size=CHAT_BATCH,
                                              seed=settings.seed, dtype=settings.dtype))
+
+
+def teacher_text(teacher: nn.Module, tokenizer, data, settings: RecoverSettings
+                 ) -> tuple[list[str], list[str]]:
+    """What ``teacher`` writes for recovery to train on besides ``data``: chat transcripts
+    (:func:`chat_transcripts`) and more sampled lines (:func:`more_sampled_text`)."""
+    return (chat_transcripts(teacher, tokenizer, data, settings),
+            more_sampled_text(teacher, tokenizer, data, settings))
