@@ -121,7 +121,8 @@ def run_and_print(spec, model, output, cache_dir, no_cache, overwrite, json_out,
               "tokens (default: with --recover-minutes 6 or more, where it pays; README, "
               "Recovery).")
 @click.option("--recover-sampled-tokens", type=int, help="New tokens recovery samples from a "
-              "causal LM to train on, with --recover-sampled-text (default 24576; 0: none).")
+              "causal LM to train on, with --recover-sampled-text (default 0; 24576 gains on "
+              "other text, loses on the training text's own: README, Recovery).")
 @click.option("--recover-chat", type=int, help="Also train on this many chat transcripts "
               "(a model with a chat template): training lines as user turns, the dense model's "
               "sampled replies (default 64; 0: none).")

@@ -58,10 +58,10 @@ def sampled_lines(settings: RecoverSettings, calibrate) -> list[str]:
     return calibrate.sampled_lines if same else []
 
 
-# RecoverSettings.sampled_tokens' default, 24,576 (reports/chat-recovery.md, "More of the model's
+# RecoverSettings.sampled_tokens 24,576 against 0 (reports/chat-recovery.md, "More of the model's
 # own text"; SmolLM2, 6.5 minutes): at 70%, seeds 0/1/2, python_docs perplexity / dense 2.007x /
-# 1.997x / 2.028x with the top-up alone -> 1.967x / 1.986x / 1.953x, held-out Debian KL +0.012 to
-# +0.015 (a trade); at 85% 1.269x -> 1.266x, Debian KL 0.147 -> 0.160. 12,288: worse on both.
+# 1.997x / 2.028x -> 1.967x / 1.986x / 1.953x, held-out Debian KL +0.013 to +0.015 (a trade); at
+# 85%, seeds 0/1, python_docs the same, Debian KL +0.013 and +0.014 (a loss): the default is 0.
 def more_sampled_text(teacher: nn.Module, tokenizer, data, settings: RecoverSettings) -> list[str]:
     """``settings.sampled_tokens`` new tokens sampled from ``teacher`` in lines of SAMPLED_LENGTH
     (:func:`lowrank.sample_text.sample_text`; draws seeded by ``settings.seed`` + 1, unlike the
