@@ -58,6 +58,11 @@ def sampled_lines(settings: RecoverSettings, calibrate) -> list[str]:
     return calibrate.sampled_lines if same else []
 
 
+def writes_text(teacher: nn.Module, tokenizer, data) -> bool:
+    """Whether ``teacher`` can write more of ``data``: text lines, a tokenizer, a causal LM."""
+    return isinstance(data, list) and tokenizer is not None and is_causal_lm(teacher)
+
+
 # RecoverSettings.sampled_tokens 24,576 against 0 (reports/chat-recovery.md, "More of the model's
 # own text"; SmolLM2, 6.5 minutes): at 70%, seeds 0/1/2, python_docs perplexity / dense 2.007x /
 # 1.997x / 2.028x -> 1.967x / 1.986x / 1.953x, held-out Debian KL +0.013 to +0.015 (a trade); at
@@ -67,8 +72,8 @@ def more_sampled_text(teacher: nn.Module, tokenizer, data, settings: RecoverSett
     (:func:`lowrank.sample_text.sample_text`; draws seeded by ``settings.seed`` + 1, unlike the
     calibration top-up's default seed 0), when recovery uses sampled text
     (:func:`uses_sampled_text`); [] for tensors or a model that does not generate."""
-    if (not uses_sampled_text(settings) or not settings.sampled_tokens
-            or not isinstance(data, list) or tokenizer is None or not is_causal_lm(teacher)):
+    if not (uses_sampled_text(settings) and settings.sampled_tokens
+            and writes_text(teacher, tokenizer, data)):
         return []
     return sample_text(teacher, tokenizer, SampleTextSettings(
         tokens=settings.sampled_tokens, length=SAMPLED_LENGTH, seed=settings.seed + 1,
@@ -80,8 +85,8 @@ def chat_transcripts(teacher: nn.Module, tokenizer, data, settings: RecoverSetti
     replies (:func:`lowrank.sample_text.sample_replies`), each line cut to leave its reply room
     within ``max_length``; [] for tensors, without a chat template, or for a model that does
     not generate."""
-    if (not settings.chat or not isinstance(data, list) or tokenizer is None
-            or not getattr(tokenizer, "chat_template", None) or not is_causal_lm(teacher)):
+    if not (settings.chat and writes_text(teacher, tokenizer, data)
+            and getattr(tokenizer, "chat_template", None)):
         return []
     empty = tokenizer.apply_chat_template([{"role": "user", "content": ""}],
                                           add_generation_prompt=True, tokenize=False)
